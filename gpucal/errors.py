@@ -1,0 +1,44 @@
+"""Errors raised by gpucal.
+
+Every failure caused by the user's input or environment is a GpucalError
+subclass whose message names what is wrong and where (file, HDU, fibre, star),
+so the command line can print it as one line.
+"""
+
+__all__ = [
+    "GpucalError",
+    "BackendError",
+    "InputError",
+    "CoverageError",
+    "NoStandardsError",
+    "PhotometryError",
+    "CalibrationError",
+]
+
+
+class GpucalError(Exception):
+    """Base class of every error gpucal raises on purpose."""
+
+
+class BackendError(GpucalError):
+    """The requested array backend is not installed or has no usable device."""
+
+
+class InputError(GpucalError, ValueError):
+    """Input data (a file, an array, an argument) is malformed or inconsistent."""
+
+
+class CoverageError(InputError):
+    """A template grid or filter curve does not cover the wavelengths needed."""
+
+
+class NoStandardsError(InputError):
+    """A frame has no standard-star fibres, or none of them can be calibrated."""
+
+
+class PhotometryError(InputError):
+    """Photometry is missing or unusable (no band, no catalogue match)."""
+
+
+class CalibrationError(GpucalError):
+    """Too few standards survived to build a calibration."""
