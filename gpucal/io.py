@@ -1,0 +1,930 @@
+"""FITS frames in and out (host NumPy + astropy.io.fits; an edge module).
+
+Input frame layout
+------------------
+=============  ==============================================================
+HDU            content
+=============  ==============================================================
+primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
+               ``NAXIS1`` = pixels (axis 1). The fibre axis is fixed by this
+               convention and is never guessed from the shape, so a square
+               frame is unambiguous.
+``VARIANCE``   image, same shape as the primary, variance of each pixel.
+``WAVELA``     optional image: wavelength of each pixel, ``(n_pix,)`` or
+               ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å).
+               Per-fibre rows must agree to 1e-6 Å (they are collapsed to one
+               grid); frames whose fibres have different solutions must be
+               resampled onto a common grid first.
+               Without ``WAVELA``, a linear WCS on axis 1 of the primary header
+               is used: ``CRVAL1``, ``CDELT1`` (or ``CD1_1``), ``CRPIX1``
+               (FITS default 0 when absent), optional ``CUNIT1`` (Å, nm, µm, m;
+               default Å) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
+               non-linear algorithm codes such as ``WAVE-LOG`` and IRAF
+               ``DC-FLAG = 1`` are refused).
+``FIBRES``     binary table, one row per fibre (row i = image row i = fibre
+               number i + 1), with a ``TYPE`` column (``'C'`` marks a
+               standard star) and optionally NAME, RA, DEC and magnitudes.
+=============  ==============================================================
+
+The wavelength medium is read from ``WAVEMED`` or ``AIRORVAC`` (in the
+``WAVELA`` header, else the primary header; ``AIR``/``VAC``/``VACUUM``), else
+from ``CTYPE1`` when the WCS is used (``AWAV`` = air, ``WAVE`` = vacuum), else
+it defaults to air.
+
+Wavelengths that decrease strictly along the pixel axis are accepted: the
+pixel axis of flux, variance and wavelength is reversed together so that
+``Frame.wave`` always increases, and ``Frame.flipped`` records it; the writer
+reverses it back, so an output frame has the input's pixel order.
+
+NaN flux and NaN / zero / infinite variance are bad pixels, not errors (the
+pipeline masks them); a negative finite variance is an error.
+
+Calibrated frame layout (:func:`write_calibrated_frame`)
+--------------------------------------------------------
+primary (calibrated flux, ``BUNIT = 'erg/(s cm2 Angstrom)'``, the input's
+primary header plus the caller's FLUXCAL* keywords and one HISTORY card (or
+more, when a long line wraps) per history string), ``VARIANCE``
+(``BUNIT = 'erg2/(s2 cm4 Angstrom2)'``), ``WAVELA`` (Å, only when the input had
+one; otherwise the input's WCS keywords are kept and still apply because the
+pixel order is the input's), ``FIBRES`` (copied), and two calibration
+extensions: ``FLUXCAL`` (columns ``WAVE`` [Angstrom], ``CAL``, ``CAL_VAR``,
+``MEASURED`` [logical; False = interpolated across telluric or uncovered
+pixels], in increasing wavelength) and ``FLUXSTD`` (the per-star table). The
+design's single "FLUXCAL extension holding the vector, its variance and the
+per-star table" is two HDUs because a FITS table has one row length: the
+vector is per pixel, the per-star table per star.
+
+Every image is written as native float64. Output is written to a temporary
+file in the destination directory and moved into place with ``os.replace``;
+the input frame is never opened for writing and can never be the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+
+from .errors import InputError, NoStandardsError
+
+__all__ = [
+    "Frame",
+    "CalibratedFrame",
+    "read_frame",
+    "write_frame",
+    "write_calibrated_frame",
+    "read_calibrated_frame",
+    "file_sha256",
+    "FLUX_BUNIT",
+    "VAR_BUNIT",
+    "WAVE_TOL",
+]
+
+#: BUNIT of a calibrated flux image.
+FLUX_BUNIT = "erg/(s cm2 Angstrom)"
+#: BUNIT of its variance.
+VAR_BUNIT = "erg2/(s2 cm4 Angstrom2)"
+#: Largest difference (Å) between per-fibre WAVELA rows that still counts as one grid.
+WAVE_TOL = 1e-6
+#: Relative tolerance for a wavelength grid to count as linear (write_frame, WCS).
+_LINEAR_RTOL = 1e-6
+
+_MEDIUM_KEYS = ("WAVEMED", "AIRORVAC")
+_AIR_WORDS = {"AIR", "A"}
+_VAC_WORDS = {"VAC", "VACUUM", "V"}
+_LINEAR_CTYPES = {"", "WAVE", "AWAV", "LINEAR", "LAMBDA", "WAVELENGTH", "WAV"}
+_ANGSTROM_WORDS = {"A", "AA", "ANGSTROM", "ANGSTROMS", "ANGSTROEM", "ÅNGSTRÖM", "Å"}
+# Cards never copied from an input header into an output HDU (astropy writes
+# the structural ones itself; scaling and checksums no longer apply).
+_DROP_KEYS = {
+    "SIMPLE", "XTENSION", "BITPIX", "EXTEND", "PCOUNT", "GCOUNT", "GROUPS",
+    "BSCALE", "BZERO", "BLANK", "CHECKSUM", "DATASUM", "BUNIT", "EXTNAME",
+    "EXTVER", "INHERIT",
+}
+_RESERVED_KEYS = _DROP_KEYS | {"END", "HISTORY", "COMMENT", "CONTINUE", ""}
+_KEY_RE = re.compile(r"^[A-Z0-9_-]{1,8}$")
+_ASCII_MAP = {
+    "Å": "A", "å": "a", "σ": "sigma", "χ": "chi", "²": "2", "³": "3", "±": "+/-",
+    "−": "-", "–": "-", "—": "-", "λ": "lambda", "µ": "u", "μ": "u", "×": "x",
+    "≤": "<=", "≥": ">=", "°": "deg", "’": "'", "‘": "'", "“": '"', "”": '"',
+}
+
+
+# ---------------------------------------------------------------------------
+# containers
+
+
+@dataclass
+class Frame:
+    """A reduced fibre frame on the host.
+
+    path : the file it was read from ("" for one built in memory).
+    flux, var : (n_fibre, n_pix) native float64; fibre axis 0 (image NAXIS2).
+    wave : (n_pix,) float64 Å, strictly increasing.
+    fibres : astropy Table, one row per fibre (row i = fibre number i + 1).
+    header : copy of the primary header as read.
+    medium : "air" or "vacuum" (of ``wave``).
+    flipped : True when the file's wavelengths decrease along the pixel axis
+        and the pixel axis was reversed on reading.
+    wave_source : "WAVELA" or "wcs", where the wavelengths came from.
+    wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
+    ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
+        reused by the writer for their non-structural cards.
+    """
+
+    path: str
+    flux: np.ndarray
+    var: np.ndarray
+    wave: np.ndarray
+    fibres: Table
+    header: fits.Header
+    medium: str = "air"
+    flipped: bool = False
+    wave_source: str = "WAVELA"
+    wave_ndim: int = 1
+    ext_headers: dict = field(default_factory=dict)
+
+    @property
+    def n_fibre(self) -> int:
+        return int(self.flux.shape[0])
+
+    @property
+    def n_pix(self) -> int:
+        return int(self.flux.shape[1])
+
+    @property
+    def fibre_types(self) -> np.ndarray:
+        """TYPE of every fibre, stripped and upper-cased (str array)."""
+        return _types(self.fibres)
+
+    @property
+    def standards(self) -> np.ndarray:
+        """Row indices (0-based, int) of the standard-star fibres (TYPE 'C')."""
+        return np.flatnonzero(self.fibre_types == "C").astype(np.intp)
+
+    @property
+    def fibre_numbers(self) -> np.ndarray:
+        """1-based fibre numbers of all rows (row index + 1)."""
+        return np.arange(1, self.n_fibre + 1, dtype=np.int64)
+
+    @property
+    def names(self) -> tuple:
+        """NAME of every fibre (stripped), or 'fibre N' where there is no NAME column."""
+        if "NAME" in self.fibres.colnames:
+            return tuple(str(v).strip() for v in self.fibres["NAME"])
+        return tuple(f"fibre {i}" for i in self.fibre_numbers)
+
+
+@dataclass
+class CalibratedFrame:
+    """What :func:`read_calibrated_frame` returns.
+
+    flux, var, wave, fibres, header, flipped : as in :class:`Frame`.
+    cal : the ``FLUXCAL`` table (WAVE, CAL, CAL_VAR, MEASURED).
+    per_star : the ``FLUXSTD`` table, or None when the file has none.
+    """
+
+    path: str
+    flux: np.ndarray
+    var: np.ndarray
+    wave: np.ndarray
+    fibres: Table
+    header: fits.Header
+    cal: Table
+    per_star: Table | None
+    medium: str = "air"
+    flipped: bool = False
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def file_sha256(path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _host(x, name: str) -> np.ndarray:
+    """A host float64 array from a NumPy or backend array."""
+    try:
+        arr = np.asarray(x)
+    except TypeError:
+        from .backends import to_numpy
+
+        arr = to_numpy(x)
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    return np.array(arr, dtype=np.float64, order="C", copy=True)
+
+
+def _types(fibres: Table) -> np.ndarray:
+    col = fibres["TYPE"]
+    vals = [v.decode("ascii", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(col)]
+    return np.array([v.strip().upper() for v in vals], dtype=str)
+
+
+def _ascii(text: str) -> str:
+    text = str(text)
+    for k, v in _ASCII_MAP.items():
+        text = text.replace(k, v)
+    text = "".join(ch if 32 <= ord(ch) < 127 else ("?" if ord(ch) >= 127 else " ") for ch in text)
+    return text
+
+
+def _fibre_list(rows: np.ndarray, limit: int = 5) -> str:
+    nums = [str(int(r) + 1) for r in rows[:limit]]
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return ", ".join(nums) + more
+
+
+def _native_table(t: Table) -> Table:
+    """Numeric columns to native byte order (big-endian FITS data is not usable on GPUs)."""
+    for name in t.colnames:
+        col = t[name]
+        dt = col.dtype
+        if dt.kind in "biufc" and not dt.isnative:
+            t[name] = col.astype(dt.newbyteorder("="))
+    return t
+
+
+def _length_unit_to_angstrom(unit_str, where: str) -> float:
+    """Factor that converts a length unit (header string) to Å."""
+    if unit_str is None:
+        return 1.0
+    s = str(unit_str).strip()
+    if s == "" or s.upper() in _ANGSTROM_WORDS:
+        return 1.0
+    try:
+        unit = u.Unit(s, format="fits", parse_strict="raise")
+    except ValueError:
+        try:
+            unit = u.Unit(s, parse_strict="raise")
+        except ValueError:
+            raise InputError(f"{where}: unrecognised wavelength unit {s!r}") from None
+    try:
+        return float(unit.to(u.AA))
+    except u.UnitConversionError:
+        raise InputError(f"{where}: wavelength unit {s!r} is not a length") from None
+
+
+def _medium_word(value, where: str) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{where}: wavelength medium must be 'AIR' or 'VACUUM', got {value!r}")
+    word = str(value).strip().upper()
+    if word in _AIR_WORDS:
+        return "air"
+    if word in _VAC_WORDS:
+        return "vacuum"
+    raise InputError(f"{where}: wavelength medium must be 'AIR' or 'VACUUM', got {value!r}")
+
+
+def _medium_from_headers(headers, fname: str):
+    for hdr, hname in headers:
+        if hdr is None:
+            continue
+        for key in _MEDIUM_KEYS:
+            if key in hdr:
+                return _medium_word(hdr[key], f"{fname} [{hname}] {key}")
+    return None
+
+
+def _wcs_wave(hdr: fits.Header, n_pix: int, fname: str):
+    """Wavelengths (Å) from a linear WCS on axis 1, or None when there is none."""
+    if "CRVAL1" not in hdr or ("CDELT1" not in hdr and "CD1_1" not in hdr):
+        return None, None
+    where = f"{fname} [PRIMARY] WCS"
+    ctype = str(hdr.get("CTYPE1", "")).strip().upper()
+    if ctype not in _LINEAR_CTYPES:
+        raise InputError(
+            f"{where}: CTYPE1 = {ctype!r} is not a linear wavelength axis; "
+            "add a WAVELA extension with the wavelength of each pixel"
+        )
+    if int(hdr.get("DC-FLAG", 0) or 0) != 0:
+        raise InputError(
+            f"{where}: DC-FLAG = {hdr['DC-FLAG']} (log-linear dispersion) is not supported; "
+            "add a WAVELA extension with the wavelength of each pixel"
+        )
+    try:
+        crval = float(hdr["CRVAL1"])
+        cdelt = float(hdr["CDELT1"]) if "CDELT1" in hdr else float(hdr["CD1_1"])
+        crpix = float(hdr.get("CRPIX1", 0.0))
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: CRVAL1/CDELT1/CD1_1/CRPIX1 must be numbers") from None
+    factor = _length_unit_to_angstrom(hdr.get("CUNIT1"), where + " CUNIT1")
+    pix = np.arange(1, n_pix + 1, dtype=np.float64)  # FITS pixel numbers are 1-based
+    wave = (crval + cdelt * (pix - crpix)) * factor
+    medium = None
+    if ctype == "AWAV":
+        medium = "air"
+    elif ctype == "WAVE":
+        medium = "vacuum"
+    return wave, medium
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def _open(path: str):
+    """fits.open, read-only and fully loaded, with truncation/corruption as InputError."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a FITS file")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
+            try:
+                for hdu in hdul:
+                    _ = hdu.data  # force every data unit to be read now
+            except Exception:
+                hdul.close()
+                raise
+    except InputError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
+    for w in caught:
+        msg = str(w.message)
+        if "truncated" in msg.lower() or "error validating header" in msg.lower():
+            hdul.close()
+            first = msg.strip().splitlines()[0]
+            raise InputError(f"{path}: corrupt or truncated FITS file ({first})")
+    return hdul
+
+
+def _image(hdul, name: str, fname: str) -> np.ndarray:
+    hdu = hdul[name]
+    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+        raise InputError(f"{fname} [{name}]: expected an image HDU, found {type(hdu).__name__}")
+    if hdu.data is None:
+        raise InputError(f"{fname} [{name}]: HDU has no data")
+    data = np.asarray(hdu.data)
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{fname} [{name}]: image has non-numeric dtype {data.dtype}")
+    return np.array(data, dtype=np.float64, order="C", copy=True)
+
+
+def _has(hdul, name: str) -> bool:
+    try:
+        hdul.index_of(name)
+    except KeyError:
+        return False
+    return True
+
+
+def read_frame(path, *, require_standards: bool = True) -> Frame:
+    """Read and validate a reduced fibre frame (see the module docstring for the layout).
+
+    Raises :class:`~gpucal.errors.InputError` for anything malformed (the message
+    names the file and the HDU or fibres) and
+    :class:`~gpucal.errors.NoStandardsError` when no fibre has TYPE 'C' and
+    ``require_standards`` is true. The file is opened read-only and never modified.
+    """
+    fname = os.fspath(path)
+    hdul = _open(fname)
+    try:
+        return _read_frame(hdul, fname, require_standards)
+    finally:
+        hdul.close()
+
+
+def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
+    prim = hdul[0]
+    if prim.data is None:
+        raise InputError(
+            f"{fname} [PRIMARY]: no image data; the (n_fibre, n_pix) frame must be in the primary HDU"
+        )
+    flux = _image(hdul, "PRIMARY", fname)
+    if flux.ndim != 2:
+        raise InputError(
+            f"{fname} [PRIMARY]: image must be 2-D (n_fibre, n_pix), got {flux.ndim}-D shape {flux.shape}"
+        )
+    n_fibre, n_pix = flux.shape
+    if n_fibre < 1 or n_pix < 2:
+        raise InputError(f"{fname} [PRIMARY]: image shape {flux.shape} is too small")
+
+    # variance
+    if not _has(hdul, "VARIANCE"):
+        raise InputError(f"{fname}: no VARIANCE extension")
+    var = _image(hdul, "VARIANCE", fname)
+    if var.shape != flux.shape:
+        raise InputError(
+            f"{fname} [VARIANCE]: shape {var.shape} does not match the primary image {flux.shape}"
+        )
+    ext_headers = {"VARIANCE": hdul["VARIANCE"].header.copy()}
+
+    # wavelengths
+    wave_hdr = None
+    if _has(hdul, "WAVELA"):
+        wave_source = "WAVELA"
+        w = _image(hdul, "WAVELA", fname)
+        wave_hdr = hdul["WAVELA"].header
+        ext_headers["WAVELA"] = wave_hdr.copy()
+        wave_ndim = w.ndim
+        if w.ndim == 1:
+            if w.shape[0] != n_pix:
+                raise InputError(
+                    f"{fname} [WAVELA]: {w.shape[0]} wavelengths for {n_pix} pixels"
+                )
+        elif w.ndim == 2:
+            if w.shape not in ((n_fibre, n_pix), (1, n_pix)):
+                raise InputError(
+                    f"{fname} [WAVELA]: shape {w.shape} matches neither (n_pix,) = ({n_pix},) "
+                    f"nor (n_fibre, n_pix) = {flux.shape}"
+                )
+        else:
+            raise InputError(f"{fname} [WAVELA]: must be 1-D or 2-D, got shape {w.shape}")
+        bad = ~np.isfinite(w)
+        if bad.any():
+            where = ""
+            if w.ndim == 2:
+                where = f" (fibre(s) {_fibre_list(np.flatnonzero(bad.any(axis=1)))})"
+            raise InputError(f"{fname} [WAVELA]: {int(bad.sum())} NaN/inf wavelength(s){where}")
+        if w.ndim == 2:
+            dev = np.abs(w - w[0:1]).max(axis=1)
+            differ = np.flatnonzero(dev > WAVE_TOL)
+            if differ.size:
+                raise InputError(
+                    f"{fname} [WAVELA]: per-fibre wavelength solutions differ (fibre(s) "
+                    f"{_fibre_list(differ)} differ from fibre 1 by up to {dev.max():.3g} Å); "
+                    "resample the frame onto a common wavelength grid first"
+                )
+            w = w[0].copy()
+        factor = _length_unit_to_angstrom(wave_hdr.get("BUNIT"), f"{fname} [WAVELA] BUNIT")
+        wave = w * factor
+        wcs_medium = None
+    else:
+        wave_source = "wcs"
+        wave_ndim = 1
+        wave, wcs_medium = _wcs_wave(prim.header, n_pix, fname)
+        if wave is None:
+            raise InputError(
+                f"{fname}: no wavelengths: neither a WAVELA extension nor a linear WCS "
+                "(CRVAL1 and CDELT1 or CD1_1) in the primary header"
+            )
+        if not np.all(np.isfinite(wave)):
+            raise InputError(f"{fname} [PRIMARY] WCS: NaN/inf wavelengths")
+    hname = "WAVELA" if wave_source == "WAVELA" else "PRIMARY"
+    if np.any(wave <= 0):
+        raise InputError(f"{fname} [{hname}]: wavelengths must be positive")
+    d = np.diff(wave)
+    flipped = False
+    if np.all(d > 0):
+        pass
+    elif np.all(d < 0):
+        flipped = True
+        wave = wave[::-1].copy()
+        flux = flux[:, ::-1].copy()
+        var = var[:, ::-1].copy()
+    else:
+        k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
+        raise InputError(
+            f"{fname} [{hname}]: wavelengths are not strictly monotonic "
+            f"(first break between pixels {k + 1} and {k + 2}, 1-based)"
+        )
+
+    # medium
+    medium = _medium_from_headers([(wave_hdr, "WAVELA"), (prim.header, "PRIMARY")], fname)
+    if medium is None:
+        medium = wcs_medium or "air"
+    elif wcs_medium is not None and wcs_medium != medium:
+        raise InputError(
+            f"{fname} [PRIMARY]: CTYPE1 = {prim.header['CTYPE1']!r} says {wcs_medium} "
+            f"but the medium keyword says {medium}"
+        )
+
+    # fibre table
+    if not _has(hdul, "FIBRES"):
+        raise InputError(f"{fname}: no FIBRES binary table extension")
+    fhdu = hdul["FIBRES"]
+    if not isinstance(fhdu, fits.BinTableHDU):
+        raise InputError(f"{fname} [FIBRES]: expected a binary table, found {type(fhdu).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fibres = Table.read(
+                fhdu, character_as_bytes=False, mask_invalid=False, unit_parse_strict="silent"
+            )
+    except Exception as exc:  # malformed table formats
+        raise InputError(f"{fname} [FIBRES]: cannot read table ({exc})") from None
+    fibres = _native_table(fibres)
+    upper = {c.upper(): c for c in fibres.colnames}
+    if "TYPE" not in fibres.colnames:
+        if "TYPE" in upper:
+            fibres.rename_column(upper["TYPE"], "TYPE")
+        else:
+            raise InputError(f"{fname} [FIBRES]: no TYPE column (columns: {', '.join(fibres.colnames)})")
+    if len(fibres) != n_fibre:
+        raise InputError(
+            f"{fname} [FIBRES]: {len(fibres)} rows but the image has {n_fibre} fibres (NAXIS2)"
+        )
+
+    # variance values: negative finite is an error; NaN/inf/0 are bad pixels
+    with np.errstate(invalid="ignore"):
+        neg = np.isfinite(var) & (var < 0)
+    if neg.any():
+        rows = np.flatnonzero(neg.any(axis=1))
+        raise InputError(
+            f"{fname} [VARIANCE]: negative variance in fibre(s) {_fibre_list(rows)} "
+            f"({int(neg.sum())} pixel(s))"
+        )
+
+    frame = Frame(
+        path=fname,
+        flux=flux,
+        var=var,
+        wave=np.ascontiguousarray(wave, dtype=np.float64),
+        fibres=fibres,
+        header=prim.header.copy(),
+        medium=medium,
+        flipped=flipped,
+        wave_source=wave_source,
+        wave_ndim=int(wave_ndim),
+        ext_headers=ext_headers,
+    )
+    if require_standards and frame.standards.size == 0:
+        types = sorted(set(frame.fibre_types.tolist()))
+        raise NoStandardsError(
+            f"{fname} [FIBRES]: no standard-star fibre (TYPE 'C'); TYPE values present: "
+            f"{', '.join(repr(t) for t in types) or 'none'}"
+        )
+    return frame
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _check_destination(path: str, overwrite: bool, protect=None) -> None:
+    if protect:
+        same = False
+        try:
+            same = os.path.exists(path) and os.path.exists(protect) and os.path.samefile(path, protect)
+        except OSError:
+            same = False
+        if same or os.path.realpath(path) == os.path.realpath(protect):
+            raise InputError(
+                f"{path}: refusing to write over the input frame {protect}; "
+                "input files are never modified, choose another output path"
+            )
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise InputError(f"{path}: output directory {d} does not exist")
+
+
+def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
+    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
+    _check_destination(path, overwrite, protect)
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.NamedTemporaryFile(
+        delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+    )
+    tmp_name = tmp.name
+    try:
+        with tmp:
+            hdul.writeto(tmp, output_verify="exception")
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        if isinstance(exc, (fits.VerifyError, ValueError)) and not isinstance(exc, InputError):
+            raise InputError(f"{path}: cannot write FITS file ({exc})") from exc
+        raise
+
+
+def _table_hdu(table, name: str, what: str) -> fits.BinTableHDU:
+    if not isinstance(table, Table):
+        try:
+            table = Table(table)
+        except Exception as exc:
+            raise InputError(f"{what} must be an astropy Table or convertible to one ({exc})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", u.UnitsWarning)
+            hdu = fits.table_to_hdu(table)
+    except Exception as exc:
+        raise InputError(f"{what} cannot be written as a FITS table ({exc})") from None
+    hdu.name = name
+    return hdu
+
+
+def _clean_header(hdr: fits.Header | None) -> fits.Header:
+    out = fits.Header()
+    if hdr is None:
+        return out
+    for card in hdr.cards:
+        key = card.keyword.upper()
+        if key in _DROP_KEYS or key.startswith("NAXIS") or key == "END":
+            continue
+        out.append(card, end=True)
+    return out
+
+
+def _linear_wcs(wave: np.ndarray):
+    d = np.diff(wave)
+    cdelt = (wave[-1] - wave[0]) / (wave.size - 1)
+    if not np.allclose(d, cdelt, rtol=_LINEAR_RTOL, atol=0.0):
+        raise InputError(
+            "write_frame: wave_hdu='wcs' needs a linear wavelength grid "
+            f"(steps range {d.min():.6g}..{d.max():.6g} Å); use wave_hdu='WAVELA'"
+        )
+    return float(wave[0]), float(cdelt)
+
+
+def write_frame(
+    path,
+    flux,
+    var,
+    wave,
+    fibres,
+    header: fits.Header | None = None,
+    *,
+    wave_hdu: str = "WAVELA",
+    medium: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write an input-style frame (primary image, VARIANCE, WAVELA or WCS, FIBRES).
+
+    flux, var : (n_fibre, n_pix); wave : (n_pix,) Å, or (n_fibre, n_pix) with
+    ``wave_hdu='WAVELA'``; fibres : astropy Table (or anything Table() accepts)
+    with n_fibre rows. ``wave_hdu='wcs'`` writes CRVAL1/CDELT1/CRPIX1=1/CUNIT1
+    into the primary header instead of a WAVELA extension (the grid must be
+    linear). ``medium`` ('air'/'vacuum'), when given, is written as WAVEMED.
+    """
+    path = os.fspath(path)
+    flux = _host(flux, "flux")
+    var = _host(var, "var")
+    wave = _host(wave, "wave")
+    if flux.ndim != 2:
+        raise InputError(f"write_frame: flux must be 2-D (n_fibre, n_pix), got shape {flux.shape}")
+    if var.shape != flux.shape:
+        raise InputError(f"write_frame: var shape {var.shape} != flux shape {flux.shape}")
+    n_fibre, n_pix = flux.shape
+    if wave.shape not in ((n_pix,), (n_fibre, n_pix)):
+        raise InputError(
+            f"write_frame: wave shape {wave.shape} is neither ({n_pix},) nor {flux.shape}"
+        )
+    fib_hdu = _table_hdu(fibres, "FIBRES", "write_frame: fibres")
+    if fib_hdu.data is None or len(fib_hdu.data) != n_fibre:
+        n = 0 if fib_hdu.data is None else len(fib_hdu.data)
+        raise InputError(f"write_frame: fibres has {n} rows for {n_fibre} fibres")
+    hdr = _clean_header(header)
+    if medium is not None:
+        hdr["WAVEMED"] = ({"air": "AIR", "vacuum": "VACUUM"}[_medium_word(medium, "write_frame medium")],
+                          "wavelength medium")
+    mode = str(wave_hdu)
+    hdus = [fits.PrimaryHDU(flux, header=hdr), fits.ImageHDU(var, name="VARIANCE")]
+    if mode.upper() == "WAVELA":
+        wh = fits.ImageHDU(wave, name="WAVELA")
+        wh.header["BUNIT"] = ("Angstrom", "wavelength unit")
+        hdus.append(wh)
+    elif mode.lower() == "wcs":
+        if wave.ndim != 1:
+            raise InputError("write_frame: wave_hdu='wcs' needs a 1-D wave")
+        crval, cdelt = _linear_wcs(wave)
+        ph = hdus[0].header
+        ph["CRVAL1"] = (crval, "wavelength of reference pixel")
+        ph["CDELT1"] = (cdelt, "wavelength step per pixel")
+        ph["CRPIX1"] = (1.0, "reference pixel (1-based)")
+        ph["CUNIT1"] = ("Angstrom", "wavelength unit")
+        if "CTYPE1" not in ph:
+            ph["CTYPE1"] = ("AWAV" if medium == "air" else "WAVE" if medium == "vacuum" else "LINEAR",
+                            "wavelength axis")
+    else:
+        raise InputError(f"write_frame: wave_hdu must be 'WAVELA' or 'wcs', got {wave_hdu!r}")
+    hdus.append(fib_hdu)
+    _atomic_write(fits.HDUList(hdus), path, overwrite)
+
+
+def _keyword_items(keywords):
+    items = []
+    for key, spec in (keywords or {}).items():
+        k = str(key).strip().upper()
+        if not _KEY_RE.match(k) or k in _RESERVED_KEYS or k.startswith("NAXIS"):
+            raise InputError(
+                f"write_calibrated_frame: invalid FITS keyword {key!r} "
+                "(1-8 characters of A-Z 0-9 _ -, not a structural keyword)"
+            )
+        if isinstance(spec, tuple):
+            if len(spec) != 2:
+                raise InputError(f"write_calibrated_frame: keyword {k}: give (value, comment)")
+            value, comment = spec
+        else:
+            value, comment = spec, ""
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str):
+            value = _ascii(value)
+        elif isinstance(value, bool):
+            pass
+        elif isinstance(value, (int, float)):
+            if isinstance(value, float) and not np.isfinite(value):
+                raise InputError(
+                    f"write_calibrated_frame: keyword {k} = {value!r}: FITS headers cannot hold NaN/inf"
+                )
+        else:
+            raise InputError(
+                f"write_calibrated_frame: keyword {k}: value must be bool, int, float or str, "
+                f"got {type(value).__name__}"
+            )
+        items.append((k, value, _ascii(comment or "")))
+    return items
+
+
+def _cal_unit(input_bunit) -> str:
+    base = u.Unit(FLUX_BUNIT)
+    if input_bunit:
+        try:
+            inu = u.Unit(str(input_bunit).strip(), format="fits", parse_strict="raise")
+            return (base / inu).to_string("fits")
+        except (ValueError, u.UnitsError):
+            pass
+    return (base / u.count).to_string("fits")
+
+
+def write_calibrated_frame(
+    path,
+    frame: Frame,
+    flux,
+    var,
+    *,
+    cal_wave,
+    cal,
+    cal_var,
+    cal_measured,
+    per_star=None,
+    keywords: dict | None = None,
+    history=(),
+    overwrite: bool = False,
+) -> None:
+    """Write the calibrated frame in the input's layout (see the module docstring).
+
+    flux, var : (n_fibre, n_pix) calibrated flux and variance in ``frame``'s
+        orientation (increasing wavelength); reversed back when ``frame.flipped``.
+    cal_wave, cal, cal_var, cal_measured : (n_cal,) the combined calibration
+        vector, written to the ``FLUXCAL`` table.
+    per_star : astropy Table written as ``FLUXSTD`` (None: no FLUXSTD HDU).
+    keywords : {KEY: (value, comment)} or {KEY: value}, written to the primary header.
+    history : strings, each written with ``add_history`` (long ones wrap onto
+        several cards; none is dropped).
+
+    Refuses (InputError) to write onto ``frame.path`` whatever ``overwrite``
+    says, and onto an existing file unless ``overwrite``.
+    """
+    path = os.fspath(path)
+    # destination checks first: cheap, and the most important refusal
+    _check_destination(path, overwrite, protect=frame.path or None)
+    flux = _host(flux, "flux")
+    var = _host(var, "var")
+    shape = (frame.n_fibre, frame.n_pix)
+    if flux.shape != shape or var.shape != shape:
+        raise InputError(
+            f"write_calibrated_frame: flux {flux.shape} / var {var.shape} must have the frame's shape {shape}"
+        )
+    cw = _host(cal_wave, "cal_wave")
+    cv = _host(cal, "cal")
+    cvv = _host(cal_var, "cal_var")
+    try:
+        cm = np.asarray(cal_measured)
+    except TypeError:
+        from .backends import to_numpy
+
+        cm = to_numpy(cal_measured)
+    cm = np.array(cm, dtype=bool)
+    if cw.ndim != 1 or cv.shape != cw.shape or cvv.shape != cw.shape or cm.shape != cw.shape:
+        raise InputError(
+            "write_calibrated_frame: cal_wave, cal, cal_var, cal_measured must be 1-D of one length, got "
+            f"{cw.shape}, {cv.shape}, {cvv.shape}, {cm.shape}"
+        )
+    items = _keyword_items(keywords)
+    if isinstance(history, str):
+        history = [history]
+
+    wave = frame.wave
+    if frame.flipped:
+        flux = flux[:, ::-1]
+        var = var[:, ::-1]
+        wave = wave[::-1]
+
+    in_bunit = frame.header.get("BUNIT")
+    phdr = _clean_header(frame.header)
+    phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
+    for k, value, comment in items:
+        phdr[k] = (value, comment)
+    for line in history:
+        # one or more HISTORY cards per string: wrapped at spaces where possible
+        # (72 characters per card), never truncated or merged
+        for part in str(line).splitlines() or [""]:
+            chunks = textwrap.wrap(
+                _ascii(part), width=72, break_long_words=True, break_on_hyphens=False
+            ) or [""]
+            for chunk in chunks:
+                phdr.add_history(chunk)
+    prim = fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)
+
+    vhdr = _clean_header(frame.ext_headers.get("VARIANCE"))
+    vhdr["BUNIT"] = (VAR_BUNIT, "variance unit")
+    vhdu = fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE")
+    hdus = [prim, vhdu]
+
+    if frame.wave_source == "WAVELA":
+        whdr = _clean_header(frame.ext_headers.get("WAVELA"))
+        whdr["BUNIT"] = ("Angstrom", "wavelength unit")
+        wdata = np.ascontiguousarray(wave)
+        if frame.wave_ndim == 2:
+            wdata = np.ascontiguousarray(np.broadcast_to(wdata, shape))
+        hdus.append(fits.ImageHDU(wdata, header=whdr, name="WAVELA"))
+    # else: the input's WCS keywords are in phdr and still describe the pixel order
+
+    hdus.append(_table_hdu(frame.fibres, "FIBRES", "write_calibrated_frame: frame.fibres"))
+
+    cal_unit = _cal_unit(in_bunit)
+    cal_var_unit = (u.Unit(cal_unit, format="fits") ** 2).to_string("fits")
+    calhdu = fits.BinTableHDU.from_columns(
+        [
+            fits.Column(name="WAVE", format="D", unit="Angstrom", array=cw),
+            fits.Column(name="CAL", format="D", unit=cal_unit, array=cv),
+            fits.Column(name="CAL_VAR", format="D", unit=cal_var_unit, array=cvv),
+            fits.Column(name="MEASURED", format="L", array=cm),
+        ],
+        name="FLUXCAL",
+    )
+    calhdu.header["WAVEMED"] = ({"air": "AIR", "vacuum": "VACUUM"}.get(frame.medium, "AIR"),
+                                "wavelength medium of WAVE")
+    calhdu.header["COMMENT"] = "CAL: calibrated flux = CAL * input flux; CAL_VAR its variance"
+    calhdu.header["COMMENT"] = "MEASURED F: interpolated across telluric or uncovered pixels"
+    hdus.append(calhdu)
+    if per_star is not None:
+        hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
+
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+
+
+def read_calibrated_frame(path) -> CalibratedFrame:
+    """Read a file written by :func:`write_calibrated_frame` (for tests and QC)."""
+    fname = os.fspath(path)
+    hdul = _open(fname)
+    try:
+        frame = _read_frame(hdul, fname, require_standards=False)
+        if not _has(hdul, "FLUXCAL"):
+            raise InputError(f"{fname}: no FLUXCAL extension (not a calibrated frame?)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", u.UnitsWarning)
+            cal = _native_table(Table.read(hdul["FLUXCAL"], character_as_bytes=False, mask_invalid=False))
+            per_star = None
+            if _has(hdul, "FLUXSTD"):
+                per_star = _native_table(
+                    Table.read(hdul["FLUXSTD"], character_as_bytes=False, mask_invalid=False)
+                )
+    finally:
+        hdul.close()
+    return CalibratedFrame(
+        path=fname,
+        flux=frame.flux,
+        var=frame.var,
+        wave=frame.wave,
+        fibres=frame.fibres,
+        header=frame.header,
+        cal=cal,
+        per_star=per_star,
+        medium=frame.medium,
+        flipped=frame.flipped,
+    )
