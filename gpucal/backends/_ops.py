@@ -1,11 +1,21 @@
 """Operations the array API standard lacks (public, delegating module).
 
-Each function infers the namespace from its inputs, routes to a native
-implementation where one exists and agrees with the portable fallback
-(scipy on NumPy, cupyx.scipy on CuPy), and otherwise runs the fallback in
-``_agnostic`` written only in the standard. Contracts (shapes, units) are in
-each docstring; they are the same on every backend.
+Each function infers the namespace from its inputs, checks its arguments once,
+routes to a native implementation where one exists and agrees with the
+portable fallback (scipy on NumPy, cupyx.scipy on CuPy), and otherwise runs
+the fallback in ``_agnostic``, written only in the standard. Contracts
+(shapes, units, dtypes) are in each docstring; they are the same on every
+backend. Results live in the namespace and on the device of the inputs.
+
+No function here synchronises with the host except where its docstring says
+so (``gaussian_filter_variable`` without ``half_width``).
 """
+
+from array_api_compat import is_cupy_namespace, is_numpy_namespace
+
+from ..errors import InputError
+from . import _agnostic
+from ._select import array_namespace
 
 __all__ = [
     "interp",
@@ -18,55 +28,329 @@ __all__ = [
 ]
 
 
+def _ns(*arrays):
+    return array_namespace(*(a for a in arrays if a is not None))
+
+
 def interp(x, xp_grid, fp, *, left=None, right=None):
     """Piecewise-linear interpolation, batched over leading axes.
 
-    x : (..., m) query points; xp_grid : (n,) strictly increasing;
-    fp : (..., n) values. Leading axes of ``x`` and ``fp`` broadcast.
-    left/right : None -> edge values of fp (numpy.interp semantics), or a float fill.
-    Returns (broadcast(leading), m) in the floating dtype of fp.
+    Parameters
+    ----------
+    x : array, shape (..., m)
+        Query points (same units as ``xp_grid``).
+    xp_grid : array, shape (n,)
+        Strictly increasing abscissae.
+    fp : array, shape (..., n)
+        Values at ``xp_grid``. The leading axes of ``x`` and ``fp`` broadcast
+        (e.g. ``x`` (V, 1, m) against ``fp`` (1, S, n) gives (V, S, m)).
+    left, right : float, optional
+        Value for ``x < xp_grid[0]`` / ``x > xp_grid[-1]``; ``None`` (default)
+        uses the edge values of ``fp`` (``numpy.interp`` semantics).
+
+    Returns
+    -------
+    array, shape broadcast(x.shape[:-1], fp.shape[:-1]) + (m,)
+        In the floating dtype of ``fp`` (float64 for an integer ``fp``).
+
+    Notes
+    -----
+    NumPy with 1-D ``fp`` uses ``numpy.interp``; CuPy with 1-D ``fp`` uses
+    ``cupy.interp`` (which computes in float64; the result is cast back).
+    Everything else runs ``searchsorted`` + ``take_along_axis``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from gpucal.backends import interp
+    >>> interp(xp.asarray([0.5, 2.0]), xp.asarray([0.0, 1.0]), xp.asarray([[0.0, 2.0], [1.0, 1.0]]))
+    Array([[1., 2.],
+           [1., 1.]], dtype=array_api_strict.float64)
     """
-    raise NotImplementedError
+    xp = _ns(x, xp_grid, fp)
+    if xp_grid.ndim != 1 or x.ndim < 1 or fp.ndim < 1:
+        raise InputError(
+            f"interp: need x (..., m), xp_grid (n,), fp (..., n); got {x.shape}, {xp_grid.shape}, {fp.shape}"
+        )
+    if fp.shape[-1] != xp_grid.shape[0] or xp_grid.shape[0] < 1:
+        raise InputError(f"interp: fp has {fp.shape[-1]} values on its last axis but xp_grid has {xp_grid.shape[0]}")
+    if fp.ndim == 1 and is_numpy_namespace(xp):
+        # numpy.interp is a compiled loop with no index arrays; identical semantics
+        import numpy as np
+
+        dtype = _agnostic._float_dtype(xp, fp)
+        return np.asarray(np.interp(x, xp_grid, fp, left=left, right=right), dtype=dtype)
+    if fp.ndim == 1 and is_cupy_namespace(xp):
+        # cupy.interp is one fused kernel; it returns float64, so cast back to fp's dtype
+        import cupy
+
+        dtype = _agnostic._float_dtype(xp, fp)
+        return cupy.interp(x, xp_grid, fp, left=left, right=right).astype(dtype, copy=False)
+    return _agnostic.interp(x, xp_grid, fp, left=left, right=right)
 
 
 def masked_median(x, mask, *, axis=-1):
-    """Median of ``x`` over entries where ``mask`` is True along ``axis``; NaN where none."""
-    raise NotImplementedError
+    """Median of ``x`` over the entries where ``mask`` is True, along ``axis``.
+
+    Parameters
+    ----------
+    x : array
+        Values; NaN entries are treated as masked, so
+        ``masked_median(x, ~isnan(x))`` is a nanmedian.
+    mask : bool array, broadcastable to ``x.shape``
+        True = use the entry.
+    axis : int, optional
+        Axis to reduce (default last).
+
+    Returns
+    -------
+    array
+        ``x.shape`` without ``axis``, floating dtype of ``x``; NaN where no
+        entry along ``axis`` is good. For an even count the mean of the two
+        middle values, as ``numpy.median``.
+
+    Notes
+    -----
+    One sort of ``x`` with bad entries replaced by +inf, then
+    ``take_along_axis`` of the middle one(s) at a per-slice good count: no loop
+    and no data-dependent shapes, on every backend (NumPy has no faster
+    masked median: ``numpy.ma.median`` and ``nanmedian`` sort as well, slower).
+    """
+    _ns(x, mask)
+    if not -x.ndim <= axis < x.ndim:
+        raise InputError(f"masked_median: axis {axis} out of range for an array of shape {x.shape}")
+    return _agnostic.masked_median(x, mask, axis=axis)
 
 
-def gaussian_filter_variable(flux, sigma_pix, *, truncate=4.0):
+def gaussian_filter_variable(flux, sigma_pix, *, truncate=4.0, half_width=None):
     """Gaussian smoothing whose σ (pixels) varies per output pixel.
 
-    flux : (..., n); sigma_pix : (n,) σ of the kernel centred on each output
-    pixel (0 -> identity). out[..., i] = Σ_j K_ij f[..., j] / Σ_j K_ij with
-    K_ij = exp(-(j-i)² / 2σ_i²) for |j-i| <= ceil(truncate * max σ), j in range.
+    ``out[..., i] = Σ_j K_ij f[..., j] / Σ_j K_ij`` with
+    ``K_ij = exp(-(j - i)² / 2σ_i²)`` for ``|j - i| <= h`` and ``j`` inside the
+    array (so the kernel is renormalised at the edges); ``σ_i = 0`` gives the
+    identity at pixel ``i``.
+
+    Parameters
+    ----------
+    flux : array, shape (..., n)
+        Spectra; leading axes are a batch. Non-finite values spread to their
+        neighbours: fill masked pixels first.
+    sigma_pix : array, shape (n,)
+        σ in pixels of the kernel centred on each output pixel, ≥ 0 (any shape
+        broadcastable against ``flux`` works).
+    truncate : float, optional
+        ``h = ceil(truncate * max(σ))`` when ``half_width`` is not given.
+    half_width : int, optional
+        Kernel half-width ``h`` in pixels. Pass it to avoid the one host
+        synchronisation needed to read ``max(σ)`` on a device.
+
+    Returns
+    -------
+    array, shape broadcast(flux, sigma_pix)
+        Floating dtype of ``flux``.
+
+    Notes
+    -----
+    A loop over the ``2h + 1`` kernel offsets, each one vectorised over all
+    spectra and pixels; no backend has a native variable-width Gaussian filter.
     """
-    raise NotImplementedError
+    _ns(flux, sigma_pix)
+    if flux.ndim < 1 or sigma_pix.ndim < 1 or sigma_pix.shape[-1] != flux.shape[-1]:
+        raise InputError(
+            f"gaussian_filter_variable: sigma_pix {sigma_pix.shape} does not match flux {flux.shape} on the pixel axis"
+        )
+    if half_width is not None and int(half_width) < 0:
+        raise InputError(f"gaussian_filter_variable: half_width must be >= 0, got {half_width}")
+    return _agnostic.gaussian_filter_variable(flux, sigma_pix, truncate=truncate, half_width=half_width)
 
 
 def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     """Savitzky–Golay smoothing that ignores masked pixels and never un-masks them.
 
-    Returns (smoothed, mask_out); mask_out = mask & enough good neighbours;
-    where mask_out is False the output equals the input.
+    Each output pixel is the value at that pixel of the least-squares
+    polynomial of degree ``polyorder`` fitted to the good pixels of its
+    window (masked pixels have zero weight).
+
+    Parameters
+    ----------
+    y : array
+        Data; non-finite values count as masked.
+    mask : bool array, broadcastable to ``y.shape``
+        True = good pixel.
+    window : int
+        Odd window length in pixels, ``polyorder < window <= y.shape[axis]``.
+    polyorder : int
+        Polynomial degree, ≥ 0.
+    axis : int, optional
+        Axis to filter along (default last).
+
+    Returns
+    -------
+    smoothed : array, shape of ``y``, floating dtype of ``y``
+    mask_out : bool array, shape of ``y``
+        ``mask & isfinite(y) & (≥ polyorder + 1 good pixels in the window)``.
+        Where it is False, ``smoothed`` equals ``y``.
+
+    Notes
+    -----
+    Interior pixels use the window centred on them. The first and last
+    ``window // 2`` pixels use the first/last full window, evaluated off
+    centre, so with an all-True mask the result equals
+    ``scipy.signal.savgol_filter(y, window, polyorder, mode="interp")``
+    everywhere. The local moment sums are accumulated by a loop over the
+    window offsets (vectorised over all pixels), with positions scaled to
+    [-1, 1] and in float64 whatever the input dtype; the small
+    ``(polyorder+1)²`` systems are solved in one batched ``linalg.solve``.
+    scipy has no masked Savitzky–Golay filter, so every backend runs this.
     """
-    raise NotImplementedError
+    _ns(y, mask)
+    if not -y.ndim <= axis < y.ndim:
+        raise InputError(f"savgol_filter: axis {axis} out of range for an array of shape {y.shape}")
+    window, polyorder = int(window), int(polyorder)
+    if window < 1 or window % 2 == 0:
+        raise InputError(f"savgol_filter: window must be a positive odd integer, got {window}")
+    if not 0 <= polyorder < window:
+        raise InputError(f"savgol_filter: need 0 <= polyorder < window, got polyorder={polyorder}, window={window}")
+    if y.shape[axis] < window:
+        raise InputError(f"savgol_filter: window {window} is longer than the {y.shape[axis]} pixels along axis {axis}")
+    return _agnostic.savgol_filter(y, mask, window=window, polyorder=polyorder, axis=axis)
 
 
 def fft_correlate(a, b, *, axis=-1):
-    """scipy.signal.correlate(a, b, mode="full") along the last axis, batched, via FFT."""
-    raise NotImplementedError
+    """Full cross-correlation along ``axis`` via FFT, batched with broadcasting.
+
+    Equals ``scipy.signal.correlate(a, b, mode="full")`` for 1-D real inputs,
+    i.e. ``c[k] = Σ_j a[j] b[j - k + nb - 1]``, ``k = 0 .. na + nb - 2``
+    (lag ``k - (nb - 1)``).
+
+    Parameters
+    ----------
+    a : array, shape (..., na)
+    b : array, shape (..., nb)
+        Real inputs; all axes other than ``axis`` broadcast (give ``a`` and
+        ``b`` the same number of dimensions when ``axis`` is not negative).
+    axis : int, optional
+        Correlation axis (default last).
+
+    Returns
+    -------
+    array, shape broadcast(...) with na + nb - 1 along ``axis``
+        Real, floating dtype of the inputs.
+
+    Notes
+    -----
+    NumPy uses ``scipy.signal.fftconvolve`` with ``b`` reversed, CuPy
+    ``cupyx.scipy.signal.fftconvolve``; elsewhere zero-padded ``xp.fft.rfft``
+    / ``irfft`` at a 2·3·5-smooth length.
+    """
+    xp = _ns(a, b)
+    if a.ndim < 1 or b.ndim < 1:
+        raise InputError(f"fft_correlate: inputs need at least one axis, got {a.shape} and {b.shape}")
+    if axis >= 0 and a.ndim != b.ndim:
+        raise InputError(f"fft_correlate: a {a.shape} and b {b.shape} differ in rank; pass a negative axis")
+    if not (-a.ndim <= axis < a.ndim and -b.ndim <= axis < b.ndim):
+        raise InputError(f"fft_correlate: axis {axis} out of range for shapes {a.shape} and {b.shape}")
+    if is_numpy_namespace(xp) or is_cupy_namespace(xp):
+        # scipy / cupyx fftconvolve pick fast lengths and batch over broadcast axes natively
+        if is_numpy_namespace(xp):
+            from scipy.signal import fftconvolve
+        else:
+            from cupyx.scipy.signal import fftconvolve
+        nd = max(a.ndim, b.ndim)
+        a2 = xp.reshape(a, (1,) * (nd - a.ndim) + a.shape)
+        b2 = xp.reshape(b, (1,) * (nd - b.ndim) + b.shape)
+        dtype = _agnostic._float_dtype(xp, a, b)
+        out = fftconvolve(a2, xp.flip(b2, axis=axis), mode="full", axes=axis)
+        return xp.astype(out, dtype, copy=False)
+    return _agnostic.fft_correlate(a, b, axis=axis)
 
 
 def batched_lstsq(A, b, *, weights=None, ridge=0.0):
-    """Weighted least squares via normal equations and xp.linalg.solve.
+    """Weighted linear least squares for many right-hand sides, via normal equations.
 
-    A : (n, k) shared or (..., n, k); b : (..., n); weights : (..., n) or None.
-    Returns x : (..., k) minimising Σ w (A x - b)².
+    Minimises ``Σ_i w_i (A x - b)_i² + ridge Σ_j (s_j x_j)²`` with
+    ``s_j = ||A[..., :, j]||₂`` (the ridge acts on the column-normalised
+    problem, so it is scale-free).
+
+    Parameters
+    ----------
+    A : array, shape (n, k) shared by every row, or (..., n, k)
+        Design matrix. Use a well-conditioned basis (e.g. Legendre
+        polynomials on [-1, 1]) for polynomial fits.
+    b : array, shape (..., n)
+        Data.
+    weights : array, shape (..., n), optional
+        Non-negative weights (e.g. inverse variances × mask); None = 1.
+    ridge : float, optional
+        Tikhonov term (see above); > 0 makes every system solvable, e.g.
+        rows whose weights are all zero (which otherwise raise
+        ``LinAlgError`` on NumPy and torch).
+
+    Returns
+    -------
+    array, shape broadcast(...) + (k,)
+        Floating dtype of the inputs.
+
+    Notes
+    -----
+    Columns are scaled to unit norm before the normal matrices are formed
+    (in the input dtype) and solved with ``xp.linalg.solve``. With a shared
+    2-D ``A`` and per-row weights (batch, n), the normal matrices come from
+    ONE matrix product ``weights @ (A_j A_l)`` of shape (batch, n) @ (n, k²),
+    and ``(batch, n, k)`` is never formed. Matrix products and a batched
+    solve are native everywhere, so every backend runs the same code.
     """
-    raise NotImplementedError
+    _ns(A, b, weights)
+    if A.ndim < 2 or b.ndim < 1 or b.shape[-1] != A.shape[-2]:
+        raise InputError(f"batched_lstsq: need A (..., n, k) and b (..., n); got {A.shape} and {b.shape}")
+    if weights is not None and (weights.ndim < 1 or weights.shape[-1] != A.shape[-2]):
+        raise InputError(f"batched_lstsq: weights {weights.shape} do not match A {A.shape} on the n axis")
+    if ridge < 0:
+        raise InputError(f"batched_lstsq: ridge must be >= 0, got {ridge}")
+    return _agnostic.batched_lstsq(A, b, weights=weights, ridge=ridge)
 
 
 def sigma_clip(x, *, weights=None, mask=None, nsigma=3.0, maxiter=5, axis=0, center="mean"):
-    """Iterative sigma clipping along ``axis``; returns the kept mask (same shape as x)."""
-    raise NotImplementedError
+    """Iterative sigma clipping along ``axis``; returns the kept mask.
+
+    Each iteration computes a centre ``c`` and scale ``s`` over the entries
+    still kept and drops those with ``|x - c| > nsigma * s``. A dropped entry
+    is never restored, so the iteration converges, and exactly ``maxiter``
+    iterations are run (no data-dependent stop, hence no host
+    synchronisation); iterations after convergence change nothing.
+
+    Parameters
+    ----------
+    x : array
+        Values; non-finite entries are never kept.
+    weights : array broadcastable to ``x``, optional
+        Non-negative weights for ``center="mean"`` (ignored by ``"median"``).
+    mask : bool array broadcastable to ``x``, optional
+        False entries are never kept and never used.
+    nsigma : float, optional
+        Clipping threshold in units of ``s``.
+    maxiter : int, optional
+        Number of iterations (≥ 0).
+    axis : int, optional
+        Axis along which centre and scale are computed (default 0, e.g.
+        across stars for each pixel).
+    center : {"mean", "median"}
+        ``"mean"``: weighted mean and weighted population standard deviation
+        ``sqrt(Σ w (x - c)² / Σ w)``. ``"median"``: median and 1.4826 × the
+        median absolute deviation.
+
+    Returns
+    -------
+    bool array, shape of ``x``
+        True = kept. A slice with nothing kept (or zero total weight) keeps nothing.
+    """
+    _ns(x, weights, mask)
+    if center not in ("mean", "median"):
+        raise InputError(f"sigma_clip: center must be 'mean' or 'median', got {center!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise InputError(f"sigma_clip: axis {axis} out of range for an array of shape {x.shape}")
+    if int(maxiter) < 0:
+        raise InputError(f"sigma_clip: maxiter must be >= 0, got {maxiter}")
+    return _agnostic.sigma_clip(
+        x, weights=weights, mask=mask, nsigma=nsigma, maxiter=int(maxiter), axis=axis, center=center
+    )

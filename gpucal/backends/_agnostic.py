@@ -1,0 +1,290 @@
+"""Portable fallbacks for the operations in ``_ops``, written only in the array API standard.
+
+Every function here takes arrays of one namespace, infers it with
+``array_namespace``, creates new arrays on the device of its inputs and never
+converts to NumPy, calls ``float()``/``bool()`` on an array, or branches on
+array values, so it runs unchanged (and without host synchronisation) on
+NumPy, CuPy, torch, JAX and array-api-strict. The one documented exception is
+``gaussian_filter_variable`` without ``half_width``, which reads ``max(σ)``
+once to size its kernel.
+
+Arguments are validated by the public wrappers in ``_ops``; these functions
+assume shapes that satisfy the contracts documented there.
+"""
+
+import math
+
+from array_api_compat import array_namespace
+from array_api_compat import device as _device
+
+__all__ = [
+    "interp",
+    "masked_median",
+    "gaussian_filter_variable",
+    "savgol_filter",
+    "fft_correlate",
+    "batched_lstsq",
+    "sigma_clip",
+]
+
+
+def _float_dtype(xp, *arrays):
+    """The promoted dtype of ``arrays`` if it is real floating, else float64."""
+    dt = xp.result_type(*arrays)
+    return dt if xp.isdtype(dt, "real floating") else xp.float64
+
+
+def broadcast_shapes(*shapes):
+    """NumPy broadcasting of shape tuples (the standard has no ``broadcast_shapes``)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(ndim):
+        dims = {s[len(s) - ndim + i] for s in shapes if len(s) - ndim + i >= 0} - {1}
+        if len(dims) > 1:
+            raise ValueError(f"shapes {', '.join(map(str, shapes))} do not broadcast")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def interp(x, xp_grid, fp, *, left=None, right=None):
+    """Batched linear interpolation by ``searchsorted`` + ``take_along_axis`` (see ``_ops.interp``)."""
+    xp = array_namespace(x, xp_grid, fp)
+    dtype = _float_dtype(xp, fp)
+    x = xp.astype(x, dtype, copy=False)
+    grid = xp.astype(xp_grid, dtype, copy=False)
+    fp = xp.astype(fp, dtype, copy=False)
+    n, m = grid.shape[0], x.shape[-1]
+    lead = broadcast_shapes(x.shape[:-1], fp.shape[:-1])
+    if n == 1:
+        out = xp.broadcast_to(fp, lead + (m,)) + xp.zeros_like(x)
+    else:
+        flat = xp.reshape(x, (-1,))
+        hi = xp.clip(xp.searchsorted(grid, flat, side="right"), 1, n - 1)
+        lo = hi - 1
+        x0 = xp.reshape(xp.take(grid, lo), x.shape)
+        x1 = xp.reshape(xp.take(grid, hi), x.shape)
+        # clipping t to [0, 1] reproduces numpy.interp's edge values outside the grid
+        t = xp.clip((x - x0) / (x1 - x0), 0.0, 1.0)
+        fpb = xp.broadcast_to(fp, lead + (n,))
+        lo = xp.broadcast_to(xp.reshape(lo, x.shape), lead + (m,))
+        f0 = xp.take_along_axis(fpb, lo, axis=-1)
+        f1 = xp.take_along_axis(fpb, lo + 1, axis=-1)
+        out = f0 + t * (f1 - f0)
+    if left is not None:
+        out = xp.where(x < grid[0], xp.asarray(left, dtype=dtype, device=_device(out)), out)
+    if right is not None:
+        out = xp.where(x > grid[n - 1], xp.asarray(right, dtype=dtype, device=_device(out)), out)
+    return out
+
+
+def _masked_median(xp, x, good, axis, keepdims):
+    """Median over ``good`` entries along ``axis`` of a floating ``x``; NaN where none."""
+    filled = xp.where(good, x, xp.asarray(xp.inf, dtype=x.dtype, device=_device(x)))
+    s = xp.sort(filled, axis=axis)
+    count = xp.sum(xp.astype(good, xp.int64), axis=axis, keepdims=True)
+    lo = xp.clip((count - 1) // 2, 0, None)
+    hi = count // 2
+    med = (xp.take_along_axis(s, lo, axis=axis) + xp.take_along_axis(s, hi, axis=axis)) / 2
+    med = xp.where(count > 0, med, xp.asarray(xp.nan, dtype=x.dtype, device=_device(x)))
+    return med if keepdims else xp.squeeze(med, axis=axis)
+
+
+def masked_median(x, mask, *, axis=-1):
+    """Masked median by one sort with bad entries set to +inf (see ``_ops.masked_median``)."""
+    xp = array_namespace(x, mask)
+    x = xp.astype(x, _float_dtype(xp, x), copy=False)
+    good = xp.broadcast_to(mask, x.shape) & ~xp.isnan(x)
+    return _masked_median(xp, x, good, axis, keepdims=False)
+
+
+def gaussian_filter_variable(flux, sigma_pix, *, truncate=4.0, half_width=None):
+    """Variable-σ Gaussian filter by a loop over kernel offsets (see ``_ops.gaussian_filter_variable``)."""
+    xp = array_namespace(flux, sigma_pix)
+    dtype = _float_dtype(xp, flux)
+    dev = _device(flux)
+    flux = xp.astype(flux, dtype, copy=False)
+    sigma = xp.astype(sigma_pix, dtype, copy=False)
+    n = flux.shape[-1]
+    if half_width is None:
+        # the only host synchronisation in this module: the kernel size is a Python int
+        half_width = int(math.ceil(truncate * float(xp.max(sigma))))
+    h = min(max(int(half_width), 0), n - 1)
+    positive = sigma > 0
+    # σ = 0 means the identity: a unit weight at offset 0 and none elsewhere
+    neg_inv_2s2 = -0.5 / xp.where(positive, sigma, xp.ones_like(sigma)) ** 2
+    pad = xp.zeros(flux.shape[:-1] + (h,), dtype=dtype, device=dev)
+    padded = xp.concat([pad, flux, pad], axis=-1)
+    idx = xp.arange(n, device=dev)
+    num = xp.zeros(broadcast_shapes(flux.shape, sigma.shape), dtype=dtype, device=dev)
+    den = xp.zeros(sigma.shape, dtype=dtype, device=dev)
+    for d in range(-h, h + 1):
+        inside = xp.astype((idx + d >= 0) & (idx + d < n), dtype)
+        k = xp.where(positive, xp.exp(neg_inv_2s2 * float(d * d)), 1.0 if d == 0 else 0.0) * inside
+        num = num + k * padded[..., h + d : h + d + n]
+        den = den + k
+    return num / den
+
+
+def _solve_small(xp, M, r, ok):
+    """Solve stacked small systems M c = r (r: (..., K)); identity where ``ok`` is False."""
+    K = M.shape[-1]
+    eye = xp.eye(K, dtype=M.dtype, device=_device(M))
+    okm = ok[..., None, None]
+    M = xp.where(okm, M, eye)
+    r = xp.where(ok[..., None], r, xp.zeros_like(r))
+    return xp.linalg.solve(M, r[..., None])[..., 0]
+
+
+def _hankel(xp, moments, K):
+    """(..., 2K-1) power moments -> (..., K, K) normal matrices M[a, b] = moments[a + b]."""
+    rows = [xp.stack([moments[..., a + b] for b in range(K)], axis=-1) for a in range(K)]
+    return xp.stack(rows, axis=-2)
+
+
+def savgol_filter(y, mask, *, window, polyorder, axis=-1):
+    """Masked Savitzky–Golay filter by local moment sums over offsets (see ``_ops.savgol_filter``)."""
+    xp = array_namespace(y, mask)
+    out_dtype = _float_dtype(xp, y)
+    work = xp.float64
+    dev = _device(y)
+    y = xp.astype(y, out_dtype, copy=False)
+    y_m = xp.moveaxis(y, axis, -1)
+    good = xp.moveaxis(xp.broadcast_to(mask, y.shape), axis, -1) & xp.isfinite(y_m)
+    n = y_m.shape[-1]
+    h = window // 2
+    K = polyorder + 1
+    w = xp.astype(good, work)
+    wy = xp.where(good, xp.astype(y_m, work), 0.0)
+
+    # centred windows: moments Σ_d w[i+d] u^q and Σ_d w[i+d] y[i+d] u^q with u = d/h
+    pad = xp.zeros(w.shape[:-1] + (h,), dtype=work, device=dev)
+    wp = xp.concat([pad, w, pad], axis=-1)
+    wyp = xp.concat([pad, wy, pad], axis=-1)
+    mom = [xp.zeros(w.shape, dtype=work, device=dev) for _ in range(2 * K - 1)]
+    rhs = [xp.zeros(w.shape, dtype=work, device=dev) for _ in range(K)]
+    for d in range(-h, h + 1):
+        u = d / h if h else 0.0
+        ws = wp[..., h + d : h + d + n]
+        wys = wyp[..., h + d : h + d + n]
+        for q in range(2 * K - 1):
+            c = u**q
+            if c != 0.0:
+                mom[q] = mom[q] + c * ws
+                if q < K:
+                    rhs[q] = rhs[q] + c * wys
+    count = mom[0]
+    moments = xp.stack(mom, axis=-1)
+    ok = count > K - 0.5
+    value = _solve_small(xp, _hankel(xp, moments, K), xp.stack(rhs, axis=-1), ok)[..., 0]
+
+    if h > 0:
+        # the first and last h pixels take the fit over the first/last full window,
+        # evaluated off-centre, as scipy.signal.savgol_filter(mode="interp") does
+        u = (xp.arange(window, dtype=work, device=dev) - h) / h
+        powers = xp.stack([u**q for q in range(2 * K - 1)], axis=-1)  # (window, 2K-1)
+        pieces_v, pieces_c = [], []
+        for sl, at in ((slice(0, window), slice(0, h)), (slice(n - window, n), slice(h + 1, window))):
+            we, wye = w[..., sl], wy[..., sl]
+            cnt = xp.sum(we, axis=-1)
+            coef = _solve_small(xp, _hankel(xp, we @ powers, K), wye @ powers[:, :K], cnt > K - 0.5)
+            pieces_v.append(coef @ xp.matrix_transpose(powers[at, :K]))
+            pieces_c.append(xp.broadcast_to(cnt[..., None], cnt.shape + (h,)))
+        value = xp.concat([pieces_v[0], value[..., h : n - h], pieces_v[1]], axis=-1)
+        count = xp.concat([pieces_c[0], count[..., h : n - h], pieces_c[1]], axis=-1)
+
+    mask_out = good & (count > K - 0.5)
+    out = xp.where(mask_out, xp.astype(value, out_dtype), y_m)
+    return xp.moveaxis(out, -1, axis), xp.moveaxis(mask_out, -1, axis)
+
+
+def next_fast_len(n):
+    """Smallest 2·3·5-smooth integer ≥ n (an FFT length the common FFT libraries handle fast)."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def fft_correlate(a, b, *, axis=-1):
+    """Full cross-correlation by zero-padded real FFTs (see ``_ops.fft_correlate``)."""
+    xp = array_namespace(a, b)
+    dtype = _float_dtype(xp, a, b)
+    a = xp.moveaxis(xp.astype(a, dtype, copy=False), axis, -1)
+    b = xp.moveaxis(xp.astype(b, dtype, copy=False), axis, -1)
+    length = a.shape[-1] + b.shape[-1] - 1
+    nfft = next_fast_len(length)
+    fa = xp.fft.rfft(a, n=nfft, axis=-1)
+    fb = xp.fft.rfft(xp.flip(b, axis=-1), n=nfft, axis=-1)
+    c = xp.fft.irfft(fa * fb, n=nfft, axis=-1)[..., :length]
+    return xp.moveaxis(xp.astype(c, dtype, copy=False), -1, axis)
+
+
+def batched_lstsq(A, b, *, weights=None, ridge=0.0):
+    """Weighted least squares by column-scaled normal equations (see ``_ops.batched_lstsq``)."""
+    arrays = (A, b) if weights is None else (A, b, weights)
+    xp = array_namespace(*arrays)
+    dtype = _float_dtype(xp, *arrays)
+    A = xp.astype(A, dtype, copy=False)
+    b = xp.astype(b, dtype, copy=False)
+    n, k = A.shape[-2], A.shape[-1]
+    scale = xp.sqrt(xp.sum(A * A, axis=-2))
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    As = A / scale[..., None, :]
+    if weights is not None:
+        weights = xp.astype(weights, dtype, copy=False)
+    if A.ndim == 2:
+        if weights is None:
+            N = xp.matrix_transpose(As) @ As
+            rhs = b @ As
+        else:
+            # one GEMM (batch, n) @ (n, k*k) builds every normal matrix; (batch, n, k) is never formed
+            Q = xp.reshape(As[:, :, None] * As[:, None, :], (n, k * k))
+            N = xp.reshape(weights @ Q, weights.shape[:-1] + (k, k))
+            rhs = (weights * b) @ As
+    else:
+        Aw = As if weights is None else As * weights[..., :, None]
+        N = xp.matrix_transpose(Aw) @ As
+        rhs = (xp.matrix_transpose(Aw) @ b[..., None])[..., 0]
+    if ridge:
+        N = N + ridge * xp.eye(k, dtype=dtype, device=_device(A))
+    lead = broadcast_shapes(N.shape[:-2], rhs.shape[:-1])
+    N = xp.broadcast_to(N, lead + (k, k))
+    rhs = xp.broadcast_to(rhs, lead + (k,))
+    return xp.linalg.solve(N, rhs[..., None])[..., 0] / scale
+
+
+def sigma_clip(x, *, weights=None, mask=None, nsigma=3.0, maxiter=5, axis=0, center="mean"):
+    """Fixed-iteration sigma clipping (see ``_ops.sigma_clip``)."""
+    arrays = tuple(a for a in (x, weights, mask) if a is not None)
+    xp = array_namespace(*arrays)
+    dtype = _float_dtype(xp, x)
+    x = xp.astype(x, dtype, copy=False)
+    kept = xp.isfinite(x)
+    if mask is not None:
+        kept = kept & xp.broadcast_to(mask, x.shape)
+    xf = xp.where(kept, x, xp.zeros_like(x))
+    if center == "mean":
+        w = xp.ones_like(x) if weights is None else xp.broadcast_to(xp.astype(weights, dtype), x.shape)
+    for _ in range(maxiter):
+        if center == "mean":
+            wk = xp.where(kept, w, xp.zeros_like(w))
+            sw = xp.sum(wk, axis=axis, keepdims=True)
+            has = sw > 0
+            sw = xp.where(has, sw, xp.ones_like(sw))
+            c = xp.sum(wk * xf, axis=axis, keepdims=True) / sw
+            s = xp.sqrt(xp.sum(wk * (xf - c) ** 2, axis=axis, keepdims=True) / sw)
+            kept = kept & has
+        else:
+            c = _masked_median(xp, xf, kept, axis, keepdims=True)
+            s = 1.4826 * _masked_median(xp, xp.abs(xf - c), kept, axis, keepdims=True)
+        # an entry once clipped stays clipped, so extra iterations after convergence change nothing
+        kept = kept & (xp.abs(xf - c) <= nsigma * s)
+    return kept
