@@ -214,7 +214,8 @@ def to_backend(x, backend: Backend, dtype=None):
     elif backend.name == "torch":
         import torch
 
-        out = torch.as_tensor(x, device=backend.device)
+        # torch refuses to share read-only memory (cached grids are read-only).
+        out = torch.as_tensor(x if x.flags.writeable else x.copy(), device=backend.device)
     elif backend.name == "array_api_strict":
         out = xp.asarray(x, device=backend.device) if backend.device is not None else xp.asarray(x)
     else:
