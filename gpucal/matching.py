@@ -35,7 +35,7 @@ from typing import Any
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace, interp
+from .backends import array_namespace, backend_of, interp, to_backend, to_numpy
 from .containers import MatchResult, SpectraBatch, TemplateGrid
 from .continuum import fit_continuum
 from .errors import CoverageError, InputError
@@ -46,10 +46,14 @@ __all__ = [
     "C_KMS",
     "PreparedGrid",
     "prepare_grid",
+    "working_grid",
     "normalise_observed",
     "velocity_grid",
     "match_templates",
     "doppler_factor",
+    "grid_neighbours",
+    "refined_templates",
+    "memory_budget",
 ]
 
 C_KMS = 299792.458
@@ -78,14 +82,17 @@ class PreparedGrid:
     """A template grid convolved, resampled and normalised for one frame setting.
 
     params : (n_t, 4) backend array; wave : (n_q,) log-uniform working grid (Å);
-    norm_flux : (n_t, n_q) continuum-normalised, LSF-convolved templates;
-    lsf : the instrument resolution used (dict of fwhm / fwhm_poly / resolution).
+    norm_flux : (n_t, n_q) continuum-normalised, LSF-convolved templates, on
+        the backend or a host (memory-mapped) array streamed block by block;
+    lsf : the instrument resolution used (dict of fwhm / fwhm_poly / resolution);
+    neighbours : (n_t, 4, 2) grid topology from :func:`grid_neighbours`, or None.
     """
 
     params: Any
     wave: Any
     norm_flux: Any
     lsf: dict = field(default_factory=dict)
+    neighbours: Any = None
 
     @property
     def n_templates(self) -> int:
@@ -105,14 +112,20 @@ def working_grid(wave_obs):
 
 
 def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, resolution=None,
-                 dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT) -> PreparedGrid:
+                 dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT,
+                 block_size: int = 2048, out=None, neighbours: bool = True) -> PreparedGrid:
     """Convolve the grid to the instrument LSF, resample onto the working grid, normalise.
 
-    ``grid`` arrays must live on the same backend as ``wave_obs``. The grid
-    must cover the frame's wavelength range plus four LSF σ on each side;
-    otherwise CoverageError says which range is missing.
+    The grid may live on the host (even memory-mapped): it is processed in
+    blocks of ``block_size`` templates on ``wave_obs``'s backend. With ``out``
+    (a writable host array of shape (n_t, n_q), e.g. a memory-mapped .npy
+    file sized with :func:`working_grid`) each block is written there and the
+    result is streamed back by the scan; otherwise it stays on the backend.
+    The grid must cover the frame's wavelength range plus six LSF σ on each
+    side; otherwise CoverageError says which range is missing.
     """
-    xp = array_namespace(wave_obs, grid.flux)
+    be = backend_of(wave_obs)
+    xp = be.xp
     dtype = xp.float32 if dtype is None else dtype
     wq = working_grid(wave_obs)
     nq = wq.shape[0]
@@ -120,7 +133,7 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
     fw_edge = instrument_fwhm(xp.asarray([lo, hi], dtype=xp.float64, device=_device(wq)),
                               fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     pad = 6.0 * FWHM_TO_SIGMA * float(xp.max(fw_edge))
-    gw = grid.wave
+    gw = to_backend(grid.wave, be, dtype=xp.float64)
     nw = gw.shape[0]
     glo, ghi = float(gw[0]), float(gw[nw - 1])
     if glo > lo - pad or ghi < hi + pad:
@@ -137,15 +150,26 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
     i0 = int(xp.argmax(xp.astype(inside, xp.int32)))
     i1 = i0 + int(xp.sum(xp.astype(inside, xp.int32)))
     cw = gw[i0:i1]
-    conv = convolve_to_instrument(cw, grid.flux[:, i0:i1], fwhm=fwhm, fwhm_poly=fwhm_poly,
-                                  resolution=resolution, template_fwhm=grid.resolution_fwhm)
-    tq = interp(wq, cw, conv)
-    weights = xp.astype(region_mask(wq, good_regions), xp.float64)
-    weights = xp.broadcast_to(weights[None, :], tq.shape)
-    cont = fit_continuum(wq, tq, weights, degree=continuum_degree)
-    norm = xp.astype(tq / cont, dtype)
+    weights = xp.astype(region_mask(wq, good_regions), xp.float64)[None, :]
+    n_t = int(grid.flux.shape[0])
+    blocks = []
+    for b0 in range(0, n_t, block_size):
+        b1 = min(n_t, b0 + block_size)  # strict array API: no out-of-range slice stops
+        flux = to_backend(grid.flux[b0:b1, i0:i1], be, dtype=xp.float64)
+        conv = convolve_to_instrument(cw, flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
+                                      resolution=resolution, template_fwhm=grid.resolution_fwhm)
+        tq = interp(wq, cw, conv)
+        cont = fit_continuum(wq, tq, xp.broadcast_to(weights, tq.shape), degree=continuum_degree)
+        norm = xp.astype(tq / cont, dtype)
+        if out is not None:
+            out[b0:b1, :] = to_numpy(norm)
+        else:
+            blocks.append(norm)
+    norm_flux = out if out is not None else xp.concat(blocks, axis=0)
     lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else list(fwhm_poly), "resolution": resolution}
-    return PreparedGrid(params=grid.params, wave=wq, norm_flux=norm, lsf=lsf)
+    params = to_backend(grid.params, be, dtype=xp.float64)
+    nb = grid_neighbours(params) if neighbours and n_t > 1 else None
+    return PreparedGrid(params=params, wave=wq, norm_flux=norm_flux, lsf=lsf, neighbours=nb)
 
 
 def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, continuum_degree: int = 7):
@@ -166,120 +190,430 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
     return dn, wn, good
 
 
-def _shifted_columns(wq, wave_obs, dn, wn, good, opz):
-    """D, W of every (star, velocity) on the working grid: (n_star, n_vel, n_q) each."""
+
+def memory_budget(max_memory=None) -> float:
+    """Bytes the scan may use: ``max_memory``, else ``$GPUCAL_MAX_MEMORY``, else 1 GiB.
+
+    Accepts numbers of bytes or strings with a K/M/G suffix ("512M", "2G").
+    """
+    import os
+
+    value = max_memory if max_memory is not None else os.environ.get("GPUCAL_MAX_MEMORY")
+    if value is None or value == "":
+        return float(2**30)
+    if isinstance(value, (int, float)):
+        out = float(value)
+    else:
+        text = str(value).strip().upper().rstrip("B")
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+        try:
+            out = float(text[:-1] if mult != 1 else text) * mult
+        except ValueError:
+            raise InputError(f"memory budget {value!r} is not a number of bytes (e.g. 512M, 2G)") from None
+    if not out > 0:
+        raise InputError(f"memory budget must be positive, got {value!r}")
+    return out
+
+
+def grid_neighbours(params):
+    """Neighbour of every node along each parameter axis: (n_t, 4, 2) int, -1 where none.
+
+    [t, j, 0] is the node one step below t along parameter j (all other
+    parameters equal), [t, j, 1] one step above. Computed once per grid from
+    its (small) parameter table, on the host, and returned on ``params``'s device.
+    """
+    xp = array_namespace(params)
+    rows = [tuple(r) for r in to_numpy(params).tolist()]
+    index = {r: i for i, r in enumerate(rows)}
+    n_par = len(rows[0]) if rows else 0
+    axes = [sorted({r[j] for r in rows}) for j in range(n_par)]
+    pos = [{v: k for k, v in enumerate(a)} for a in axes]
+    out = []
+    for r in rows:
+        entry = []
+        for j in range(n_par):
+            k = pos[j][r[j]]
+            pair = []
+            for dk in (-1, 1):
+                kk = k + dk
+                if 0 <= kk < len(axes[j]):
+                    pair.append(index.get(r[:j] + (axes[j][kk],) + r[j + 1:], -1))
+                else:
+                    pair.append(-1)
+            entry.append(pair)
+        out.append(entry)
+    return xp.asarray(out, dtype=xp.int64, device=_device(params))
+
+
+def _shifted_columns(wq, wave_obs, dn, wn, good, opz, dtype):
+    """D, W of every (star, velocity) on the working grid, (n_star, n_vel, n_q) each, and Σ W D² (float64)."""
     xp = array_namespace(dn)
-    xq = (opz[:, None] * wq[None, :])[None, :, :]
-    d = interp(xq, wave_obs, dn[:, None, :], left=0.0, right=0.0)
-    w = interp(xq, wave_obs, wn[:, None, :], left=0.0, right=0.0)
-    g = interp(xq, wave_obs, xp.astype(good, dn.dtype)[:, None, :], left=0.0, right=0.0)
+    n_star, n_vel, nq = dn.shape[0], opz.shape[0], wq.shape[0]
+    xq = xp.reshape(opz[:, None] * wq[None, :], (-1,))  # positions shared by all stars
+
+    def shift(a):
+        return xp.reshape(interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0), (n_star, n_vel, nq))
+
+    d = shift(dn)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
+    w = xp.where(shift(good) > 0.999, shift(wn), 0.0)
+    c = xp.sum(w * d * d, axis=2, dtype=xp.float64)
+    return d, w, c
+
+
+def _columns(d, w):
+    """(n_q, n_col) matrices W·D and W with the (star, velocity) pairs as columns."""
+    xp = array_namespace(d)
+    n_star, n_vel, nq = d.shape
+    ncol = n_star * n_vel
+    wd = xp.permute_dims(xp.reshape(w * d, (ncol, nq)), (1, 0))
+    ww = xp.permute_dims(xp.reshape(w, (ncol, nq)), (1, 0))
+    return wd, ww
+
+
+def _chi2_from_sums(a, b, c):
+    xp = array_namespace(a)
+    a = xp.astype(a, xp.float64)
+    b = xp.astype(b, xp.float64)
+    ok = b > 0
+    safe_b = xp.where(ok, b, 1.0)
+    return xp.where(ok, c - a * a / safe_b, xp.inf)
+
+
+def _block_source(norm_flux, be):
+    """Slice -> backend array; a host (memory-mapped) grid is streamed block by block."""
+    def get(b0, b1):
+        return to_backend(norm_flux[b0:b1, :], be)
+    return get
+
+
+def _scan_exhaustive(get_block, n_t, wd, ww, c, n_star, n_vel, block_size):
+    """χ² minimum over velocity for every (template, star), and the lag where it falls: (n_t, n_star) each."""
+    xp = array_namespace(wd)
+    best, lag = [], []
+    for b0 in range(0, n_t, block_size):
+        m = get_block(b0, min(n_t, b0 + block_size))
+        nb = m.shape[0]
+        chi2 = xp.reshape(_chi2_from_sums(m @ wd, (m * m) @ ww, c[None, :]), (nb, n_star, n_vel))
+        del m
+        k = xp.argmin(chi2, axis=2)[:, :, None]
+        best.append(xp.take_along_axis(chi2, k, axis=2)[:, :, 0])
+        lag.append(k[:, :, 0])
+        del chi2
+    return xp.concat(best, axis=0), xp.concat(lag, axis=0)
+
+
+def _chi2_at_lags(wq, wave_obs, dn, wn, good, m, v):
+    """float64 χ² of templates ``m`` (n_star, n_q) at per-star velocities ``v`` (n_star, n_v): (n_star, n_v).
+
+    The scan's float32 products rank templates reliably, but the parabola in
+    velocity reads differences of χ² that float32 sums blur; the three lags
+    around each star's best are recomputed here in float64.
+    """
+    xp = array_namespace(dn)
+    xq = doppler_factor(v)[:, :, None] * wq[None, None, :]
+    d = interp(xq, wave_obs, dn[:, None, :], left=0.0, right=0.0)
+    g = interp(xq, wave_obs, xp.astype(good, xp.float64)[:, None, :], left=0.0, right=0.0)
+    w = interp(xq, wave_obs, wn[:, None, :], left=0.0, right=0.0)
     w = xp.where(g > 0.999, w, 0.0)
-    return d, w
+    m = xp.astype(m, xp.float64)[:, None, :]
+    a = xp.sum(w * d * m, axis=2)
+    b = xp.sum(w * m * m, axis=2)
+    return _chi2_from_sums(a, b, xp.sum(w * d * d, axis=2))
 
 
-def _chi2_block(m, wd, w, c):
-    """χ² of templates ``m`` (n_b, n_q) against columns: (n_b, n_col) float64."""
-    xp = array_namespace(m)
-    a = xp.astype(m @ wd, xp.float64)
-    b = xp.astype((m * m) @ w, xp.float64)
-    safe_b = xp.where(b > 0, b, 1.0)
-    return xp.where(b > 0, c[None, :] - a * a / safe_b, xp.inf)
+def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
+    """Vertex and 1-σ (Δχ² = 1) of the parabola through χ² at lags k-1, k, k+1."""
+    xp = array_namespace(cb)
+    interior = (k > 0) & (k < n_vel - 1)
+    curv = ca - 2.0 * cb + cc
+    ok = interior & (curv > 0) & xp.isfinite(curv)
+    safe = xp.where(ok, curv, 1.0)
+    offset = xp.clip(xp.where(ok, 0.5 * (ca - cc) / safe, 0.0), -1.0, 1.0)
+    v = xp.take(velocities, k, axis=0) + offset * dv
+    # χ² ≈ cb + (curv / 2)(v − v_best)² / dv², so Δχ² = 1 at dv·sqrt(2 / curv).
+    err = xp.where(ok, dv * xp.sqrt(2.0 / safe), xp.inf)
+    return v, err, interior
+
+
+def _candidates_chi2(cand_m, d, w, c):
+    """χ² over all lags for each star's own candidate templates.
+
+    cand_m : (n_star, k, n_q); d, w : (n_star, n_vel, n_q); c : (n_star, n_vel).
+    Returns (n_star, k, n_vel).
+    """
+    xp = array_namespace(cand_m)
+    wd_t = xp.permute_dims(w * d, (0, 2, 1))  # (n_star, n_q, n_vel)
+    w_t = xp.permute_dims(w, (0, 2, 1))
+    return _chi2_from_sums(cand_m @ wd_t, (cand_m * cand_m) @ w_t, c[:, None, :])
+
+
+def _huber_scores(wave_obs, dn, wn, good, prepared_wave, cand_m, cand_v, delta, niter=8):
+    """Huber loss of candidate templates (n_star, k, n_q) at velocities (n_star, k), on frame pixels."""
+    xp = array_namespace(dn)
+    x = wave_obs[None, None, :] / doppler_factor(cand_v)[:, :, None]
+    model = interp(x, prepared_wave, xp.astype(cand_m, xp.float64), left=xp.nan, right=xp.nan)
+    use = good[:, None, :] & xp.isfinite(model)
+    model = xp.where(use, model, 0.0)
+    w = xp.where(use, wn[:, None, :], 0.0)
+    d = dn[:, None, :]
+    sw = xp.sqrt(w)
+    hw = xp.ones_like(w)
+    for _ in range(niter):  # IRLS, fixed iterations: no host round trip
+        ww = w * hw
+        den = xp.sum(ww * model * model, axis=2)
+        amp = xp.sum(ww * d * model, axis=2) / xp.where(den > 0, den, 1.0)
+        r = xp.abs(d - amp[:, :, None] * model) * sw
+        hw = xp.where(r <= delta, 1.0, delta / xp.where(r > 0, r, 1.0))
+    rho = xp.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))
+    return 2.0 * xp.sum(xp.where(use, rho, 0.0), axis=2)  # on the χ² scale where |r| <= delta
+
+
+def _refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, rv, neighbours, params, red):
+    """One Gauss–Newton step in (Teff, logg, [M/H], [α/M]) around each star's best node.
+
+    The model is a (T0 + Σ_j Δx_j ∂T/∂x_j) with the derivatives taken from the
+    node's grid neighbours (central difference where both exist, one-sided
+    otherwise), fitted by weighted linear least squares to the normalised
+    spectrum on the frame's pixels. The step Δx is clipped to the
+    neighbouring nodes; its 1-σ error comes from the curvature matrix
+    (inflated by χ²/dof when that exceeds 1). This is the quadratic
+    approximation of χ² around the node that the linear blend of
+    :func:`refined_templates` reproduces.
+
+    Returns refined params (n_star, 4), errors (n_star, 4), and blend
+    indices / fractions (n_star, 4) for :func:`refined_templates`.
+    """
+    xp = array_namespace(dn)
+    dev = _device(dn)
+    n_star = tbest.shape[0]
+    n_par = params.shape[1]
+    nb = xp.take(neighbours, tbest, axis=0)  # (n_star, n_par, 2)
+    lo_i, hi_i = nb[:, :, 0], nb[:, :, 1]
+    has_lo, has_hi = lo_i >= 0, hi_i >= 0
+    lo_s = xp.where(has_lo, lo_i, tbest[:, None])
+    hi_s = xp.where(has_hi, hi_i, tbest[:, None])
+    rows = xp.concat([tbest[:, None], lo_s, hi_s], axis=1)  # (n_star, 1 + 2 n_par)
+    n_rows = rows.shape[1]
+    m = xp.reshape(xp.astype(get_rows(xp.reshape(rows, (-1,))), xp.float64), (n_star, n_rows, -1))
+    x = wave_obs[None, None, :] / doppler_factor(rv)[:, None, None]
+    model = interp(x, prepared_wave, m, left=xp.nan, right=xp.nan)  # (n_star, n_rows, n_pix)
+    use = good & xp.all(xp.isfinite(model), axis=1)
+    model = xp.where(use[:, None, :], model, 0.0)
+    p0 = xp.take(params, tbest, axis=0)
+    x_lo = xp.reshape(xp.take(params, xp.reshape(lo_s, (-1,)), axis=0), (n_star, n_par, n_par))
+    x_hi = xp.reshape(xp.take(params, xp.reshape(hi_s, (-1,)), axis=0), (n_star, n_par, n_par))
+    x_lo, x_hi = xp.linalg.diagonal(x_lo), xp.linalg.diagonal(x_hi)
+    span = x_hi - x_lo
+    active = span > 0
+    t0 = model[:, 0, :]
+    deriv = (model[:, 1 + n_par:, :] - model[:, 1:1 + n_par, :]) / xp.where(active, span, 1.0)[:, :, None]
+    deriv = xp.where(active[:, :, None], deriv, 0.0)
+    design = xp.concat([t0[:, None, :], deriv], axis=1)  # (n_star, 1 + n_par, n_pix)
+    w = xp.where(use, wn, 0.0)
+    normal = (design * w[:, None, :]) @ xp.permute_dims(design, (0, 2, 1))
+    rhs = xp.sum(design * (w * dn)[:, None, :], axis=2)
+    # Axes with no neighbours (a single value, e.g. [α/M] = 0) get a unit row: their step is 0.
+    fixed = xp.concat([xp.zeros((n_star, 1), dtype=xp.bool, device=dev), ~active], axis=1)
+    eye = xp.eye(1 + n_par, dtype=xp.float64, device=dev)
+    fixed_f = xp.astype(fixed, xp.float64)
+    keep = 1.0 - fixed_f
+    normal = normal * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * fixed_f[:, None, :]
+    rhs = rhs * keep
+    coef = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+    cov = xp.linalg.inv(normal)
+    amp = coef[:, 0]
+    safe_amp = xp.where(amp != 0, amp, 1.0)
+    dx = coef[:, 1:] / safe_amp[:, None]
+    dx = xp.clip(dx, x_lo - p0, x_hi - p0)
+    var = xp.linalg.diagonal(cov)[:, 1:] / (safe_amp * safe_amp)[:, None]
+    err = xp.where(active, xp.sqrt(xp.maximum(var, 0.0) * xp.maximum(red, 1.0)[:, None]), xp.nan)
+    toward = xp.where(dx >= 0, hi_s, lo_s)
+    step = xp.where(dx >= 0, x_hi - p0, p0 - x_lo)
+    frac = xp.where(active & (step > 0), xp.abs(dx) / xp.where(step > 0, step, 1.0), 0.0)
+    return p0 + dx, err, toward, frac
+
+
+def refined_templates(flux, match: MatchResult):
+    """Each star's template at its refined parameters, (n_star, n_w).
+
+    Linear blend from the best node toward its neighbour along each parameter
+    axis: T = T0 + Σ_j f_j (T_j − T0), exact at the nodes and first-order
+    (multilinear to first order) in between. Without refinement it is T0.
+    """
+    xp = array_namespace(flux)
+    t0 = xp.take(flux, match.index, axis=0)
+    toward, frac = match.meta.get("blend_index"), match.meta.get("blend_frac")
+    if toward is None:
+        return t0
+    n_star, n_par = toward.shape
+    tn = xp.reshape(xp.take(flux, xp.reshape(toward, (-1,)), axis=0), (n_star, n_par, flux.shape[1]))
+    return t0 + xp.sum(xp.astype(frac, flux.dtype)[:, :, None] * (tn - t0[:, None, :]), axis=1)
 
 
 def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities=None,
-                    vrange=(-500.0, 500.0, 5.0), good_regions=TELLURIC_DEFAULT,
-                    continuum_degree: int = 7, block_size: int | None = None,
-                    max_memory: float | None = None) -> MatchResult:
+                    vrange=(-500.0, 500.0, 5.0), metric: str = "chi2", huber_delta: float = 3.0,
+                    top_k: int = 16, refine: bool = True, fast: bool = False, n_fiducial: int = 12,
+                    prior=None, good_regions=TELLURIC_DEFAULT, continuum_degree: int = 7,
+                    block_size: int | None = None, max_memory=None) -> MatchResult:
     """Best template and radial velocity for every standard, all scanned at once.
 
     Parameters
     ----------
     spectra : standards on the frame's grid (backend arrays).
-    prepared : :func:`prepare_grid` output on the same backend.
+    prepared : :func:`prepare_grid` output; its ``norm_flux`` may be a host
+        (memory-mapped) array, streamed to the backend block by block.
     velocities : (n_vel,) uniform km/s grid, or None for ``vrange`` = (vmin, vmax, step).
-    block_size : templates per GEMM block; default from ``max_memory`` (bytes,
-        default 1 GiB) so the scan's working set stays within it.
+    metric : ``"chi2"``, or ``"huber"``: the ``top_k`` χ² candidates per star
+        are re-scored by a Huber loss (IRLS for the amplitude, threshold
+        ``huber_delta`` in σ), so a few bad pixels cannot pick the template.
+    refine : per-axis parabolas in (Teff, logg, [M/H], [α/M]) around the best
+        node; the blend weights for :func:`refined_templates` go in ``meta``.
+    fast : velocity first from ``n_fiducial`` templates spread over the grid,
+        then the whole grid at each star's velocity, then every lag for each
+        star's ``top_k`` candidates.
+    prior : (n_star, n_t) bool, nodes allowed per star (e.g. a colour Teff
+        prior); a star whose prior allows nothing is scanned unrestricted.
+    block_size : templates per GEMM block; default from ``max_memory``
+        (bytes, or ``$GPUCAL_MAX_MEMORY``, default 1 GiB), counting every
+        array the scan holds.
 
     Returns
     -------
-    MatchResult with the best node, refined velocity and its error, χ² and
-    degrees of freedom on the frame's pixels.
+    MatchResult: best node, refined parameters and velocity with errors, χ²
+    and degrees of freedom on the frame's pixels.
     """
-    xp = array_namespace(spectra.flux, prepared.norm_flux)
+    if metric not in ("chi2", "huber"):
+        raise InputError(f"unknown metric {metric!r}; use chi2 or huber")
+    be = backend_of(spectra.flux)
+    xp = be.xp
     dev = _device(spectra.flux)
     if velocities is None:
         velocities = velocity_grid(*vrange, like=spectra.wave)
     n_vel = velocities.shape[0]
     dv = float(velocities[1] - velocities[0]) if n_vel > 1 else 0.0
-    dtype = prepared.norm_flux.dtype
+    n_t = int(prepared.norm_flux.shape[0])
+    dtype = xp.float32 if str(prepared.norm_flux.dtype).endswith("float32") else xp.float64
+    itemsize = 4 if dtype == xp.float32 else 8
     dn, wn, good = normalise_observed(spectra, good_regions=good_regions, continuum_degree=continuum_degree)
-    opz = doppler_factor(velocities)
-    d, w = _shifted_columns(prepared.wave, spectra.wave, dn, wn, good, opz)
-    n_star, nq = d.shape[0], d.shape[2]
-    ncol = n_star * n_vel
-    c = xp.reshape(xp.sum(w * d * d, axis=2), (ncol,))
-    wd_cols = xp.permute_dims(xp.astype(xp.reshape(w * d, (ncol, nq)), dtype), (1, 0))
-    w_cols = xp.permute_dims(xp.astype(xp.reshape(w, (ncol, nq)), dtype), (1, 0))
-    del d, w
-    n_t = prepared.n_templates
+    n_star = dn.shape[0]
+    nq = int(prepared.wave.shape[0])
+    budget = memory_budget(max_memory)
+    n_scan_vel = 1 if fast else n_vel
+    ncol = n_star * n_scan_vel
+    # Fixed: D, W, the two column matrices at the scan's width, and interp's
+    # temporaries (float64 positions, int64 indices and weights per position). Per template: its row and its
+    # square, the two products, their float64 copies and the χ² temporaries.
+    fixed = 48 * n_vel * nq + (6 * n_star * n_vel + 2 * ncol) * nq * itemsize
+    per_template = 2 * nq * itemsize + 2 * ncol * itemsize + 6 * ncol * 8 + 4 * n_star * 8
     if block_size is None:
-        budget = 2**30 if max_memory is None else float(max_memory)
-        itemsize = 4 if dtype == xp.float32 else 8
-        per_template = nq * itemsize + 4 * ncol * 8  # m*m copy + four float64 (n_col,) rows
-        block_size = max(1, min(n_t, int(budget // per_template)))
-    best_chi2, best_v, lo_chi2, hi_chi2 = [], [], [], []
-    for b0 in range(0, n_t, block_size):
-        m = prepared.norm_flux[b0:b0 + block_size, :]
-        chi2 = xp.reshape(_chi2_block(m, wd_cols, w_cols, c), (m.shape[0], n_star, n_vel))
-        k = xp.argmin(chi2, axis=2)
-        kk = k[:, :, None]
-        best_chi2.append(xp.take_along_axis(chi2, kk, axis=2)[:, :, 0])
-        lo_chi2.append(xp.take_along_axis(chi2, xp.clip(kk - 1, 0, n_vel - 1), axis=2)[:, :, 0])
-        hi_chi2.append(xp.take_along_axis(chi2, xp.clip(kk + 1, 0, n_vel - 1), axis=2)[:, :, 0])
-        best_v.append(k)
-    chi2_t = xp.concat(best_chi2, axis=0)  # (n_t, n_star)
-    vidx_t = xp.concat(best_v, axis=0)
-    lo_t, hi_t = xp.concat(lo_chi2, axis=0), xp.concat(hi_chi2, axis=0)
-    tbest = xp.argmin(chi2_t, axis=0)  # (n_star,)
-    sel = tbest[None, :]
-    kbest = xp.take_along_axis(vidx_t, sel, axis=0)[0, :]
-    cb = xp.take_along_axis(chi2_t, sel, axis=0)[0, :]
-    ca = xp.take_along_axis(lo_t, sel, axis=0)[0, :]
-    cc = xp.take_along_axis(hi_t, sel, axis=0)[0, :]
-    interior = (kbest > 0) & (kbest < n_vel - 1)
-    curv = ca - 2.0 * cb + cc
-    ok = interior & (curv > 0)
-    safe_curv = xp.where(ok, curv, 1.0)
-    offset = xp.where(ok, 0.5 * (ca - cc) / safe_curv, 0.0)
-    v0 = xp.take(velocities, kbest, axis=0)
-    rv = v0 + offset * dv
-    # χ² ≈ cb + (curv / 2)(v − v_best)² / dv², so Δχ² = 1 at dv·sqrt(2 / curv).
-    rv_err = xp.where(ok, dv * xp.sqrt(2.0 / safe_curv), xp.inf)
+        if fixed + per_template > budget:
+            raise InputError(
+                f"memory budget {budget / 2**20:.0f} MiB is below the {(fixed + per_template) / 2**20:.0f} MiB "
+                f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
+            )
+        block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
+    get_block = _block_source(prepared.norm_flux, be)
+    opz = doppler_factor(velocities)
+    d, w, c = _shifted_columns(prepared.wave, spectra.wave, dn, wn, good, opz, dtype)
 
-    chi2_pix, dof = _chi2_on_pixels(spectra.wave, dn, wn, good, prepared, tbest, rv)
+    if fast:
+        fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
+        fid_m = _gather(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
+        wd, ww = _columns(d, w)
+        cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], wd, ww,
+                                          xp.reshape(c, (-1,)), n_star, n_vel, block_size)
+        del wd, ww
+        tf = xp.argmin(cf, axis=0)[None, :]
+        kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
+        # The whole grid at each star's own fiducial lag: one column per star.
+        at = xp.broadcast_to(kfb[:, None, None], (n_star, 1, nq))
+        d1, w1 = xp.take_along_axis(d, at, axis=1), xp.take_along_axis(w, at, axis=1)
+        c1 = xp.take_along_axis(c, kfb[:, None], axis=1)[:, 0]
+        wd1, ww1 = _columns(d1, w1)
+        chi2_t, _ = _scan_exhaustive(get_block, n_t, wd1, ww1, c1, n_star, 1, block_size)
+    else:
+        wd, ww = _columns(d, w)
+        chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, wd, ww, xp.reshape(c, (-1,)),
+                                                      n_star, n_vel, block_size)
+        del wd, ww
+    if prior is not None:
+        allowed = xp.permute_dims(prior, (1, 0))
+        any_allowed = xp.any(allowed, axis=0)
+        chi2_t = xp.where(allowed | ~any_allowed[None, :], chi2_t, xp.inf)
+
+    k = min(top_k, n_t)
+    need_candidates = fast or metric == "huber"
+    if need_candidates:
+        cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
+        flat = xp.reshape(cand, (-1,))
+        cand_m = xp.reshape(_gather(prepared.norm_flux, be, flat), (n_star, k, nq))
+        cchi = _candidates_chi2(cand_m, d, w, c)  # (n_star, k, n_vel)
+        ck = xp.argmin(cchi, axis=2)  # best lag per candidate
+        cbest = xp.take_along_axis(cchi, ck[:, :, None], axis=2)[:, :, 0]
+        if metric == "huber":
+            cv = xp.take(velocities, xp.reshape(ck, (-1,)), axis=0)
+            score = _huber_scores(spectra.wave, dn, wn, good, prepared.wave, cand_m,
+                                  xp.reshape(cv, (n_star, k)), huber_delta)
+        else:
+            score = cbest
+        j = xp.argmin(score, axis=1)[:, None]  # (n_star, 1)
+        tbest = xp.take_along_axis(cand, j, axis=1)[:, 0]
+        kbest = xp.take_along_axis(ck, j, axis=1)[:, 0]
+    else:
+        tbest = xp.argmin(chi2_t, axis=0)
+        kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
+    del d, w
+    best_m = _gather(prepared.norm_flux, be, tbest)
+    three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
+    v3 = xp.reshape(xp.take(velocities, xp.reshape(three, (-1,)), axis=0), three.shape)
+    c3 = _chi2_at_lags(prepared.wave, spectra.wave, dn, wn, good, best_m, v3)
+    ca, cb, cc = c3[:, 0], c3[:, 1], c3[:, 2]
+    rv, rv_err, interior = _parabola(ca, cb, cc, kbest, n_vel, velocities, dv)
+
+    chi2_pix, dof = _chi2_on_pixels(spectra.wave, dn, wn, good, prepared.wave, best_m, rv)
     red = chi2_pix / xp.astype(xp.maximum(dof, 1), xp.float64)
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
-    params = xp.take(prepared.params, tbest, axis=0)
-    nan4 = xp.full(params.shape, xp.nan, dtype=xp.float64, device=dev)
-    return MatchResult(
-        index=tbest, params=params, params_err=nan4, rv=rv, rv_err=rv_err,
-        chi2=chi2_pix, dof=dof,
-        meta={"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv,
-              "n_templates": n_t, "block_size": block_size, "scan_chi2": cb},
-    )
+    params_b = to_backend(prepared.params, be, dtype=xp.float64)
+    meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
+            "block_size": block_size, "metric": metric, "fast": fast}
+    if refine and n_t > 1:
+        neighbours = prepared.neighbours if prepared.neighbours is not None else grid_neighbours(params_b)
+        params, params_err, toward, frac = _refine_parameters(
+            spectra.wave, dn, wn, good, prepared.wave, lambda idx: _gather(prepared.norm_flux, be, idx),
+            tbest, rv, neighbours, params_b, red)
+        meta["blend_index"], meta["blend_frac"] = toward, frac
+    else:
+        params = xp.take(params_b, tbest, axis=0)
+        params_err = xp.full(params.shape, xp.nan, dtype=xp.float64, device=dev)
+    return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
+                       chi2=chi2_pix, dof=dof, meta=meta)
 
 
-def _chi2_on_pixels(wave_obs, dn, wn, good, prepared, tbest, rv):
-    """χ² (free amplitude) of each star's best template, shifted by its rv, on the frame pixels."""
+def _gather(norm_flux, be, idx):
+    """Rows ``idx`` of a (possibly host, memory-mapped) template array, on the backend."""
+    xp = be.xp
+    try:
+        same = array_namespace(norm_flux) is xp
+    except TypeError:
+        same = False
+    if same:
+        return xp.take(norm_flux, idx, axis=0)
+    rows = to_numpy(idx)
+    return to_backend(norm_flux[rows, ...], be)
+
+
+def _chi2_on_pixels(wave_obs, dn, wn, good, wave_q, m, rv):
+    """χ² (free amplitude) of templates ``m`` (n_star, n_q) shifted by ``rv``, on the frame pixels."""
     xp = array_namespace(dn)
-    m = xp.astype(xp.take(prepared.norm_flux, tbest, axis=0), xp.float64)
+    m = xp.astype(m, xp.float64)
     x = wave_obs[None, :] / doppler_factor(rv)[:, None]
-    model = interp(x, prepared.wave, m, left=xp.nan, right=xp.nan)
+    model = interp(x, wave_q, m, left=xp.nan, right=xp.nan)
     use = good & xp.isfinite(model)
     w = xp.where(use, wn, 0.0)
     model = xp.where(use, model, 0.0)
-    a = xp.sum(w * dn * model, axis=1) / xp.sum(w * model * model, axis=1)
+    den = xp.sum(w * model * model, axis=1)
+    a = xp.sum(w * dn * model, axis=1) / xp.where(den > 0, den, 1.0)
     r = dn - a[:, None] * model
     chi2 = xp.sum(w * r * r, axis=1)
     dof = xp.sum(xp.astype(use, xp.int64), axis=1) - 2  # amplitude and velocity

@@ -29,7 +29,7 @@ from .containers import PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, InputError, PhotometryError
 from .io import Frame, read_frame, write_calibrated_frame
 from .masks import TELLURIC_DEFAULT
-from .matching import match_templates, prepare_grid
+from .matching import match_templates, prepare_grid, refined_templates
 from .photometry import match_photometry, read_catalogue
 
 __all__ = ["CalibrationOutput", "calibrate_frame", "load_templates"]
@@ -58,18 +58,28 @@ class CalibrationOutput:
     extra: dict = field(default_factory=dict)
 
 
-def load_templates(spec) -> TemplateGrid:
-    """A TemplateGrid from ``"demo"`` or an existing TemplateGrid."""
+def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, workers=None) -> TemplateGrid:
+    """A TemplateGrid from ``"demo"``, a TemplateGrid, a prepared cache or a BOSZ 2024 directory.
+
+    A cache (``gpucal templates prepare``) is memory-mapped and checked against
+    its inputs. A BOSZ directory is prepared on the fly (unconvolved, covering
+    ``wave_range`` Å — default 3500-10000 — plus the g r i z bands and ±500 km/s,
+    in ``medium``) and cached in ``cache_dir`` (default ``$GPUCAL_CACHE_DIR`` or
+    ``~/.cache/gpucal/templates``); see :mod:`gpucal.templates.grid`.
+    """
+    import os
+
     if isinstance(spec, TemplateGrid):
         return spec
     if isinstance(spec, str) and spec.strip().lower() == "demo":
         from .templates.demo import demo_grid
 
         return demo_grid()
-    raise InputError(
-        f"--templates {spec!r}: only the built-in 'demo' grid is supported in this version "
-        "(BOSZ directories and prepared caches are not yet readable)"
-    )
+    if isinstance(spec, (str, os.PathLike)):
+        from .templates.grid import open_templates
+
+        return open_templates(spec, wave_range=wave_range, medium=medium, cache_dir=cache_dir, workers=workers)
+    raise InputError(f"--templates {spec!r}: expected 'demo', a prepared template cache or a BOSZ 2024 directory")
 
 
 def _grid_to_backend(grid: TemplateGrid, backend: Backend) -> TemplateGrid:
@@ -151,7 +161,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     t3 = time.perf_counter()
 
     # ---- scale, vectors, combination
-    tmpl = xp.take(bgrid.flux, match.index, axis=0)
+    tmpl = refined_templates(bgrid.flux, match)
     observed_frame_tmpl = shift_to_observed(bgrid.wave, tmpl, match.rv)
     sc = scale_template_to_photometry(bgrid.wave, observed_frame_tmpl, phot)
     vec = calibration_vectors(wave, s_flux, s_var, s_mask, bgrid.wave, tmpl, match.rv, sc["scale"],

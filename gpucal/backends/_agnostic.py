@@ -65,11 +65,20 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
         x1 = xp.reshape(xp.take(grid, hi), x.shape)
         # clipping t to [0, 1] reproduces numpy.interp's edge values outside the grid
         t = xp.clip((x - x0) / (x1 - x0), 0.0, 1.0)
-        fpb = xp.broadcast_to(fp, lead + (n,))
-        lo = xp.broadcast_to(xp.reshape(lo, x.shape), lead + (m,))
-        f0 = xp.take_along_axis(fpb, lo, axis=-1)
-        f1 = xp.take_along_axis(fpb, lo + 1, axis=-1)
-        out = f0 + t * (f1 - f0)
+        x_lead = x.shape[:-1]
+        if all(d == 1 for d in x_lead):
+            # Positions shared by every row: gather columns once per row block with
+            # plain take, no broadcast index arrays (they would cost 2x the output).
+            rows = xp.reshape(fp, (-1, n))
+            f0 = xp.reshape(xp.take(rows, lo, axis=1), fp.shape[:-1] + x.shape)
+            f1 = xp.reshape(xp.take(rows, hi, axis=1), fp.shape[:-1] + x.shape)
+        else:
+            fpb = xp.broadcast_to(fp, lead + (n,))
+            f0 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(lo, x.shape), lead + (m,)), axis=-1)
+            f1 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(hi, x.shape), lead + (m,)), axis=-1)
+        f1 = f1 - f0
+        f1 = f1 * t
+        out = xp.reshape(f0 + f1, lead + (m,))
     if left is not None:
         out = xp.where(x < grid[0], xp.asarray(left, dtype=dtype, device=_device(out)), out)
     if right is not None:
