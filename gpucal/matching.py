@@ -67,14 +67,24 @@ def doppler_factor(v_kms):
 
 
 def velocity_grid(vmin: float, vmax: float, step: float, *, like):
-    """Uniform trial velocities vmin..vmax (inclusive) in km/s, on ``like``'s device."""
+    """Trial velocities from vmin to vmax (km/s, inclusive) in steps of ``step``, on ``like``'s device.
+
+    The steps are uniform in rapidity, v_k = c·tanh(k·Δ) with Δ = atanh(step / c),
+    so the Doppler factor is exactly 1 + z_k = exp(k·Δ): every trial shift is
+    a whole number of the same sub-pixel step on the log-λ working grid (see
+    :func:`working_grid`). Below 1000 km/s the grid is uniform in velocity to
+    a few parts in 10⁶ of the step. Zero is on the grid when vmin ≤ 0 ≤ vmax.
+    """
     if not (step > 0 and vmax > vmin):
         raise InputError(f"velocity range needs vmin < vmax and step > 0, got {vmin}:{vmax}:{step}")
     if max(abs(vmin), abs(vmax)) >= 0.1 * C_KMS:
         raise InputError(f"velocity range {vmin}:{vmax} km/s is beyond what a stellar RV scan supports")
     xp = array_namespace(like)
-    n = int(round((vmax - vmin) / step)) + 1
-    return vmin + step * xp.arange(n, dtype=xp.float64, device=_device(like))
+    delta = math.atanh(step / C_KMS)
+    k0 = math.ceil(math.atanh(vmin / C_KMS) / delta - 1e-6)
+    k1 = math.floor(math.atanh(vmax / C_KMS) / delta + 1e-6)
+    k = xp.arange(k0, k1 + 1, dtype=xp.float64, device=_device(like))
+    return C_KMS * xp.tanh(k * delta)
 
 
 @dataclass
@@ -99,21 +109,32 @@ class PreparedGrid:
         return int(self.norm_flux.shape[0])
 
 
-def working_grid(wave_obs):
-    """Log-uniform grid over the frame's range, sampled like the frame's median pixel."""
+def working_grid(wave_obs, vstep: float | None = None):
+    """Log-uniform grid over the frame's range, sampled like the frame's median pixel.
+
+    With ``vstep`` (km/s) the step is rounded to a whole number P of velocity
+    steps, Δlnλ = P·atanh(vstep / c), so that a velocity trial of
+    :func:`velocity_grid` is a whole-pixel lag plus one of P sub-pixel
+    phases: the scan then interpolates the data at P phases instead of at
+    every trial velocity.
+    """
     xp = array_namespace(wave_obs)
     n = wave_obs.shape[0]
     lo, hi = float(wave_obs[0]), float(wave_obs[n - 1])
     # Median of Δλ/λ: the working grid keeps about the frame's number of pixels.
-    rel = (wave_obs[1:] - wave_obs[:-1]) / wave_obs[:-1]
+    rel = xp.log(wave_obs[1:] / wave_obs[:-1])
     dln = float(xp.sort(rel)[(n - 1) // 2])
+    if vstep is not None:
+        delta = math.atanh(vstep / C_KMS)
+        dln = max(1, round(dln / delta)) * delta
     nq = int(math.floor(math.log(hi / lo) / dln)) + 1
     return lo * xp.exp(dln * xp.arange(nq, dtype=xp.float64, device=_device(wave_obs)))
 
 
 def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, resolution=None,
                  dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT,
-                 block_size: int = 2048, out=None, neighbours: bool = True) -> PreparedGrid:
+                 block_size: int = 2048, out=None, neighbours: bool = True,
+                 vstep: float | None = 5.0) -> PreparedGrid:
     """Convolve the grid to the instrument LSF, resample onto the working grid, normalise.
 
     The grid may live on the host (even memory-mapped): it is processed in
@@ -121,13 +142,15 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
     (a writable host array of shape (n_t, n_q), e.g. a memory-mapped .npy
     file sized with :func:`working_grid`) each block is written there and the
     result is streamed back by the scan; otherwise it stays on the backend.
-    The grid must cover the frame's wavelength range plus six LSF σ on each
+    ``vstep`` (km/s) aligns the working grid with the velocity scan's step
+    (:func:`working_grid`); scans with another step still work, by
+    interpolating the data at every trial velocity. The grid must cover the frame's wavelength range plus six LSF σ on each
     side; otherwise CoverageError says which range is missing.
     """
     be = backend_of(wave_obs)
     xp = be.xp
     dtype = xp.float32 if dtype is None else dtype
-    wq = working_grid(wave_obs)
+    wq = working_grid(wave_obs, vstep)
     nq = wq.shape[0]
     lo, hi = float(wq[0]), float(wq[nq - 1])
     fw_edge = instrument_fwhm(xp.asarray([lo, hi], dtype=xp.float64, device=_device(wq)),
@@ -245,39 +268,92 @@ def grid_neighbours(params):
     return xp.asarray(out, dtype=xp.int64, device=_device(params))
 
 
-def _shifted_columns(wq, wave_obs, dn, wn, good, opz, dtype):
-    """D, W of every (star, velocity) on the working grid, (n_star, n_vel, n_q) each, and Σ W D² (float64)."""
+def _phase_plan(wq, velocities):
+    """Whole-pixel lags and sub-pixel phases of every trial velocity, or None.
+
+    Trial k shifts the data by u_k = ln(1+z_k) / Δlnλ working pixels. When
+    every u_k is a multiple of 1/P for a small integer P, u_k = a_k + b_k / P,
+    and the shifted data are slices of P phase-shifted copies. Host-side
+    planning on the (small) velocity grid, once per scan.
+    """
+    n = wq.shape[0]
+    dln = math.log(float(wq[n - 1]) / float(wq[0])) / (n - 1)
+    v = to_numpy(velocities).tolist()
+    u = [math.atanh(x / C_KMS) / dln for x in v]
+    if len(u) < 2:
+        return None
+    period = 1.0 / abs(u[1] - u[0]) if u[1] != u[0] else 0.0
+    phases = round(period)
+    if phases < 1 or phases > 64 or abs(period - phases) > 1e-6 * max(phases, 1):
+        return None
+    ku = [round(x * phases) for x in u]
+    if max(abs(x * phases - k) for x, k in zip(u, ku)) > 1e-4:
+        return None
+    return phases, [k // phases for k in ku], [k % phases for k in ku]
+
+
+def _shifted_columns(wq, wave_obs, dn, wn, good, velocities, dtype):
+    """W·D and W of every (star, velocity) on the working grid, (n_star, n_vel, n_q) each, and Σ W D² (float64).
+
+    D(q) and W(q) are the star's normalised flux and inverse variance at
+    λ_q (1+z_v): the data moved into the template's rest frame.
+    """
     xp = array_namespace(dn)
-    n_star, n_vel, nq = dn.shape[0], opz.shape[0], wq.shape[0]
-    xq = xp.reshape(opz[:, None] * wq[None, :], (-1,))  # positions shared by all stars
+    dev = _device(dn)
+    n_star, n_vel, nq = dn.shape[0], velocities.shape[0], wq.shape[0]
+    plan = _phase_plan(wq, velocities)
+    if plan is None:
+        # Any velocity grid: interpolate at every trial (positions shared by all stars).
+        xq = xp.reshape(doppler_factor(velocities)[:, None] * wq[None, :], (-1,))
+        length, idx = n_vel * nq, None
+    else:
+        # Aligned grid: interpolate at P phases over the lag range, then gather.
+        phases, lag, phase = plan
+        a0, a1 = min(lag), max(lag)
+        length = nq + a1 - a0
+        n = wq.shape[0]
+        dln = math.log(float(wq[n - 1]) / float(wq[0])) / (n - 1)
+        j = xp.arange(length, dtype=xp.float64, device=dev)
+        b = xp.arange(phases, dtype=xp.float64, device=dev)
+        lnx = math.log(float(wq[0])) + ((j[None, :] + a0) + b[:, None] / phases) * dln
+        xq = xp.reshape(xp.exp(lnx), (-1,))
+        start = xp.asarray([p * length + (a - a0) for a, p in zip(lag, phase)], dtype=xp.int64, device=dev)
+        idx = xp.reshape(start[:, None] + xp.arange(nq, dtype=xp.int64, device=dev)[None, :], (-1,))
 
     def shift(a):
-        return xp.reshape(interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0), (n_star, n_vel, nq))
+        return interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0)
 
     d = shift(dn)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
     w = xp.where(shift(good) > 0.999, shift(wn), 0.0)
-    c = xp.sum(w * d * d, axis=2, dtype=xp.float64)
-    return d, w, c
+    wd = w * d
+    if idx is None:
+        c = xp.sum(xp.reshape(wd * d, (n_star, n_vel, nq)), axis=2, dtype=xp.float64)
+    else:
+        # Σ W D² over each trial's window: differences of one running sum per phase.
+        cs = xp.cumulative_sum(xp.astype(wd * d, xp.float64), axis=1, include_initial=True)
+        c = xp.take(cs, start + nq, axis=1) - xp.take(cs, start, axis=1)
+        wd, w = xp.take(wd, idx, axis=1), xp.take(w, idx, axis=1)
+    return xp.reshape(wd, (n_star, n_vel, nq)), xp.reshape(w, (n_star, n_vel, nq)), c
 
 
-def _columns(d, w):
-    """(n_q, n_col) matrices W·D and W with the (star, velocity) pairs as columns."""
-    xp = array_namespace(d)
-    n_star, n_vel, nq = d.shape
+def _columns(wd, w):
+    """(n_q, n_col) views of W·D and W with the (star, velocity) pairs as columns."""
+    xp = array_namespace(wd)
+    n_star, n_vel, nq = wd.shape
     ncol = n_star * n_vel
-    wd = xp.permute_dims(xp.reshape(w * d, (ncol, nq)), (1, 0))
-    ww = xp.permute_dims(xp.reshape(w, (ncol, nq)), (1, 0))
-    return wd, ww
+    return (xp.permute_dims(xp.reshape(wd, (ncol, nq)), (1, 0)),
+            xp.permute_dims(xp.reshape(w, (ncol, nq)), (1, 0)))
 
 
 def _chi2_from_sums(a, b, c):
+    """χ² = c − a²/b in float64 (the difference cancels); +inf where b = 0 (no usable pixel)."""
     xp = array_namespace(a)
-    a = xp.astype(a, xp.float64)
-    b = xp.astype(b, xp.float64)
-    ok = b > 0
-    safe_b = xp.where(ok, b, 1.0)
-    return xp.where(ok, c - a * a / safe_b, xp.inf)
+    q = xp.astype(a, xp.float64)
+    q = q * q
+    q /= xp.where(b > 0, xp.astype(b, xp.float64), xp.nan)
+    chi2 = c - q
+    return xp.where(xp.isnan(chi2), xp.inf, chi2)
 
 
 def _block_source(norm_flux, be):
@@ -336,14 +412,14 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
     return v, err, interior
 
 
-def _candidates_chi2(cand_m, d, w, c):
+def _candidates_chi2(cand_m, wd, w, c):
     """χ² over all lags for each star's own candidate templates.
 
-    cand_m : (n_star, k, n_q); d, w : (n_star, n_vel, n_q); c : (n_star, n_vel).
+    cand_m : (n_star, k, n_q); wd, w : (n_star, n_vel, n_q); c : (n_star, n_vel).
     Returns (n_star, k, n_vel).
     """
     xp = array_namespace(cand_m)
-    wd_t = xp.permute_dims(w * d, (0, 2, 1))  # (n_star, n_q, n_vel)
+    wd_t = xp.permute_dims(wd, (0, 2, 1))  # (n_star, n_q, n_vel)
     w_t = xp.permute_dims(w, (0, 2, 1))
     return _chi2_from_sums(cand_m @ wd_t, (cand_m * cand_m) @ w_t, c[:, None, :])
 
@@ -514,13 +590,12 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
             )
         block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
     get_block = _block_source(prepared.norm_flux, be)
-    opz = doppler_factor(velocities)
-    d, w, c = _shifted_columns(prepared.wave, spectra.wave, dn, wn, good, opz, dtype)
+    wdv, w, c = _shifted_columns(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype)
 
     if fast:
         fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
         fid_m = _gather(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
-        wd, ww = _columns(d, w)
+        wd, ww = _columns(wdv, w)
         cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], wd, ww,
                                           xp.reshape(c, (-1,)), n_star, n_vel, block_size)
         del wd, ww
@@ -528,12 +603,11 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
         # The whole grid at each star's own fiducial lag: one column per star.
         at = xp.broadcast_to(kfb[:, None, None], (n_star, 1, nq))
-        d1, w1 = xp.take_along_axis(d, at, axis=1), xp.take_along_axis(w, at, axis=1)
+        wd1, ww1 = _columns(xp.take_along_axis(wdv, at, axis=1), xp.take_along_axis(w, at, axis=1))
         c1 = xp.take_along_axis(c, kfb[:, None], axis=1)[:, 0]
-        wd1, ww1 = _columns(d1, w1)
         chi2_t, _ = _scan_exhaustive(get_block, n_t, wd1, ww1, c1, n_star, 1, block_size)
     else:
-        wd, ww = _columns(d, w)
+        wd, ww = _columns(wdv, w)
         chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, wd, ww, xp.reshape(c, (-1,)),
                                                       n_star, n_vel, block_size)
         del wd, ww
@@ -548,7 +622,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
         flat = xp.reshape(cand, (-1,))
         cand_m = xp.reshape(_gather(prepared.norm_flux, be, flat), (n_star, k, nq))
-        cchi = _candidates_chi2(cand_m, d, w, c)  # (n_star, k, n_vel)
+        cchi = _candidates_chi2(cand_m, wdv, w, c)  # (n_star, k, n_vel)
         ck = xp.argmin(cchi, axis=2)  # best lag per candidate
         cbest = xp.take_along_axis(cchi, ck[:, :, None], axis=2)[:, :, 0]
         if metric == "huber":
@@ -563,7 +637,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     else:
         tbest = xp.argmin(chi2_t, axis=0)
         kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
-    del d, w
+    del wdv, w
     best_m = _gather(prepared.norm_flux, be, tbest)
     three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
     v3 = xp.reshape(xp.take(velocities, xp.reshape(three, (-1,)), axis=0), three.shape)

@@ -155,7 +155,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     bgrid = _grid_to_backend(grid, be)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     t1 = time.perf_counter()
-    prepared = prepare_grid(bgrid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions, **lsf)
+    prepared = prepare_grid(bgrid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
+                            vstep=float(vrange[2]), **lsf)
     t2 = time.perf_counter()
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory)
     t3 = time.perf_counter()

@@ -75,20 +75,28 @@ def test_scan_chi2_matches_a_loop(backend, sim):
     spec = _standards(sim, backend)
     dn, wn, good = normalise_observed(spec)
     vel = velocity_grid(-20.0, 20.0, 10.0, like=wave)
-    d, w, c = _shifted_columns(prep.wave, wave, dn, wn, good, doppler_factor(vel), backend.xp.float64)
-    wd, ww = _columns(d, w)
+    wdv, w, c = _shifted_columns(prep.wave, wave, dn, wn, good, vel, backend.xp.float64)
+    wd, ww = _columns(wdv, w)
     n_t = prep.norm_flux.shape[0]
+    n_star, n_vel = c.shape
     best, lag = _scan_exhaustive(lambda a, b: prep.norm_flux[a:b, :], n_t, wd, ww,
-                                         backend.xp.reshape(c, (-1,)), d.shape[0], d.shape[1], 2)
-    m, dd, ww_, cc = (to_numpy(a) for a in (prep.norm_flux, d, w, c))
-    expect = np.empty((n_t, dd.shape[0], dd.shape[1]))
-    for t in range(n_t):
-        for s in range(dd.shape[0]):
-            for v in range(dd.shape[1]):
-                a = np.sum(ww_[s, v] * dd[s, v] * m[t])
-                b = np.sum(ww_[s, v] * m[t] ** 2)
-                expect[t, s, v] = np.sum(ww_[s, v] * dd[s, v] ** 2) - a * a / b
-    assert_close(best, expect.min(axis=2), rtol=1e-9, backend=backend)
+                                 backend.xp.reshape(c, (-1,)), n_star, n_vel, 2)
+    # Oracle: shift the data with np.interp at every trial, then the χ² sums, in loops.
+    m, wq, v = (to_numpy(a) for a in (prep.norm_flux, prep.wave, vel))
+    dnh, wnh, gh = (to_numpy(a) for a in (dn, wn, good))
+    expect = np.empty((n_t, n_star, n_vel))
+    for s in range(n_star):
+        for k in range(n_vel):
+            beta = v[k] / 299792.458
+            x = wq * np.sqrt((1 + beta) / (1 - beta))
+            d = np.interp(x, sim.wave, dnh[s], left=0, right=0)
+            g = np.interp(x, sim.wave, gh[s].astype(float), left=0, right=0)
+            wt = np.where(g > 0.999, np.interp(x, sim.wave, wnh[s], left=0, right=0), 0.0)
+            for t in range(n_t):
+                a = np.sum(wt * d * m[t])
+                b = np.sum(wt * m[t] ** 2)
+                expect[t, s, k] = np.sum(wt * d * d) - a * a / b
+    assert_close(best, expect.min(axis=2), rtol=1e-8, backend=backend)
     np.testing.assert_array_equal(to_numpy(lag), expect.argmin(axis=2))
 
 
@@ -191,3 +199,20 @@ def test_budget_too_small_is_an_error(sim, prepared_np):
 def test_unknown_metric(sim, prepared_np):
     with pytest.raises(InputError, match="metric"):
         match_templates(_standards(sim, get_backend("numpy")), prepared_np, metric="l1")
+
+
+def test_velocity_step_not_aligned_with_the_working_grid(sim, prepared_np):
+    """A scan whose step is not the one the grid was prepared for interpolates every trial: same answer."""
+    be = get_backend("numpy")
+    spec = _standards(sim, be)
+    aligned = match_templates(spec, prepared_np, vrange=(-300.0, 300.0, 5.0), refine=False)
+    other = match_templates(spec, prepared_np, vrange=(-301.0, 301.0, 7.0), refine=False)
+    np.testing.assert_array_equal(to_numpy(other.index), to_numpy(aligned.index))
+    np.testing.assert_allclose(to_numpy(other.rv), to_numpy(aligned.rv), atol=1.0)
+
+
+def test_velocity_grid_is_uniform_and_contains_zero():
+    be = get_backend("numpy")
+    v = to_numpy(velocity_grid(-500.0, 500.0, 5.0, like=be.asarray(np.zeros(1))))
+    assert v.size == 201 and v[100] == 0.0
+    np.testing.assert_allclose(np.diff(v), 5.0, rtol=1e-5)
