@@ -1,0 +1,742 @@
+"""Many frames: one calibrate_frame() per frame, as dask.distributed tasks, and the night report.
+
+Step: N reduced FITS frames in -> N calibrated frames out (written by the
+workers), plus a batch summary (JSON) and a PNG panel that shows, for every
+frame, its combined calibration vector Cal(λ) (erg/s/cm²/Å per count, on the
+frame's wavelength grid in Å), the number of standards used and rejected and
+the RMS scatter between them, so a night's stability is visible at a glance.
+
+Execution
+---------
+* serial (``workers`` None, 0 or 1 and no ``scheduler``): frames run one after
+  another in this process; dask is not needed.
+* ``workers=N`` (N >= 2) or ``"auto"``: a LocalCluster of single-threaded
+  worker processes (``"auto"``: one per core), or dask-cuda's
+  LocalCUDACluster with one worker per GPU when dask-cuda is installed, a GPU
+  is visible and the backend runs on GPUs (``cupy``, ``torch``, ``jax``, or
+  ``auto`` with CuPy installed). BLAS/OpenMP pools in the worker processes
+  are set to one thread, since the processes already fill the cores.
+* ``scheduler=ADDRESS`` (or a scheduler JSON file, or a ``distributed.Client``):
+  an existing cluster (SLURM via dask-jobqueue, ``dask scheduler`` by hand).
+
+Tasks carry paths and the template *spec* (``"demo"`` or a path), never the
+template arrays: each worker process loads the grid once and keeps it in a
+module-level cache. A task returns only small host data (the frame's summary
+dict and its combined vector), never the calibrated frame, which the worker
+writes to disk itself. A frame that fails, with a GpucalError or anything
+unexpected, becomes a record with the error's type and message; the other
+frames go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import BackendError, GpucalError, InputError
+
+__all__ = [
+    "FrameRecord",
+    "BatchResult",
+    "calibrate_frames",
+    "write_batch_summary",
+    "write_batch_panel",
+    "add_batch_options",
+    "run_calibrate_many",
+]
+
+logger = logging.getLogger("gpucal")
+
+_INSTALL_HINT = "install it with: pip install 'gpucal[dist]'"
+
+#: Thread pools of numerical libraries pinned to one thread in LocalCluster
+#: worker processes (one process per core already fills the machine).
+_ONE_THREAD_ENV = {name: "1" for name in (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+)}
+
+_PLACEHOLDERS = ("{stem}", "{dir}")
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class FrameRecord:
+    """The outcome of one frame (host data only).
+
+    ``wave``, ``cal``, ``cal_var`` (n_pix,) float64 and ``measured`` (n_pix,)
+    bool are the frame's combined vector (Å; erg/s/cm²/Å per count), None when
+    the frame failed. ``elapsed_s`` and ``cpu_s`` are the task's wall and
+    process CPU time (CPU well below wall on a worker means it was starved).
+    ``error``/``error_type`` are ``str(exc)`` and the
+    exception's class name; ``traceback`` is kept for exceptions that are not
+    GpucalError (a bug rather than bad input). ``worker`` names the process
+    that ran it (host, pid, and how many template grids it has loaded).
+    """
+
+    path: str
+    ok: bool
+    out_path: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    summary: dict | None = None
+    wave: np.ndarray | None = None
+    cal: np.ndarray | None = None
+    cal_var: np.ndarray | None = None
+    measured: np.ndarray | None = None
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    worker: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    """What calibrate_frames returns: one record per input path, in input order,
+    and the aggregate summary (the dict written as the batch JSON)."""
+
+    records: list
+    summary: dict
+    summary_path: str | None = None
+    panel_path: str | None = None
+
+    @property
+    def ok(self) -> list:
+        return [r for r in self.records if r.ok]
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.records if not r.ok]
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.ok)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_templates(spec: str):
+    """The template grid for ``spec``, loaded once per process (module-level cache)."""
+    from .pipeline import load_templates
+
+    return load_templates(spec)
+
+
+def _worker_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "template_loads": _worker_templates.cache_info().misses}
+
+
+def _stem(path: str) -> str:
+    return Path(path).with_suffix("").name
+
+
+def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | None = None) -> FrameRecord:
+    """Calibrate one frame and return its FrameRecord; never raises (runs on a worker)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        from .pipeline import calibrate_frame
+
+        grid = _worker_templates(templates) if isinstance(templates, str) else templates
+        res = calibrate_frame(path, templates=grid, out=out, **options)
+        if qc_dir is not None:
+            from .qc import write_qc_plots
+
+            write_qc_plots(res, Path(qc_dir) / _stem(path))
+    except Exception as exc:  # one frame's failure, whatever it is, must not stop the batch
+        return FrameRecord(
+            path=path, ok=False, error=str(exc), error_type=type(exc).__name__,
+            traceback=None if isinstance(exc, GpucalError) else traceback.format_exc(),
+            elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+        )
+    return FrameRecord(
+        path=path, ok=True, out_path=res.out_path, summary=res.summary,
+        wave=np.asarray(res.wave, dtype=np.float64), cal=np.asarray(res.cal, dtype=np.float64),
+        cal_var=np.asarray(res.cal_var, dtype=np.float64), measured=np.asarray(res.measured, dtype=bool),
+        elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+    )
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def _default_output(path: str) -> str:
+    # Same rule as single-frame `gpucal calibrate`.
+    return str(Path(path).with_suffix("")) + "_fluxcal.fits"
+
+
+def _resolve_outputs(paths: list, outputs) -> list:
+    if outputs is None:
+        outs = [_default_output(p) for p in paths]
+    elif isinstance(outputs, (str, os.PathLike)):
+        d = Path(outputs)
+        if d.exists() and not d.is_dir():
+            raise InputError(f"outputs={str(d)!r} is a file; give a directory or one output path per frame")
+        d.mkdir(parents=True, exist_ok=True)
+        outs = [str(d / (_stem(p) + "_fluxcal.fits")) for p in paths]
+    else:
+        outs = [os.fspath(o) for o in outputs]
+        if len(outs) != len(paths):
+            raise InputError(f"outputs: {len(outs)} path(s) for {len(paths)} frame(s)")
+    seen = {}
+    for p, o in zip(paths, outs):
+        key = os.path.abspath(o)
+        if key in seen:
+            raise InputError(f"frames {seen[key]} and {p} would both be written to {o}")
+        if key == os.path.abspath(p):
+            raise InputError(f"{p}: the output would overwrite the input frame")
+        seen[key] = p
+    return outs
+
+
+def _per_frame_photometry(paths: list, photometry) -> list:
+    """One photometry argument per frame: a shared value, a sequence, or a path
+    pattern with ``{stem}`` / ``{dir}`` filled in from each frame's path."""
+    if isinstance(photometry, (list, tuple)):
+        if len(photometry) != len(paths):
+            raise InputError(f"photometry: {len(photometry)} catalogue(s) for {len(paths)} frame(s)")
+        return list(photometry)
+    if isinstance(photometry, (str, os.PathLike)):
+        text = os.fspath(photometry)
+        if any(tok in text for tok in _PLACEHOLDERS):
+            return [text.replace("{stem}", _stem(p)).replace("{dir}", str(Path(p).parent)) for p in paths]
+        return [text] * len(paths)
+    return [photometry] * len(paths)
+
+
+def _check_options(options: dict) -> None:
+    from .pipeline import calibrate_frame
+
+    allowed = set(inspect.signature(calibrate_frame).parameters) - {"frame", "out"}
+    for key in options:
+        if key == "out":
+            raise InputError("calibrate_frames: use outputs=, not out=")
+        if key not in allowed:
+            raise InputError(f"calibrate_frames: unknown calibration option {key!r} "
+                             f"(calibrate_frame accepts {', '.join(sorted(allowed))})")
+
+
+def _parse_workers(workers):
+    """None, 0, 1 -> None (serial); 'auto' -> 'auto'; N >= 2 -> N."""
+    if workers is None:
+        return None
+    if isinstance(workers, str):
+        if workers.strip().lower() == "auto":
+            return "auto"
+        try:
+            workers = int(workers)
+        except ValueError:
+            raise InputError(f"workers: expected a number or 'auto', got {workers!r}") from None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InputError(f"workers: expected a non-negative number or 'auto', got {workers!r}")
+    return workers if workers >= 2 else None
+
+
+def _import_distributed(what: str):
+    try:
+        import distributed
+    except ImportError:
+        raise BackendError(f"{what} needs dask.distributed, which is not installed; {_INSTALL_HINT}") from None
+    return distributed
+
+
+def _wants_gpu(backend) -> bool:
+    """Whether frames would run on a GPU: a GPU backend asked for, or "auto" with CuPy installed."""
+    name = (getattr(backend, "name", backend) or os.environ.get("GPUCAL_BACKEND") or "auto").strip().lower()
+    if name == "auto":
+        return importlib.util.find_spec("cupy") is not None
+    return name in ("cupy", "torch", "jax")
+
+
+def _n_gpus() -> int:
+    try:
+        from dask_cuda.utils import get_n_gpus
+    except ImportError:
+        return 0
+    try:
+        return int(get_n_gpus())
+    except Exception:  # no driver, no NVML: no GPU workers
+        return 0
+
+
+@contextlib.contextmanager
+def _client(workers, scheduler, backend):
+    """Yield (client, info) for a LocalCluster / LocalCUDACluster / existing scheduler."""
+    what = f"workers={workers!r}" if scheduler is None else f"scheduler={scheduler!r}"
+    distributed = _import_distributed(what)
+    with _quiet_dask_logs():
+        if scheduler is None:
+            cluster, mode = _local_cluster(distributed, workers, backend)
+            with cluster, distributed.Client(cluster) as client:
+                logger.info("dask %s cluster: %d worker(s), scheduler %s%s", mode, len(client.nthreads()),
+                            cluster.scheduler_address,
+                            f", dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") else "")
+                yield client, {"mode": mode, "scheduler": cluster.scheduler_address}
+        elif isinstance(scheduler, distributed.Client):
+            yield scheduler, {"mode": "client", "scheduler": scheduler.scheduler.address}
+        else:
+            text = os.fspath(scheduler)
+            # A scheduler file may not exist yet while the scheduler starts: the client waits for it.
+            kw = {"scheduler_file": text} if text.endswith(".json") else {"address": text}
+            try:
+                client = distributed.Client(timeout="30s", **kw)
+            except (OSError, TimeoutError) as exc:
+                raise GpucalError(f"cannot connect to the dask scheduler {text!r}: {exc}") from None
+            with client:
+                yield client, {"mode": "scheduler", "scheduler": client.scheduler.address}
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs():
+    # distributed logs every worker start and stop at INFO on its own handler; keep them for --debug.
+    log = logging.getLogger("distributed")
+    level = log.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _local_cluster(distributed, workers, backend):
+    """A LocalCUDACluster (one worker per GPU) when dask-cuda, a GPU and a GPU-capable backend are there,
+    else a LocalCluster of single-threaded processes; returns (cluster, mode)."""
+    n_gpu = _n_gpus() if _wants_gpu(backend) else 0
+    if n_gpu:
+        from dask_cuda import LocalCUDACluster
+
+        if workers != "auto" and workers > n_gpu:
+            raise InputError(f"workers={workers}: only {n_gpu} GPU(s) visible, one worker per GPU at most "
+                             "(use --backend numpy for CPU workers)")
+        return LocalCUDACluster(n_workers=None if workers == "auto" else workers, threads_per_worker=1,
+                                dashboard_address=":0"), "local-cuda"
+    from dask.system import CPU_COUNT
+
+    n = CPU_COUNT if workers == "auto" else workers
+    # ":0": the scheduler's HTTP server (and dashboard, when bokeh is installed) on a free port,
+    # so that several batches on one machine do not contend for 8787.
+    return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                    env=dict(_ONE_THREAD_ENV)), "local"
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool):
+    """A tqdm bar on stderr; log lines printed meanwhile go above it rather than through it."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with tqdm(total=total, desc="gpucal", unit="frame", disable=not enabled, file=sys.stderr) as bar:
+        if not enabled:
+            yield bar
+            return
+        with logging_redirect_tqdm():
+            yield bar
+
+
+def _run_serial(jobs, on_done) -> None:
+    for i, args in jobs:
+        on_done(i, _calibrate_one(*args))
+
+
+def _run_cluster(client, jobs, on_done) -> None:
+    from distributed import as_completed
+
+    futures = {}
+    for i, args in jobs:
+        fut = client.submit(_calibrate_one, *args, key=f"gpucal-calibrate-{i}-{_stem(args[0])}", pure=False)
+        futures[fut] = i
+    for fut in as_completed(list(futures)):
+        i = futures.pop(fut)
+        try:
+            rec = fut.result()
+        except Exception as exc:  # the worker died or the task could not run at all
+            rec = FrameRecord(path=jobs[i][1][0], ok=False, error=str(exc) or repr(exc),
+                              error_type=type(exc).__name__)
+        on_done(i, rec)
+        fut.release()
+
+
+def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progress=True,
+                     summary_path=None, panel_path=None, qc_dir=None, **calibrate_kwargs) -> BatchResult:
+    """Flux-calibrate many frames, serially or as tasks on a dask cluster.
+
+    Parameters
+    ----------
+    paths : sequence of FITS frame paths.
+    outputs : None (``<frame>_fluxcal.fits`` next to each frame), a directory
+        (``<dir>/<stem>_fluxcal.fits``), or one output path per frame.
+    workers : None, 0 or 1: serial, in this process (dask not needed);
+        N >= 2: a LocalCluster of N single-threaded processes (or N GPU
+        workers, see the module docstring); ``"auto"``: one per core or GPU.
+    scheduler : address (``tcp://host:8786``), scheduler JSON file, or a
+        ``distributed.Client`` of an existing cluster; overrides ``workers``.
+    progress : show a tqdm progress bar (stderr).
+    summary_path, panel_path : where to write the batch JSON and PNG panel.
+    qc_dir : write each frame's QC PNGs into ``qc_dir/<stem>/``.
+    **calibrate_kwargs : passed to :func:`gpucal.pipeline.calibrate_frame`
+        (``templates``, ``photometry``, ``fwhm``, ``backend``, ``overwrite``,
+        ...). ``templates`` must be a spec (``"demo"`` or a path) on a cluster,
+        so that each worker loads the grid once. ``photometry`` may be one
+        catalogue for all frames, one per frame (a sequence), or a pattern
+        with ``{stem}`` and ``{dir}`` taken from each frame's path.
+
+    Returns
+    -------
+    BatchResult. A frame that fails is a record with ``ok=False``, its error
+    message and type; it never stops the others.
+
+    Raises
+    ------
+    InputError for bad arguments, BackendError when a cluster is asked for
+    and dask.distributed is not installed.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise InputError("calibrate_frames: no frames given")
+    _check_options(calibrate_kwargs)
+    outs = _resolve_outputs(paths, outputs)
+    workers = _parse_workers(workers)
+    distributed_run = scheduler is not None or workers is not None
+    options = dict(calibrate_kwargs)
+    templates = options.pop("templates", "demo")
+    if isinstance(templates, os.PathLike):
+        templates = os.fspath(templates)
+    if distributed_run and not isinstance(templates, str):
+        raise InputError("on a cluster, templates must be a spec ('demo' or a path) that each worker loads "
+                         f"once, not a {type(templates).__name__}")
+    if distributed_run and "backend" in options and not isinstance(options["backend"], (str, type(None))):
+        options["backend"] = options["backend"].name  # a Backend holds a module: send its name
+    phot = _per_frame_photometry(paths, options.pop("photometry", None))
+    qc = None if qc_dir is None else os.fspath(qc_dir)
+    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
+            for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
+
+    records = [None] * len(paths)
+    t0 = time.perf_counter()
+    info = {"mode": "serial", "scheduler": None, "n_workers": 1, "cluster_start_s": 0.0}
+    with _progress(len(paths), progress) as bar:
+        n_failed = 0
+
+        def on_done(i, rec):
+            nonlocal n_failed
+            records[i] = rec
+            if not rec.ok:
+                n_failed += 1
+                bar.set_postfix(failed=n_failed, refresh=False)
+                logger.warning("%s failed: %s: %s", rec.path, rec.error_type, rec.error)
+            bar.update(1)
+
+        if not distributed_run:
+            _run_serial(jobs, on_done)
+        else:
+            with _client(workers, scheduler, options.get("backend")) as (client, cinfo):
+                info.update(cinfo, cluster_start_s=time.perf_counter() - t0, n_workers=len(client.nthreads()))
+                _run_cluster(client, jobs, on_done)
+    wall = time.perf_counter() - t0
+
+    summary = _batch_summary(records, wall, info, templates, options)
+    result = BatchResult(records=records, summary=summary)
+    if summary_path is not None:
+        result.summary_path = str(write_batch_summary(result, summary_path))
+    if panel_path is not None:
+        result.panel_path = str(write_batch_panel(result, panel_path))
+    return result
+
+
+# --------------------------------------------------------------------------- the night report
+
+
+def _finite_or_none(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _jsonable(obj):
+    """Host scalars only, non-finite floats as null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite_or_none(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def _night_ratios(records):
+    """Each calibrated frame's combined vector over the night's median vector.
+
+    Vectors are put on the wavelength grid of the first calibrated frame
+    (linear interpolation; NaN outside a frame's range) and only measured,
+    positive pixels count. Returns (wave, ratios (n_ok, n_pix), levels (n_ok,),
+    shape_rms (n_ok,)): ``level`` is the median fractional offset from the
+    night (> 0: more flux per count, i.e. less transmission), ``shape_rms``
+    the RMS of the ratio once that level is divided out.
+    """
+    ok = [r for r in records if r.ok]
+    if not ok:
+        return None, np.empty((0, 0)), np.empty(0), np.empty(0)
+    wave = ok[0].wave
+    rows = []
+    for r in ok:
+        y = np.where(r.measured & np.isfinite(r.cal) & (r.cal > 0), r.cal, np.nan)
+        if r.wave.shape != wave.shape or not np.array_equal(r.wave, wave):
+            y = np.interp(wave, r.wave, y, left=np.nan, right=np.nan)
+        rows.append(y)
+    vec = np.vstack(rows)
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
+        ref = np.nanmedian(vec, axis=0)
+        ratio = vec / ref
+        level = np.nanmedian(ratio, axis=1)
+        shape = np.sqrt(np.nanmean((ratio / level[:, None] - 1.0) ** 2, axis=1))
+    return wave, ratio, level - 1.0, shape
+
+
+@contextlib.contextmanager
+def _quiet_nan():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+        yield
+
+
+def _batch_summary(records, wall, info, templates, options) -> dict:
+    _, _, levels, shapes = _night_ratios(records)
+    night = iter(zip(levels, shapes))
+    frames = []
+    for r in records:
+        row = {"path": r.path, "ok": r.ok, "out_path": r.out_path, "error": r.error, "error_type": r.error_type,
+               "elapsed_s": r.elapsed_s, "cpu_s": r.cpu_s, "worker": r.worker}
+        if r.ok:
+            s = r.summary
+            level, shape = next(night)
+            row.update(n_standards=s["n_standards"], n_stars_used=s["n_stars_used"],
+                       n_stars_rejected=s["n_stars_rejected"], rms_scatter=s["rms_scatter"],
+                       level_vs_night=level, shape_rms_vs_night=shape, backend=s["backend"], summary=s)
+        elif r.traceback:
+            row["traceback"] = r.traceback
+        frames.append(row)
+    n_ok = sum(r.ok for r in records)
+    rms = [r.summary["rms_scatter"] for r in records if r.ok and r.summary["rms_scatter"] is not None]
+    summary = {
+        "gpucal_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "n_frames": len(records), "n_ok": n_ok, "n_failed": len(records) - n_ok,
+        "wall_s": wall, "frames_per_minute": 60.0 * len(records) / wall if wall > 0 else None,
+        "execution": info,
+        "options": dict(options, templates=templates),
+        "night": {
+            "reference": "per-pixel median of the calibrated frames' combined vectors (measured pixels only)",
+            "median_rms_scatter": float(np.median(rms)) if rms else None,
+            "level_vs_night_std": float(np.nanstd(levels)) if len(levels) else None,
+            "level_vs_night_range": [float(np.nanmin(levels)), float(np.nanmax(levels))] if len(levels) else None,
+            "max_shape_rms_vs_night": float(np.nanmax(shapes)) if len(shapes) else None,
+        },
+        "frames": frames,
+    }
+    return _jsonable(summary)
+
+
+def write_batch_summary(result: BatchResult, path) -> Path:
+    """Write ``result.summary`` as JSON; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.summary, indent=2, allow_nan=False))
+    return path
+
+
+def _labels(records) -> list:
+    return [_stem(r.path) for r in records]
+
+
+def write_batch_panel(result: BatchResult, path) -> Path:
+    """Write the night's PNG panel; return the path.
+
+    Top left: every calibrated frame's combined vector (interpolated stretches
+    left out). Top right: each vector over the night's median, in %. Bottom
+    left: standards used and rejected per frame (failed frames marked).
+    Bottom right: RMS scatter between standards and the frame's level offset
+    from the night, in %.
+    """
+    from .qc import _plt
+
+    plt = _plt()
+    records = result.records
+    ok = [r for r in records if r.ok]
+    wave, ratio, levels, _ = _night_ratios(records)
+    labels = _labels(records)
+    x = np.arange(len(records))
+    cmap = plt.get_cmap("viridis")
+    colour = {id(r): cmap(k / max(len(ok) - 1, 1)) for k, r in enumerate(ok)}
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    ax = axes[0, 0]
+    for r in ok:
+        ax.plot(r.wave, np.where(r.measured, r.cal, np.nan), lw=0.7, color=colour[id(r)], label=_stem(r.path))
+    finite = np.concatenate([r.cal[np.isfinite(r.cal)] for r in ok]) if ok else np.empty(0)
+    if finite.size:
+        ax.set_ylim(0, 1.5 * np.percentile(finite, 99))
+    ax.set_xlabel("wavelength (Å)")
+    ax.set_ylabel("Cal (erg/s/cm²/Å per count)")
+    ax.set_title(f"combined vectors: {len(ok)} of {len(records)} frames calibrated")
+    if 0 < len(ok) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+
+    ax = axes[0, 1]
+    for r, row in zip(ok, ratio):
+        ax.plot(wave, 100.0 * (row - 1.0), lw=0.6, color=colour[id(r)])
+    ax.axhline(0, color="k", lw=0.8)
+    if ratio.size and np.isfinite(ratio).any():
+        lim = max(1.0, 1.2 * float(np.nanpercentile(np.abs(100.0 * (ratio - 1.0)), 99)))
+        ax.set_ylim(-lim, lim)
+    ax.set_xlabel("wavelength (Å)")
+    ax.set_ylabel("frame / night median − 1 (%)")
+    ax.set_title("stability: each vector over the night's median")
+
+    ax = axes[1, 0]
+    used = np.array([r.summary["n_stars_used"] if r.ok else 0 for r in records])
+    rej = np.array([r.summary["n_stars_rejected"] if r.ok else 0 for r in records])
+    ax.bar(x, used, color="tab:green", label="used")
+    ax.bar(x, rej, bottom=used, color="tab:orange", label="rejected")
+    for i, r in enumerate(records):
+        if not r.ok:
+            ax.text(i, 0.1, r.error_type or "failed", rotation=90, ha="center", va="bottom", fontsize=7,
+                    color="tab:red")
+    ax.set_ylabel("standards")
+    ax.set_title(f"standards per frame ({result.n_failed} frame(s) failed, shaded)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    rms = np.array([np.nan if not r.ok or r.summary["rms_scatter"] is None else 100.0 * r.summary["rms_scatter"]
+                    for r in records])
+    lev = np.full(len(records), np.nan)
+    lev[[i for i, r in enumerate(records) if r.ok]] = 100.0 * levels
+    ax.plot(x, rms, "o-", color="tab:blue", label="RMS scatter between standards")
+    ax.plot(x, lev, "s--", color="tab:purple", label="level vs night median")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel("%")
+    ax.set_title("RMS scatter and level per frame (failed frames shaded)")
+    ax.legend(fontsize=8)
+
+    step = max(1, len(records) // 40)
+    for ax in axes[1]:
+        for i, r in enumerate(records):
+            if not r.ok:
+                ax.axvspan(i - 0.45, i + 0.45, color="tab:red", alpha=0.25, lw=0)
+        ax.set_xticks(x[::step])
+        ax.set_xticklabels(labels[::step], rotation=60, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(records) - 0.4)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _workers_arg(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}")
+    return n
+
+
+def add_batch_options(parser) -> None:
+    """Add --workers, --scheduler, --batch-summary and --batch-panel to the calibrate sub-parser."""
+    parser.add_argument("--workers", type=_workers_arg, nargs="?", const="auto", default=None, metavar="N",
+                        help="run frames on a local dask cluster of N worker processes "
+                             "(no N: one per core, or one per GPU with dask-cuda); needs gpucal[dist]")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run frames on an existing dask cluster (tcp://host:8786 or a scheduler JSON file)")
+    parser.add_argument("--batch-summary", default=None, metavar="JSON",
+                        help="write the batch summary (all frames, night stability) here")
+    parser.add_argument("--batch-panel", default=None, metavar="PNG",
+                        help="write the night's panel (vectors, standards used/rejected, RMS) here")
+
+
+def run_calibrate_many(args) -> int:
+    """``gpucal calibrate FRAME [FRAME ...]`` with several frames, --workers or --scheduler.
+
+    With several frames ``--out`` is a directory (``<out>/<stem>_fluxcal.fits``),
+    ``--qc DIR`` gets one sub-directory per frame, and ``--summary`` stands for
+    ``--batch-summary`` when that is not given. ``--photometry`` may hold
+    ``{stem}`` / ``{dir}``. Exit status 0 when every frame was calibrated, 1
+    when any failed (the others are still written).
+    """
+    frames = list(getattr(args, "frames", None) or [args.frame])
+    out = getattr(args, "out", None)
+    if out is None:
+        outputs = None
+    elif len(frames) == 1 and not os.path.isdir(out):
+        outputs = [out]
+    else:
+        outputs = out
+    summary_path = getattr(args, "batch_summary", None) or getattr(args, "summary", None)
+    options = {k: getattr(args, k) for k in (
+        "templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "backend", "combine", "smooth",
+        "metric", "vrange", "min_stars", "max_chi2_dof", "max_memory") if getattr(args, k, None) is not None}
+    result = calibrate_frames(frames, outputs=outputs, workers=getattr(args, "workers", None),
+                              scheduler=getattr(args, "scheduler", None), progress=True,
+                              summary_path=summary_path, panel_path=getattr(args, "batch_panel", None),
+                              qc_dir=getattr(args, "qc", None), **options)
+    for r in result.records:
+        if r.ok:
+            s = r.summary
+            print(f"ok      {r.path} -> {r.out_path}: {s['n_stars_used']} standard(s) used, "
+                  f"{s['n_stars_rejected']} rejected, RMS scatter {s['rms_scatter']}")
+        else:
+            print(f"FAILED  {r.path}: {r.error_type}: {r.error}")
+    s = result.summary
+    ex = s["execution"]
+    where = "serially" if ex["mode"] == "serial" else f"on {ex['n_workers']} worker(s) ({ex['mode']})"
+    print(f"calibrated {s['n_ok']} of {s['n_frames']} frame(s) {where} in {s['wall_s']:.1f} s "
+          f"({s['frames_per_minute']:.1f} frames/min)")
+    for p in (result.summary_path, result.panel_path):
+        if p:
+            print(f"wrote {p}")
+    return 0 if result.n_failed == 0 else 1
