@@ -31,7 +31,7 @@ from .containers import CalibrationVectors, FluxCalibrationResult, Photometry
 from .errors import InputError
 from .masks import TELLURIC_DEFAULT, region_mask
 from .matching import doppler_factor
-from .photometry import synthetic_maggies
+from .photometry import synthetic_maggies, system_offsets
 from .templates.lsf import convolve_to_instrument
 
 __all__ = [
@@ -85,6 +85,9 @@ def scale_template_to_photometry(wave, template_flux, photometry: Photometry):
     valid = to_backend(photometry.valid, like) & to_backend(covered, like)[None, :]
     valid = valid & (maggies > 0) & xp.isfinite(mag) & (err > 0)
     synth = -2.5 * xp.log10(xp.where(maggies > 0, maggies, 1.0))
+    # Magnitudes in each band's own system (Vega bands: m_Vega = m_AB + offset).
+    offsets = system_offsets(photometry.bands, photometry.system or None)
+    synth = synth + to_backend(offsets, like, dtype=xp.float64)[None, :]
     w = xp.where(valid, 1.0 / xp.where(valid, err * err, 1.0), 0.0)
     wsum = xp.sum(w, axis=1)
     ok = wsum > 0

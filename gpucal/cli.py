@@ -44,12 +44,14 @@ def _add_calibration_options(p):
     p.add_argument("--combine", choices=("weighted_mean", "median"), default="weighted_mean")
     p.add_argument("--smooth", type=int, default=0, metavar="N",
                    help="Savitzky-Golay window in pixels for the combined vector (0 = none)")
-    p.add_argument("--metric", choices=("chi2",), default="chi2")
+    p.add_argument("--metric", choices=("chi2", "huber"), default="chi2",
+                   help="template score: chi2, or huber (robust re-scoring of the best chi2 candidates)")
     p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
                    help="radial-velocity scan in km/s (default -500:500:5)")
     p.add_argument("--min-stars", type=int, default=1, help="fewer usable standards is an error (default 1)")
     p.add_argument("--max-chi2-dof", type=float, default=None, help="exclude stars whose best chi2/dof exceeds this")
-    p.add_argument("--max-memory", type=float, default=None, help="scan working-set budget in bytes")
+    p.add_argument("--max-memory", default=None,
+                   help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
 
 
 def build_parser():
@@ -69,8 +71,10 @@ def build_parser():
     _add_common(p)
 
     p = sub.add_parser("calibrate", help="flux-calibrate a reduced frame")
-    p.add_argument("frame", help="reduced FITS frame")
-    p.add_argument("--templates", default="demo", help="template grid: 'demo' (built in)")
+    p.add_argument("frames", nargs="+", metavar="FRAME",
+                   help="reduced FITS frame(s); several run as a batch (see --workers)")
+    p.add_argument("--templates", default="demo",
+                   help="template grid: 'demo' (built in), a prepared cache, or a BOSZ 2024 directory")
     p.add_argument("--photometry", required=True, help="catalogue CSV (name, ra, dec, g, dg, r, dr, i, di, z, dz)")
     lsf = p.add_mutually_exclusive_group(required=True)
     lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
@@ -80,8 +84,20 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--summary", default=None, help="write the JSON summary here")
     p.add_argument("--qc", default=None, metavar="DIR", help="write QC PNGs into DIR")
+    p.add_argument("--ebv", type=float, default=None,
+                   help="E(B-V) applied to the templates (F99, R_V=3.1) unless the catalogue has an ebv column")
+    p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
+                   help="scan the whole grid even when colours give a Teff prior")
+    p.add_argument("--fast", action="store_true", help="fast-path scan (velocity from fiducial templates first)")
+    from .distributed import add_batch_options
+
+    add_batch_options(p)
     _add_calibration_options(p)
     _add_common(p)
+
+    from .templates.grid import add_templates_parser
+
+    add_templates_parser(sub)
     return parser
 
 
@@ -107,6 +123,11 @@ def _info(args):
 
 
 def _calibrate(args):
+    if len(args.frames) > 1 or args.workers is not None or args.scheduler is not None:
+        from .distributed import run_calibrate_many
+
+        return run_calibrate_many(args)
+    args.frame = args.frames[0]
     from .pipeline import calibrate_frame
 
     out = args.out or str(Path(args.frame).with_suffix("")) + "_fluxcal.fits"
@@ -115,7 +136,7 @@ def _calibrate(args):
         fwhm_poly=args.fwhm_poly, resolution=args.resolution, out=out, overwrite=args.overwrite,
         backend=args.backend, combine=args.combine, smooth=args.smooth, metric=args.metric,
         vrange=args.vrange, min_stars=args.min_stars, max_chi2_dof=args.max_chi2_dof,
-        max_memory=args.max_memory,
+        max_memory=args.max_memory, ebv=args.ebv, teff_prior=args.teff_prior, fast=args.fast,
     )
     if args.summary:
         Path(args.summary).write_text(json.dumps(res.summary, indent=2, default=str))
@@ -182,6 +203,12 @@ def _demo(args):
     return 0
 
 
+def _templates(args):
+    from .templates.grid import run_templates_command
+
+    return run_templates_command(args)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -191,7 +218,7 @@ def main(argv=None):
     for name in ("matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
-        return {"info": _info, "calibrate": _calibrate, "demo": _demo}[args.command](args)
+        return {"info": _info, "calibrate": _calibrate, "demo": _demo, "templates": _templates}[args.command](args)
     except GpucalError as exc:
         if args.debug:
             raise

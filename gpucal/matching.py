@@ -511,20 +511,24 @@ def _refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, r
 
 
 def refined_templates(flux, match: MatchResult):
-    """Each star's template at its refined parameters, (n_star, n_w).
+    """Each star's template at its refined parameters, (n_star, n_w), on ``match``'s backend.
 
     Linear blend from the best node toward its neighbour along each parameter
     axis: T = T0 + Σ_j f_j (T_j − T0), exact at the nodes and first-order
     (multilinear to first order) in between. Without refinement it is T0.
+    ``flux`` (n_t, n_w) may be a host (memory-mapped) grid: only the rows
+    needed are read.
     """
-    xp = array_namespace(flux)
-    t0 = xp.take(flux, match.index, axis=0)
+    be = backend_of(match.index)
+    xp = be.xp
+    t0 = xp.astype(_gather(flux, be, match.index), xp.float64)
     toward, frac = match.meta.get("blend_index"), match.meta.get("blend_frac")
     if toward is None:
         return t0
     n_star, n_par = toward.shape
-    tn = xp.reshape(xp.take(flux, xp.reshape(toward, (-1,)), axis=0), (n_star, n_par, flux.shape[1]))
-    return t0 + xp.sum(xp.astype(frac, flux.dtype)[:, :, None] * (tn - t0[:, None, :]), axis=1)
+    tn = xp.astype(_gather(flux, be, xp.reshape(toward, (-1,))), xp.float64)
+    tn = xp.reshape(tn, (n_star, n_par, t0.shape[1]))
+    return t0 + xp.sum(xp.astype(frac, xp.float64)[:, :, None] * (tn - t0[:, None, :]), axis=1)
 
 
 def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities=None,

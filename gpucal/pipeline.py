@@ -26,11 +26,22 @@ from .calibration import (
     shift_to_observed,
 )
 from .containers import PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
-from .errors import CalibrationError, InputError, PhotometryError
+from .errors import CalibrationError, GpucalError, InputError, PhotometryError
+from .extinction import redden
 from .io import Frame, read_frame, write_calibrated_frame
 from .masks import TELLURIC_DEFAULT
 from .matching import match_templates, prepare_grid, refined_templates
-from .photometry import match_photometry, read_catalogue
+from .photometry import (
+    PRIOR_COLOURS,
+    fit_colour_teff,
+    match_ebv,
+    match_photometry,
+    photometric_consistency,
+    read_catalogue,
+    teff_disagreement,
+    teff_from_colour,
+    teff_prior_mask,
+)
 
 __all__ = ["CalibrationOutput", "calibrate_frame", "load_templates"]
 
@@ -82,18 +93,12 @@ def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     raise InputError(f"--templates {spec!r}: expected 'demo', a prepared template cache or a BOSZ 2024 directory")
 
 
-def _grid_to_backend(grid: TemplateGrid, backend: Backend) -> TemplateGrid:
-    return TemplateGrid(
-        params=to_backend(np.asarray(grid.params, dtype=np.float64), backend),
-        wave=to_backend(np.asarray(grid.wave, dtype=np.float64), backend),
-        flux=to_backend(np.asarray(grid.flux, dtype=np.float64), backend),
-        continuum=None, medium=grid.medium, resolution_fwhm=grid.resolution_fwhm, meta=grid.meta,
-    )
-
-
-def _photometry(frame: Frame, photometry, names, bands, radius_arcsec):
+def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
+    """Photometry of the standards, how each was matched, and E(B−V) per star (host)."""
+    n = len(names)
+    default_ebv = 0.0 if ebv is None else float(ebv)
     if isinstance(photometry, Photometry):
-        return photometry, ["given"] * len(names)
+        return photometry, ["given"] * n, np.full(n, default_ebv)
     if photometry is None:
         raise PhotometryError(f"{frame.path}: no photometry given for the standards (use --photometry CSV)")
     cat = read_catalogue(photometry, bands=bands)
@@ -101,14 +106,37 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec):
     idx = frame.standards
     ra = np.asarray(fib["RA"], dtype=float)[idx] if "RA" in fib.colnames else np.full(len(idx), np.nan)
     dec = np.asarray(fib["DEC"], dtype=float)[idx] if "DEC" in fib.colnames else np.full(len(idx), np.nan)
-    return match_photometry(cat, names, ra, dec, bands=bands, radius_arcsec=radius_arcsec)
+    unit = str(getattr(fib["RA"], "unit", "") or "") if "RA" in fib.colnames else ""
+    if unit.startswith("rad"):  # 2dF-style FIBRES tables give radians
+        ra, dec = np.degrees(ra), np.degrees(dec)
+    phot, info = match_photometry(cat, names, ra, dec, bands=bands, radius_arcsec=radius_arcsec)
+    ebvs = match_ebv(cat, names, ra, dec, radius_arcsec=radius_arcsec, default=default_ebv)
+    return phot, info, np.asarray(ebvs, dtype=float)
+
+
+def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0):
+    """Teff from the stars' colours (relation fitted on this grid), and the grid mask it allows."""
+    relations = []
+    for colour in PRIOR_COLOURS:
+        try:
+            relations.append(fit_colour_teff(grid, colour))
+        except GpucalError:
+            continue  # the grid does not cover that colour's bands, or it carries no Teff signal
+    if not relations:
+        return None, None, None
+    teff, teff_err = teff_from_colour(phot, relations=tuple(relations), ebv=ebv)
+    steps = np.diff(np.unique(np.asarray(grid.params)[:, 0]))
+    step = float(steps.max()) if steps.size else 0.0
+    mask = teff_prior_mask(bparams, teff, teff_err, nsigma=nsigma, min_halfwidth=step)
+    return teff, teff_err, mask
 
 
 def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm_poly=None,
                     resolution=None, out=None, overwrite=False, backend=None,
                     combine="weighted_mean", smooth=0, metric="chi2", vrange=(-500.0, 500.0, 5.0),
-                    mask_regions=TELLURIC_DEFAULT, bands=("g", "r", "i", "z"), match_radius=1.0,
-                    min_stars=1, max_chi2_dof=None, max_memory=None, dtype="float32") -> CalibrationOutput:
+                    mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
+                    max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
+                    max_phot_dev=0.3, fast=False) -> CalibrationOutput:
     """Flux-calibrate one reduced frame.
 
     Parameters
@@ -123,16 +151,23 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay
         window (pixels, 0 = none).
     vrange : (vmin, vmax, step) km/s of the velocity scan.
+    bands : catalogue bands to use (default: every Refcat2 band present; a
+        band the template grid does not cover is reported and left out).
     min_stars : fewer usable standards is a CalibrationError and no output.
     max_chi2_dof : stars whose best χ²/dof exceeds this are excluded.
+    ebv : E(B−V) applied to every template (F99, R_V = 3.1) unless the
+        catalogue has an ``ebv`` column; None = 0.
+    teff_prior : restrict each star's scan to nodes within 3σ of its colour
+        Teff (relation fitted on the grid's own synthetic colours).
+    max_phot_dev : a star whose post-fit band residuals span more than this
+        (mag) is excluded as photometrically inconsistent.
+    fast : the fast-path scan (velocity from fiducial templates first).
 
     Returns
     -------
     CalibrationOutput (host arrays), also written to ``out`` when given.
     """
     t0 = time.perf_counter()
-    if metric != "chi2":
-        raise InputError(f"metric {metric!r} is not available yet; use chi2")
     be = get_backend(backend)
     xp = be.xp
     if not isinstance(frame, Frame):
@@ -142,8 +177,16 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     names = [str(n).strip() for n in (np.asarray(fib["NAME"])[std] if "NAME" in fib.colnames
                                       else [f"fibre{i + 1}" for i in std])]
     fibre_numbers = (np.asarray(fib["FIBRE"], dtype=int)[std] if "FIBRE" in fib.colnames else std + 1)
-    grid = load_templates(templates)
-    phot, match_info = _photometry(frame, photometry, names, bands, match_radius)
+    grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
+                          medium=frame.medium)
+    if grid.medium != frame.medium:
+        # Templates and frame must share air or vacuum wavelengths (IAU conversion).
+        from .templates.bosz import convert_medium
+
+        grid = TemplateGrid(params=grid.params, wave=convert_medium(np.asarray(grid.wave), grid.medium, frame.medium),
+                            flux=grid.flux, continuum=grid.continuum, medium=frame.medium,
+                            resolution_fwhm=grid.resolution_fwhm, meta=grid.meta)
+    phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
 
     # ---- to the backend, once
     wave = to_backend(frame.wave, be, dtype=xp.float64)
@@ -152,26 +195,36 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     s_mask = xp.isfinite(s_flux) & xp.isfinite(s_var) & (s_var > 0)
     spectra = SpectraBatch(wave=wave, flux=s_flux, var=s_var, mask=s_mask,
                            fibre_ids=fibre_numbers, names=tuple(names), medium=frame.medium)
-    bgrid = _grid_to_backend(grid, be)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     t1 = time.perf_counter()
-    prepared = prepare_grid(bgrid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
+    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
+    prepared = prepare_grid(grid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
                             vstep=float(vrange[2]), **lsf)
+    teff_c = teff_c_err = prior = None
+    if teff_prior:
+        teff_c, teff_c_err, prior = _colour_prior(grid, phot, ebv_star, prepared.params)
     t2 = time.perf_counter()
-    match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory)
+    match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
+                            prior=prior, fast=fast, metric=metric)
     t3 = time.perf_counter()
 
     # ---- scale, vectors, combination
-    tmpl = refined_templates(bgrid.flux, match)
-    observed_frame_tmpl = shift_to_observed(bgrid.wave, tmpl, match.rv)
-    sc = scale_template_to_photometry(bgrid.wave, observed_frame_tmpl, phot)
-    vec = calibration_vectors(wave, s_flux, s_var, s_mask, bgrid.wave, tmpl, match.rv, sc["scale"],
+    gwave = to_backend(grid.wave, be, dtype=xp.float64)
+    tmpl = refined_templates(grid.flux, match)
+    if np.any(ebv_star != 0):
+        tmpl = redden(gwave, tmpl, ebv_star)
+    observed_frame_tmpl = shift_to_observed(gwave, tmpl, match.rv)
+    sc = scale_template_to_photometry(gwave, observed_frame_tmpl, phot)
+    vec = calibration_vectors(wave, s_flux, s_var, s_mask, gwave, tmpl, match.rv, sc["scale"],
                               sc["scale_err"], template_fwhm=grid.resolution_fwhm,
                               mask_regions=mask_regions, **lsf)
     n_good = xp.sum(xp.astype(vec.mask, xp.int64), axis=1)
     red_chi2 = match.chi2 / xp.astype(xp.maximum(match.dof, 1), xp.float64)
     at_edge = match.meta["rv_at_edge"]
-    usable = sc["ok"] & ~at_edge & (xp.astype(n_good, xp.float64) >= MIN_GOOD_FRACTION * wave.shape[0])
+    phot_bad, phot_reasons = photometric_consistency(to_numpy(sc["residual"]), np.isfinite(to_numpy(sc["residual"])),
+                                                     max_dev=max_phot_dev, bands=phot.bands)
+    usable = (sc["ok"] & ~to_backend(np.asarray(phot_bad, dtype=bool), be) & ~at_edge
+              & (xp.astype(n_good, xp.float64) >= MIN_GOOD_FRACTION * wave.shape[0]))
     if max_chi2_dof is not None:
         usable = usable & (red_chi2 <= max_chi2_dof)
     res = combine_calibration_vectors(vec, usable=usable, method=combine, smooth=smooth)
@@ -194,6 +247,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
         r = ""
         if not h["ok"][i]:
             r = f"no usable photometry ({match_info[i]})"
+        elif phot_bad[i]:
+            r = phot_reasons[i]
         elif h["at_edge"][i]:
             r = f"velocity at the edge of the scan range {vrange[0]}..{vrange[1]} km/s"
         elif h["n_good"][i] < MIN_GOOD_FRACTION * frame.wave.size:
