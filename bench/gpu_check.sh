@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One prepared GPU session: the test suite's cupy cases, the scan benchmark at
+# GPU size, the demo and the frames benchmark on cupy. Wheels the GPU image
+# lacks travel in .whl/ (see the device tool's README); results go to $OUT.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpucal-gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -m gpucal.cli info 2>&1 | tee -a "$OUT/device.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -k cupy \
+  tests/test_backends.py tests/test_select.py tests/test_calibration.py tests/test_matching.py \
+  tests/test_end_to_end.py tests/test_photometry.py tests/test_lsf.py tests/test_bosz.py tests/test_extinction.py \
+  2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+timeout 150 python3 bench/scan.py --backend cupy --templates 20800 --ref-templates 520 --max-memory 32G \
+  --label cupy-gpu 2>&1 | tail -12 | tee "$OUT/scan_gpu.txt"
+timeout 60 python3 bench/scan.py --backend cupy --templates 520 --max-memory 32G --label cupy-gpu-520 \
+  2>&1 | tail -12 | tee "$OUT/scan_gpu_520.txt"
+cp bench/results/scan_cupy-gpu*.json "$OUT/" 2>/dev/null
+timeout 45 python3 -m gpucal.cli demo --backend cupy --out /tmp/demo-gpu --no-plots 2>&1 | tail -9 | tee "$OUT/demo_gpu.txt"
+timeout 60 python3 bench/frames.py --backend cupy --workers 0 --frames 4 --repeat 1 --label cupy-gpu 2>&1 | tail -8 \
+  | tee "$OUT/frames_gpu.txt"
+cp bench/results/frames_cupy-gpu.json "$OUT/" 2>/dev/null
+ls "$OUT"
