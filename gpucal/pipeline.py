@@ -49,6 +49,8 @@ logger = logging.getLogger("gpucal")
 
 #: A standard needs at least this fraction of its pixels good to be used.
 MIN_GOOD_FRACTION = 0.5
+#: The colour Teff prior never narrows a star's scan below ±this (K).
+PRIOR_FLOOR_K = 500.0
 
 
 @dataclass
@@ -127,7 +129,9 @@ def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0
     teff, teff_err = teff_from_colour(phot, relations=tuple(relations), ebv=ebv)
     steps = np.diff(np.unique(np.asarray(grid.params)[:, 0]))
     step = float(steps.max()) if steps.size else 0.0
-    mask = teff_prior_mask(bparams, teff, teff_err, nsigma=nsigma, min_halfwidth=step)
+    # Never narrower than ±PRIOR_FLOOR_K: one bad band must not force the wrong
+    # template (the disagreement is reported instead), and refinement keeps its neighbours.
+    mask = teff_prior_mask(bparams, teff, teff_err, nsigma=nsigma, min_halfwidth=max(2 * step, PRIOR_FLOOR_K))
     return teff, teff_err, mask
 
 
@@ -296,6 +300,16 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                        chi2_dof=float(h["chi2"][i])) for i in range(len(std))],
         "timing_s": {"load": t1 - t0, "prepare_grid": t2 - t1, "match": t3 - t2, "calibrate": t4 - t3},
     }
+    warnings = []
+    if teff_c is not None:
+        per_star["TEFF_COLOUR"] = np.asarray(teff_c, dtype=float)
+        per_star["TEFF_COLOUR_ERR"] = np.asarray(teff_c_err, dtype=float)
+        _, msgs = teff_disagreement(h["params"][:, 0], teff_c, teff_c_err, best_err=to_numpy(match.params_err)[:, 0],
+                                    names=names)
+        warnings += [m for m in msgs if m]
+    summary["warnings"] = warnings
+    for m in warnings:
+        logger.warning("%s", m)
     for i, r in enumerate(reasons):
         if r:
             logger.warning("standard %s (fibre %d) excluded: %s", names[i], fibre_numbers[i], r)

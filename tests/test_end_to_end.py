@@ -117,3 +117,36 @@ def test_cli_demo_and_info(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GPUCAL_BACKEND", "numpy")
     assert main(["info"]) == 0
     assert "backend: numpy" in capsys.readouterr().out
+
+
+def test_inconsistent_or_missing_photometry_excludes_the_star(sim, tmp_path):
+    cat = sim.catalogue.copy()
+    cat["z"][0] += 0.5  # one band 0.5 mag off: inconsistent after the fit
+    for b in "griz":
+        cat[b][1] = 99.0  # all bands missing (sentinel)
+    frame, catpath = _write(sim, tmp_path, catalogue=cat)
+    res = calibrate_frame(str(frame), photometry=str(catpath), fwhm=sim.truth["fwhm"], smooth=51)
+    stars = {s["name"]: s for s in res.summary["stars"]}
+    bad, missing = stars[cat["name"][0]], stars[cat["name"][1]]
+    assert not bad["used"] and "inconsistent" in bad["reason"]
+    assert not missing["used"] and "photometry" in missing["reason"]
+    assert np.isnan(missing["scale"])  # never scale = 1
+    assert res.summary["n_stars_used"] == 3
+    assert _throughput_rms(res, sim) < 0.01
+
+
+def test_huber_and_fast_paths_end_to_end(sim, tmp_path):
+    frame, cat = _write(sim, tmp_path)
+    for kw in ({"metric": "huber"}, {"fast": True}):
+        res = calibrate_frame(str(frame), photometry=str(cat), fwhm=sim.truth["fwhm"], smooth=51, **kw)
+        assert _throughput_rms(res, sim) < 0.01, kw
+
+
+def test_colour_prior_disagreement_is_reported(sim, tmp_path):
+    cat = sim.catalogue.copy()
+    cat["g"][0] += 0.5  # the g-i colour now asks for a much cooler star than the spectrum shows
+    frame, catpath = _write(sim, tmp_path, catalogue=cat)
+    res = calibrate_frame(str(frame), photometry=str(catpath), fwhm=sim.truth["fwhm"], smooth=51)
+    assert any(str(cat["name"][0]) in w for w in res.summary["warnings"])
+    assert not res.summary["stars"][[s["name"] for s in res.summary["stars"]].index(cat["name"][0])]["used"]
+    assert _throughput_rms(res, sim) < 0.01
