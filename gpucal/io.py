@@ -57,11 +57,19 @@ vector is per pixel, the per-star table per star.
 Every image is written as native float64. Output is written to a temporary
 file in the destination directory and moved into place with ``os.replace``;
 the input frame is never opened for writing and can never be the destination.
+:func:`write_text` writes side outputs (a JSON summary) the same way, and
+:func:`check_output_path` applies the same refusals up front, so a caller can
+check every destination before the work that fills it.
+
+Reading is defensive: header sizes are checked before astropy parses a file,
+and any damage astropy meets becomes an InputError naming the file and HDU.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import re
 import tempfile
@@ -76,6 +84,8 @@ from astropy.table import Table
 
 from .errors import InputError, NoStandardsError
 
+logger = logging.getLogger("gpucal")
+
 __all__ = [
     "Frame",
     "CalibratedFrame",
@@ -84,6 +94,8 @@ __all__ = [
     "write_calibrated_frame",
     "read_calibrated_frame",
     "file_sha256",
+    "check_output_path",
+    "write_text",
     "FLUX_BUNIT",
     "VAR_BUNIT",
     "WAVE_TOL",
@@ -270,15 +282,18 @@ def _length_unit_to_angstrom(unit_str, where: str) -> float:
         return 1.0
     try:
         unit = u.Unit(s, format="fits", parse_strict="raise")
-    except ValueError:
+    except (ValueError, TypeError, u.UnitsError):
         try:
             unit = u.Unit(s, parse_strict="raise")
-        except ValueError:
+        except (ValueError, TypeError, u.UnitsError):
             raise InputError(f"{where}: unrecognised wavelength unit {s!r}") from None
     try:
-        return float(unit.to(u.AA))
-    except u.UnitConversionError:
+        factor = float(unit.to(u.AA))
+    except (u.UnitsError, ValueError, TypeError):  # not a length, or a structured unit such as "(m, s)"
         raise InputError(f"{where}: wavelength unit {s!r} is not a length") from None
+    if not (math.isfinite(factor) and factor > 0):
+        raise InputError(f"{where}: wavelength unit {s!r} is not a positive length")
+    return factor
 
 
 def _medium_word(value, where: str) -> str:
@@ -313,9 +328,12 @@ def _wcs_wave(hdr: fits.Header, n_pix: int, fname: str):
             f"{where}: CTYPE1 = {ctype!r} is not a linear wavelength axis; "
             "add a WAVELA extension with the wavelength of each pixel"
         )
-    if int(hdr.get("DC-FLAG", 0) or 0) != 0:
+    dc_flag = hdr.get("DC-FLAG", 0)
+    if isinstance(dc_flag, str) or dc_flag not in (0, 1):
+        raise InputError(f"{where}: DC-FLAG = {dc_flag!r} must be 0 (linear) or 1 (log-linear)")
+    if dc_flag == 1:
         raise InputError(
-            f"{where}: DC-FLAG = {hdr['DC-FLAG']} (log-linear dispersion) is not supported; "
+            f"{where}: DC-FLAG = 1 (log-linear dispersion) is not supported; "
             "add a WAVELA extension with the wavelength of each pixel"
         )
     try:
@@ -339,32 +357,169 @@ def _wcs_wave(hdr: fits.Header, n_pix: int, fname: str):
 # reading
 
 
+# What astropy makes of a header it cannot classify (no data attribute to read).
+_UNUSABLE_HDU_TYPES = {"_BaseHDU", "_ValidHDU", "_CorruptedHDU"}
+_BITPIX_BYTES = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
+#: More HDUs than this is not a reduced frame (and stops a damaged file from being parsed forever).
+_MAX_HDUS = 64
+_MAX_HEADER_BLOCKS = 1000
+_BLOCK = 2880
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hdu_label(hdu, index: int) -> str:
+    """``HDU n`` (0-based) plus its EXTNAME when that can still be read."""
+    try:
+        name = str(hdu.header.get("EXTNAME", "PRIMARY" if index == 0 else "")).strip()
+    except Exception:  # an unparsable EXTNAME card: the index alone still locates the HDU
+        name = ""
+    return f"HDU {index} {name}" if name else f"HDU {index}"
+
+
+def _card_int(cards: dict, key: bytes):
+    """Integer value of a raw header card, or None when absent or not a plain integer."""
+    raw = cards.get(key)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _scan_layout(path: str, file_size: int) -> None:
+    """Check every header's sizes with a minimal card reader before astropy parses the file.
+
+    astropy trusts NAXIS, NAXISn, TFIELDS, PCOUNT and GCOUNT: NAXIS = 999999999
+    makes it loop for minutes, TFIELDS = 999999999 allocates gigabytes, and a
+    negative GCOUNT sends it looking for the next header at a wrong offset. So
+    each header is walked here first (only those integer cards are read) and
+    any size that is out of range or runs past the end of the file is refused,
+    naming the HDU. Anything this reader cannot follow (not a FITS header, a
+    value that is not a plain integer, trailing bytes) is left to astropy,
+    whose own errors _open reports.
+    """
+    offset = 0
+    with open(path, "rb") as fh:
+        for index in range(_MAX_HDUS + 1):
+            if offset >= file_size:
+                return
+            if index == _MAX_HDUS:
+                raise InputError(f"{path}: more than {_MAX_HDUS} HDUs; not a reduced frame (corrupt file?)")
+            fh.seek(offset)
+            cards: dict = {}
+            n_blocks, ended = 0, False
+            while not ended:
+                block = fh.read(_BLOCK)
+                if len(block) < _BLOCK or n_blocks >= _MAX_HEADER_BLOCKS:
+                    return  # truncated or endless header: astropy reports it
+                if n_blocks == 0 and not block.startswith(b"SIMPLE  =" if index == 0 else b"XTENSION="):
+                    return
+                n_blocks += 1
+                for j in range(0, _BLOCK, 80):
+                    key = block[j:j + 8].rstrip()
+                    if key == b"END":
+                        ended = True
+                        break
+                    if block[j + 8:j + 10] == b"= " and key not in cards:
+                        cards[key] = block[j + 10:j + 80].split(b"/")[0].strip()
+            where = f"{path} [HDU {index}]"
+            bitpix, naxis = _card_int(cards, b"BITPIX"), _card_int(cards, b"NAXIS")
+            if bitpix is None or naxis is None:
+                return
+            if bitpix not in _BITPIX_BYTES:
+                raise InputError(f"{where}: corrupt FITS header: BITPIX = {bitpix} (8, 16, 32, 64, -32 or -64)")
+            if not 0 <= naxis <= 999:
+                raise InputError(f"{where}: corrupt FITS header: NAXIS = {naxis} (0 to 999)")
+            dims = [_card_int(cards, b"NAXIS%d" % k) for k in range(1, naxis + 1)]
+            pcount = _card_int(cards, b"PCOUNT") if b"PCOUNT" in cards else 0
+            gcount = _card_int(cards, b"GCOUNT") if b"GCOUNT" in cards else 1
+            tfields = _card_int(cards, b"TFIELDS") if b"TFIELDS" in cards else 0
+            if any(v is None for v in dims + [pcount, gcount, tfields]):
+                return
+            for name, value, low, high in [("PCOUNT", pcount, 0, None), ("GCOUNT", gcount, 1, None),
+                                           ("TFIELDS", tfields, 0, 999)] + [
+                    (f"NAXIS{k + 1}", d, 0, None) for k, d in enumerate(dims)]:
+                if value < low or (high is not None and value > high):
+                    rng = f"{low} to {high}" if high is not None else f">= {low}"
+                    raise InputError(f"{where}: corrupt FITS header: {name} = {value} ({rng})")
+            if index == 0 and dims and dims[0] == 0 and cards.get(b"GROUPS") == b"T":
+                dims = dims[1:]  # random groups: NAXIS1 = 0 is not a data axis
+            n_bytes = _BITPIX_BYTES[bitpix] * gcount * (pcount + math.prod(dims)) if naxis else 0
+            start = offset + n_blocks * _BLOCK
+            if start + n_bytes > file_size:
+                raise InputError(
+                    f"{where}: corrupt or truncated FITS file: the header announces {n_bytes} data bytes "
+                    f"from byte {start}, but the file has {file_size} bytes"
+                )
+            offset = start + -(-n_bytes // _BLOCK) * _BLOCK
+
+
+def _load_hdu(hdu, index: int, path: str) -> None:
+    """Parse every header card and read the data unit now, so corruption is found here, named."""
+    where = _hdu_label(hdu, index)
+    if type(hdu).__name__ in _UNUSABLE_HDU_TYPES:
+        raise InputError(f"{path} [{where}]: corrupt FITS header (not a valid image or table HDU)")
+    try:
+        for card in hdu.header.cards:
+            _ = card.value
+        _ = hdu.data
+        if isinstance(hdu, fits.BinTableHDU):
+            _ = hdu.columns
+    except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged files
+        raise InputError(
+            f"{path} [{where}]: corrupt or truncated FITS file ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+
+
 def _open(path: str):
-    """fits.open, read-only and fully loaded, with truncation/corruption as InputError."""
+    """fits.open, read-only and fully loaded, with truncation/corruption as InputError.
+
+    The header sizes are checked first (:func:`_scan_layout`); then every
+    card is parsed and every data unit read before the list is returned, so a
+    damaged file fails here, quickly, with the file and HDU named, never later
+    with an astropy exception.
+    """
     if not os.path.exists(path):
         raise InputError(f"{path}: file not found")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not a FITS file")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
-            try:
-                for hdu in hdul:
-                    _ = hdu.data  # force every data unit to be read now
-            except Exception:
-                hdul.close()
-                raise
-    except InputError:
-        raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable FITS file ({type(exc).__name__}: {exc})") from None
+    file_size = os.path.getsize(path)
+    if file_size == 0:
+        raise InputError(f"{path}: empty file, not a FITS file")
+    _scan_layout(path, file_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True)
+        except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged files
+            raise InputError(f"{path}: not a readable FITS file ({type(exc).__name__}: {_first_line(exc)})") from None
+        index = 0
+        try:
+            for index, hdu in enumerate(hdul):  # lazy: HDU i + 1 is located only after HDU i was checked
+                if index >= _MAX_HDUS:
+                    raise InputError(f"{path}: more than {_MAX_HDUS} HDUs; not a reduced frame (corrupt file?)")
+                _load_hdu(hdu, index, path)
+        except InputError:
+            hdul.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 -- raised while astropy parses the next header
+            hdul.close()
+            raise InputError(
+                f"{path}: corrupt FITS file after HDU {index} ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+        except BaseException:
+            hdul.close()
+            raise
     for w in caught:
         msg = str(w.message)
         if "truncated" in msg.lower() or "error validating header" in msg.lower():
             hdul.close()
-            first = msg.strip().splitlines()[0]
-            raise InputError(f"{path}: corrupt or truncated FITS file ({first})")
+            raise InputError(f"{path}: corrupt or truncated FITS file ({_first_line(msg)})")
     return hdul
 
 
@@ -605,28 +760,63 @@ def _check_destination(path: str, overwrite: bool, protect=None) -> None:
         raise InputError(f"{path}: output directory {d} does not exist")
 
 
+def check_output_path(path, *, overwrite: bool = False, protect=None) -> None:
+    """Raise InputError unless ``path`` may be written: never the file ``protect`` (the input,
+    whatever the spelling or link), never an existing file unless ``overwrite``, and only into
+    an existing directory. Cheap: call it for every output before the work that fills them.
+    """
+    _check_destination(os.fspath(path), overwrite, None if protect is None else os.fspath(protect))
+
+
 def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
     """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
+    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception"), path, overwrite, protect)
+
+
+def write_text(path, text: str, *, overwrite: bool = False, protect=None) -> None:
+    """Write ``text`` (UTF-8) atomically, with the refusals of :func:`check_output_path`."""
+    data = str(text).encode("utf-8")
+    _atomic(lambda fh: fh.write(data), os.fspath(path), overwrite,
+            None if protect is None else os.fspath(protect))
+
+
+def _atomic(write, path: str, overwrite: bool, protect=None) -> None:
+    """``write(fileobj)`` into a temporary file beside ``path``, then move it into place.
+
+    Whatever happens (a full disk, no permission, an interrupt) the temporary
+    file is removed and an existing ``path`` is left as it was; OS errors
+    become InputError naming ``path``.
+    """
     _check_destination(path, overwrite, protect)
     d = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.NamedTemporaryFile(
-        delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
+    try:
+        tmp = tempfile.NamedTemporaryFile(
+            delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write in {d} ({exc.strerror or exc})") from None
     tmp_name = tmp.name
     try:
         with tmp:
-            hdul.writeto(tmp, output_verify="exception")
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.chmod(tmp_name, 0o666 & ~_umask())
+        # the destination may have appeared since the check: never replace it without overwrite
+        if not overwrite and os.path.lexists(path):
+            raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
         os.replace(tmp_name, path)
     except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
-        if isinstance(exc, (fits.VerifyError, ValueError)) and not isinstance(exc, InputError):
-            raise InputError(f"{path}: cannot write FITS file ({exc})") from exc
+        if isinstance(exc, InputError):
+            raise
+        if isinstance(exc, (fits.VerifyError, ValueError)):
+            raise InputError(f"{path}: cannot write FITS file ({' '.join(str(exc).split())})") from exc
+        if isinstance(exc, OSError):
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
 
 
@@ -650,11 +840,23 @@ def _clean_header(hdr: fits.Header | None) -> fits.Header:
     out = fits.Header()
     if hdr is None:
         return out
+    dropped = []
     for card in hdr.cards:
         key = card.keyword.upper()
         if key in _DROP_KEYS or key.startswith("NAXIS") or key == "END":
             continue
+        try:
+            # astropy reads some cards it refuses to write (an illegal keyword, an unparsable value)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                card.verify("exception")
+                _ = card.value
+        except Exception:  # noqa: BLE001 -- any card astropy cannot verify is left out
+            dropped.append(key or "(blank)")
+            continue
         out.append(card, end=True)
+    if dropped:
+        logger.warning("header card(s) %s cannot be written to FITS and are left out", ", ".join(dropped))
     return out
 
 
