@@ -279,4 +279,6 @@ def apply_flux_calibration(flux, var, cal, cal_var, *, fibre_axis: int = 0):
         )
     c = cal[None, :] if fibre_axis == 0 else cal[:, None]
     cv = cal_var[None, :] if fibre_axis == 0 else cal_var[:, None]
-    return flux * c, var * c * c + flux * flux * cv
+    # a pixel the input marks bad (zero or NaN variance) stays marked in the output
+    xp = array_namespace(flux, var, cal)
+    return flux * c, xp.where(var > 0, var * c * c + flux * flux * cv, var)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
-from .errors import GpucalError
+from .errors import GpucalError, InputError
 
 __all__ = ["main"]
 
@@ -29,9 +30,46 @@ def _vrange(text):
     if len(vals) != 3:
         raise argparse.ArgumentTypeError(f"expected VMIN:VMAX:STEP in km/s, got {text!r}")
     try:
-        return tuple(float(v) for v in vals)
+        vmin, vmax, step = (float(v) for v in vals)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected VMIN:VMAX:STEP in km/s, got {text!r}") from None
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and math.isfinite(step) and vmin < vmax and step > 0):
+        raise argparse.ArgumentTypeError(f"velocity range needs finite VMIN < VMAX and STEP > 0 (km/s), got {text!r}")
+    return vmin, vmax, step
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with gpucal's one-line errors (``gpucal: error: ...``, exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"gpucal: error: {message} (see '{self.prog} --help')\n")
+
+
+# Options whose value may start with '-' ("--vrange -500:500:5"): argparse would take it for an option.
+_NEGATIVE_VALUE_OPTIONS = ("--vrange", "--fwhm-poly")
+
+
+def _glue_negative_values(argv):
+    """``--vrange -500:500:5`` -> ``--vrange=-500:500:5``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _add_common(p):
@@ -48,14 +86,14 @@ def _add_calibration_options(p):
                    help="template score: chi2, or huber (robust re-scoring of the best chi2 candidates)")
     p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
                    help="radial-velocity scan in km/s (default -500:500:5)")
-    p.add_argument("--min-stars", type=int, default=1, help="fewer usable standards is an error (default 1)")
+    p.add_argument("--min-stars", type=_positive_int, default=1, help="fewer usable standards is an error (default 1)")
     p.add_argument("--max-chi2-dof", type=float, default=None, help="exclude stars whose best chi2/dof exceeds this")
     p.add_argument("--max-memory", default=None,
                    help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="gpucal", description="Spectrophotometric flux calibration for fibre spectrographs.")
+    parser = _Parser(prog="gpucal", description="Spectrophotometric flux calibration for fibre spectrographs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="backend chosen, why, device and library versions")
@@ -130,7 +168,14 @@ def _calibrate(args):
     args.frame = args.frames[0]
     from .pipeline import calibrate_frame
 
+    from .io import check_output_path, write_text
+
     out = args.out or str(Path(args.frame).with_suffix("")) + "_fluxcal.fits"
+    # every destination is checked before the calibration, not after it
+    if args.summary:
+        check_output_path(args.summary, overwrite=args.overwrite, protect=args.frame)
+    if args.qc and Path(args.qc).exists() and not Path(args.qc).is_dir():
+        raise InputError(f"{args.qc}: --qc must be a directory")
     res = calibrate_frame(
         args.frame, templates=args.templates, photometry=args.photometry, fwhm=args.fwhm,
         fwhm_poly=args.fwhm_poly, resolution=args.resolution, out=out, overwrite=args.overwrite,
@@ -139,7 +184,8 @@ def _calibrate(args):
         max_memory=args.max_memory, ebv=args.ebv, teff_prior=args.teff_prior, fast=args.fast,
     )
     if args.summary:
-        Path(args.summary).write_text(json.dumps(res.summary, indent=2, default=str))
+        write_text(args.summary, json.dumps(res.summary, indent=2, default=str), overwrite=args.overwrite,
+                   protect=args.frame)
     if args.qc:
         from .qc import write_qc_plots
 
@@ -211,7 +257,7 @@ def _templates(args):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="gpucal: %(levelname)s: %(message)s")
     # Third-party chatter stays at warning level unless --debug.
@@ -222,7 +268,7 @@ def main(argv=None):
     except GpucalError as exc:
         if args.debug:
             raise
-        print(f"gpucal: error: {exc}", file=sys.stderr)
+        print(f"gpucal: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace, batched_lstsq
+from .backends import array_namespace, batched_lstsq, masked_median
 
 __all__ = ["legendre_basis", "fit_continuum"]
 
@@ -66,17 +66,21 @@ def fit_continuum(wave, flux, weights, *, degree: int = 7, niter: int = 6,
     # Var(ln f) = var / f^2, so the inverse-variance weight of ln f is w f^2;
     # normalise per row so rows of very different brightness condition alike.
     wl = xp.where(positive, w * safe_f * safe_f, xp.zeros_like(f))
+    # No pixel may carry the fit: one hot pixel or one tiny variance would take all the
+    # weight, the clipping would keep only it, and the normal matrix would be singular.
+    med = masked_median(wl, positive, axis=1)
+    wl = xp.minimum(wl, xp.where(xp.isfinite(med) & (med > 0), 10.0 * med, 0.0)[:, None])
     wl = wl / xp.maximum(xp.max(wl, axis=1, keepdims=True), xp.asarray(1e-300, dtype=dtype, device=_device(f)))
     basis = legendre_basis(xp.astype(wave, dtype), degree)
     keep = positive
     for _ in range(niter):
         wk = xp.where(keep, wl, xp.zeros_like(wl))
-        coef = batched_lstsq(basis, lnf, weights=wk)
+        coef = batched_lstsq(basis, lnf, weights=wk, ridge=1e-12)
         model = coef @ xp.permute_dims(basis, (1, 0))
         resid = lnf - model
         norm = xp.sum(wk, axis=1, keepdims=True)
         sigma = xp.sqrt(xp.sum(wk * resid * resid, axis=1, keepdims=True) / xp.where(norm > 0, norm, 1.0))
         keep = positive & (resid > -clip_low * sigma) & (resid < clip_high * sigma)
     wk = xp.where(keep, wl, xp.zeros_like(wl))
-    coef = batched_lstsq(basis, lnf, weights=wk)
+    coef = batched_lstsq(basis, lnf, weights=wk, ridge=1e-12)
     return xp.exp(coef @ xp.permute_dims(basis, (1, 0)))

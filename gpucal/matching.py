@@ -495,6 +495,10 @@ def _refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, r
     fixed_f = xp.astype(fixed, xp.float64)
     keep = 1.0 - fixed_f
     normal = normal * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * fixed_f[:, None, :]
+    # A relative ridge keeps the solve defined when one pixel carries all the weight (a tiny
+    # variance) or none does (every pixel bad: unit system, zero step); the star is judged later.
+    scale = xp.sum(xp.linalg.diagonal(normal), axis=1) / (1 + n_par)
+    normal = normal + xp.where(scale > 0, 1e-12 * scale, 1.0)[:, None, None] * eye[None, :, :]
     rhs = rhs * keep
     coef = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
     cov = xp.linalg.inv(normal)

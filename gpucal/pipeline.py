@@ -26,7 +26,7 @@ from .calibration import (
     shift_to_observed,
 )
 from .containers import PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
-from .errors import CalibrationError, GpucalError, InputError, PhotometryError
+from .errors import CalibrationError, CoverageError, GpucalError, InputError, PhotometryError
 from .extinction import redden
 from .io import Frame, read_frame, write_calibrated_frame
 from .masks import TELLURIC_DEFAULT
@@ -172,6 +172,11 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     CalibrationOutput (host arrays), also written to ``out`` when given.
     """
     t0 = time.perf_counter()
+    vmin, vmax, vstep = (float(v) for v in vrange)
+    if not (np.isfinite([vmin, vmax, vstep]).all() and vmin < vmax and vstep > 0):
+        raise InputError(f"--vrange needs finite vmin < vmax and step > 0 km/s, got {vmin}:{vmax}:{vstep}")
+    if int(min_stars) < 1:
+        raise InputError(f"--min-stars must be >= 1, got {min_stars}")
     be = get_backend(backend)
     xp = be.xp
     if not isinstance(frame, Frame):
@@ -183,27 +188,31 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     fibre_numbers = (np.asarray(fib["FIBRE"], dtype=int)[std] if "FIBRE" in fib.colnames else std + 1)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
                           medium=frame.medium)
+    # Templates and frame must share air or vacuum wavelengths (IAU conversion). The frame's
+    # wavelengths are relabelled, not the grid's: a converted grid is no longer uniform in ln λ,
+    # which the LSF convolution and the velocity scan need.
+    work_wave = frame.wave
     if grid.medium != frame.medium:
-        # Templates and frame must share air or vacuum wavelengths (IAU conversion).
         from .templates.bosz import convert_medium
 
-        grid = TemplateGrid(params=grid.params, wave=convert_medium(np.asarray(grid.wave), grid.medium, frame.medium),
-                            flux=grid.flux, continuum=grid.continuum, medium=frame.medium,
-                            resolution_fwhm=grid.resolution_fwhm, meta=grid.meta)
+        work_wave = convert_medium(frame.wave, frame.medium, grid.medium)
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
 
     # ---- to the backend, once
-    wave = to_backend(frame.wave, be, dtype=xp.float64)
+    wave = to_backend(work_wave, be, dtype=xp.float64)
     s_flux = to_backend(frame.flux[std], be, dtype=xp.float64)
     s_var = to_backend(frame.var[std], be, dtype=xp.float64)
     s_mask = xp.isfinite(s_flux) & xp.isfinite(s_var) & (s_var > 0)
     spectra = SpectraBatch(wave=wave, flux=s_flux, var=s_var, mask=s_mask,
-                           fibre_ids=fibre_numbers, names=tuple(names), medium=frame.medium)
+                           fibre_ids=fibre_numbers, names=tuple(names), medium=grid.medium)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     t1 = time.perf_counter()
     # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
-    prepared = prepare_grid(grid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
-                            vstep=float(vrange[2]), **lsf)
+    try:
+        prepared = prepare_grid(grid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
+                                vstep=float(vrange[2]), **lsf)
+    except CoverageError as exc:
+        raise CoverageError(f"{frame.path}: {exc}") from None
     teff_c = teff_c_err = prior = None
     if teff_prior:
         teff_c, teff_c_err, prior = _colour_prior(grid, phot, ebv_star, prepared.params)
@@ -231,6 +240,14 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
               & (xp.astype(n_good, xp.float64) >= MIN_GOOD_FRACTION * wave.shape[0]))
     if max_chi2_dof is not None:
         usable = usable & (red_chi2 <= max_chi2_dof)
+    n_in = np.count_nonzero(np.isfinite(frame.flux[std]) & np.isfinite(frame.var[std]) & (frame.var[std] > 0),
+                            axis=1)
+    # A fibre bit-identical to an earlier standard is the same data twice, not a second star.
+    first = {}
+    dup_of = np.array([first.setdefault(frame.flux[r].tobytes() + frame.var[r].tobytes(), i) for i, r in
+                       enumerate(std)])
+    dup_of = np.where(dup_of == np.arange(len(std)), -1, dup_of)
+    usable = usable & to_backend(dup_of < 0, be)
     res = combine_calibration_vectors(vec, usable=usable, method=combine, smooth=smooth)
     all_flux = to_backend(frame.flux, be, dtype=xp.float64)
     all_var = to_backend(frame.var, be, dtype=xp.float64)
@@ -249,7 +266,11 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     reasons = []
     for i in range(len(std)):
         r = ""
-        if not h["ok"][i]:
+        if n_in[i] < MIN_GOOD_FRACTION * frame.wave.size:  # the cause, not its consequences below
+            r = f"too few good pixels ({int(n_in[i])} of {frame.wave.size})"
+        elif dup_of[i] >= 0:
+            r = f"duplicate of fibre {int(fibre_numbers[dup_of[i]])} (identical flux and variance)"
+        elif not h["ok"][i]:
             r = f"no usable photometry ({match_info[i]})"
         elif phot_bad[i]:
             r = phot_reasons[i]

@@ -189,9 +189,6 @@ def test_duplicating_the_only_standard_changes_nothing(files):
     assert _rel(two.flux[:frame.n_fibre], one.flux) < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline: a fibre bit-identical to another standard is used as a second, "
-                                       "independent star, so the weighted mean counts it twice (the combined "
-                                       "vector moves by ~1 %); it should be excluded as 'duplicate of fibre N'")
 def test_adding_a_standard_identical_to_another_changes_nothing(files, base):
     frame = read_frame(files["frame"])
     res = _calibrate(_with_duplicate(frame, int(frame.standards[0])), files)

@@ -9,7 +9,7 @@ so the messages are those in ``docs/bad_inputs.md``, and checks: exit status
 temporary file left behind and the input frame unchanged.
 ``test_docs_table_lists_every_case`` keeps the table and the cases in step.
 
-Cases that expose a bug outside io.py are marked ``xfail(strict=True)`` with
+Cases that still expose a bug outside io.py are marked ``xfail(strict=True)`` with
 the bug in the reason; the fix removes the mark.
 """
 
@@ -236,11 +236,6 @@ def _mags(rows, mag, err):
     return [",".join(r.split(",")[:3] + [mag, err] * 4) for r in rows]
 
 
-LINALG = ("matching/continuum: a standard whose pixels are all bad (NaN flux or zero variance) makes "
-          "fit_continuum's normal matrix singular: numpy LinAlgError escapes calibrate_frame instead of "
-          "the star being excluded ('too few good pixels')")
-ARGPARSE = ("cli: argparse errors print a usage block and 'gpucal calibrate: error: ...', not one "
-            "'gpucal: error: ...' line")
 
 FRAME_CASES = [
     Case("missing-file", "frame path does not exist",
@@ -325,9 +320,9 @@ FRAME_CASES = [
                 "fewer than --min-stars 1", "no usable photometry (unmatched)"),
     _frame_case("all-standards-nan", "every standard's flux NaN",
                 lambda h: h[0].data.__setitem__(_std_rows(h), np.nan), "fewer than --min-stars 1",
-                "too few good pixels", xfail=LINALG),
+                "too few good pixels"),
     _frame_case("variance-all-zero", "every variance 0 (all pixels bad)",
-                _set("VARIANCE", "data", lambda d: np.zeros_like(d)), "fewer than --min-stars 1", xfail=LINALG),
+                _set("VARIANCE", "data", lambda d: np.zeros_like(d)), "fewer than --min-stars 1"),
 ]
 
 CATALOGUE_CASES = [
@@ -389,8 +384,6 @@ def _bosz_without_wave(ws, name):
     return name
 
 
-COVERAGE = ("pipeline: the template-coverage CoverageError from prepare_grid names neither the frame file nor "
-            "the template grid")
 
 TEMPLATE_CASES = [
     Case("templates-missing", "--templates path does not exist",
@@ -411,38 +404,28 @@ TEMPLATE_CASES = [
     Case("templates-do-not-cover-frame-named", "same; the message names the frame",
          lambda ws: ws.argv(ws.frame("red-frame.fits", _set("WAVELA", "data", lambda d: 2.0 * d)),
                             out="out-templates-cover.fits"),
-         ("red-frame.fits", "does not cover"), xfail=COVERAGE),
+         ("red-frame.fits", "does not cover")),
     Case("templates-bosz-too-narrow", "BOSZ grid covering only 5500-9000 Å",
          lambda ws: ws.argv(None, "--templates", _bosz(ws, "bosz-narrow", wave_range=(5500.0, 9000.0)).name,
                             out="out-templates-narrow.fits", lsf=("--fwhm", "4")),
          ("bosz-narrow", "5500")),
 ]
 
-VRANGE_STEP = ("pipeline/cli: --vrange is validated only in matching.velocity_grid, after prepare_grid used "
-               "the step: a zero step raises ZeroDivisionError, a negative one IndexError")
-SUMMARY = ("cli._calibrate: --summary is written with Path.write_text after the calibrated frame: a missing "
-           "directory raises FileNotFoundError (traceback, and the FITS output is already written)")
-SUMMARY_OVERWRITE = ("cli._calibrate: --summary replaces an existing file without --overwrite (and not atomically)")
-QC = "cli._calibrate/qc: --qc naming an existing file raises FileExistsError (traceback) after the output is written"
-MIN_STARS = ("cli/pipeline: --min-stars 0 (or negative) is accepted, so a frame with no usable standard is "
-             "'calibrated' with an all-NaN vector and written")
 
 ARG_CASES = [
     _arg_case("fwhm-zero", "--fwhm 0", lsf=("--fwhm", "0"), needles=("--fwhm", "positive")),
     _arg_case("fwhm-negative", "--fwhm -1", lsf=("--fwhm=-1",), needles=("--fwhm", "positive")),
     _arg_case("fwhm-nan", "--fwhm nan", lsf=("--fwhm", "nan"), needles=("--fwhm", "nan")),
     _arg_case("resolution-zero", "--resolution 0", lsf=("--resolution", "0"), needles=("--resolution",)),
-    _arg_case("fwhm-not-a-number", "--fwhm abc", lsf=("--fwhm", "abc"), needles=("--fwhm",), xfail=ARGPARSE),
+    _arg_case("fwhm-not-a-number", "--fwhm abc", lsf=("--fwhm", "abc"), needles=("--fwhm",)),
     _arg_case("no-resolution-option", "none of --fwhm/--fwhm-poly/--resolution", lsf=(),
-              needles=("--fwhm",), xfail=ARGPARSE),
-    _arg_case("combine-unknown", "--combine mean", "--combine", "mean", needles=("--combine",), xfail=ARGPARSE),
+              needles=("--fwhm",)),
+    _arg_case("combine-unknown", "--combine mean", "--combine", "mean", needles=("--combine",)),
     _arg_case("vrange-reversed", "--vrange=200:-200:5", "--vrange=200:-200:5", needles=("velocity range",)),
     _arg_case("vrange-nan", "--vrange=nan:200:5", "--vrange=nan:200:5", needles=("velocity range",)),
     _arg_case("vrange-too-wide", "--vrange=-1e6:1e6:5", "--vrange=-1e6:1e6:5", needles=("beyond",)),
-    _arg_case("vrange-zero-step", "--vrange=-200:200:0", "--vrange=-200:200:0", needles=("velocity",),
-              xfail=VRANGE_STEP),
-    _arg_case("vrange-negative-step", "--vrange=-200:200:-5", "--vrange=-200:200:-5", needles=("velocity",),
-              xfail=VRANGE_STEP),
+    _arg_case("vrange-zero-step", "--vrange=-200:200:0", "--vrange=-200:200:0", needles=("velocity",)),
+    _arg_case("vrange-negative-step", "--vrange=-200:200:-5", "--vrange=-200:200:-5", needles=("velocity",)),
     _arg_case("backend-unknown", "--backend bogus", "--backend", "bogus", needles=("unknown backend 'bogus'",)),
     _arg_case("max-memory-tiny", "--max-memory 10 (bytes)", "--max-memory", "10", needles=("memory budget",)),
     _arg_case("max-memory-negative", "--max-memory -10", "--max-memory=-10", needles=("memory budget",)),
@@ -453,12 +436,12 @@ ARG_CASES = [
     _arg_case("max-chi2-dof-zero", "--max-chi2-dof 0: every star excluded", "--max-chi2-dof", "0",
               needles=("good.fits", "STD001: chi2/dof", "above 0.0")),
     _arg_case("min-stars-zero", "--min-stars 0 with every star excluded (--max-chi2-dof 0)",
-              "--min-stars", "0", "--max-chi2-dof", "0", needles=("--min-stars",), xfail=MIN_STARS),
+              "--min-stars", "0", "--max-chi2-dof", "0", needles=("--min-stars",)),
     Case("summary-directory-missing", "--summary in a directory that does not exist",
          lambda ws: ws.argv(None, "--summary", "no-such-dir/summary.json", out="out-summary-dir.fits"),
-         ("no-such-dir",), xfail=SUMMARY),
+         ("no-such-dir",)),
     Case("qc-is-a-file", "--qc naming an existing file", lambda ws: ws.argv(None, "--qc", ws.cat, out="out-qc.fits"),
-         ("cat.csv",), xfail=QC),
+         ("cat.csv",)),
 ]
 
 def _gpu_usable() -> bool:
@@ -588,16 +571,12 @@ DOC_ONLY_IDS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="cli: argparse takes '-200:200:5' in '--vrange -200:200:5' for an option "
-                                       "('expected one argument'), so the documented VMIN:VMAX:STEP form with a "
-                                       "negative VMIN only works as --vrange=-200:200:5")
 def test_vrange_negative_with_space(in_ws):
     argv = [a for a in in_ws.argv(None, out="out-vrange-space.fits") if a != VRANGE_ARG]
     rc, _, err = run_cli(argv + ["--vrange", "-200:200:5"])
     assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=SUMMARY_OVERWRITE)
 def test_summary_exists_is_not_overwritten(in_ws):
     (in_ws.root / "summary-exists.json").write_text("keep me")
     rc, _, err = run_cli(in_ws.argv(None, "--summary", "summary-exists.json", out="out-summary-exists.fits"))
@@ -683,15 +662,12 @@ def test_bad_pixels_stay_bad_in_the_calibrated_frame(bad_pixels):
     assert np.isfinite(cal.flux[p, good]).all() and (cal.var[p, good] > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="calibration.apply_flux_calibration: a pixel marked bad by zero variance "
-                                       "gets var = C² σ²_Cal > 0 in the calibrated frame, so it looks good there")
 def test_zero_variance_pixel_stays_marked_bad(bad_pixels):
     cal, p = bad_pixels["cal"], bad_pixels["p"]
     v = cal.var[p, 200:205]
     assert np.all((v == 0) | np.isnan(v))
 
 
-@pytest.mark.xfail(strict=True, raises=np.linalg.LinAlgError, reason=LINALG)
 def test_one_standard_all_nan_is_excluded(ws):
     fr = _frame_obj(ws)
     fr.flux[fr.standards[0]] = np.nan
@@ -753,10 +729,6 @@ def test_descending_wavelengths_give_the_same_calibration(ws, base, wave_hdu):
             assert np.all(np.diff(hdul["WAVELA"].data) < 0)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.calibrate_frame: for a vacuum frame it converts the (air) template "
-                                       "grid's wavelengths to vacuum, which are then not uniform in ln λ, and "
-                                       "prepare_grid's LSF convolution refuses the grid ('needs a log-uniform grid'); "
-                                       "relabel the frame's wavelengths in the grid's medium instead")
 def test_vacuum_frame_gives_the_air_frame_calibration(ws, base):
     from gpucal.templates.bosz import air_to_vacuum
 
