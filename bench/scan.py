@@ -39,7 +39,6 @@ from gpucal.backends import get_backend, to_numpy
 from gpucal.containers import SpectraBatch
 from gpucal.matching import (
     PreparedGrid,
-    doppler_factor,
     match_templates,
     normalise_observed,
     prepare_grid,

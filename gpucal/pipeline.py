@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from astropy.table import Table
 
 from . import __version__
-from .backends import Backend, get_backend, to_backend, to_numpy
+from .backends import get_backend, to_backend, to_numpy
 from .calibration import (
     apply_flux_calibration,
     calibration_vectors,
