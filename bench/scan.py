@@ -200,7 +200,6 @@ def main(argv=None):
     ap.add_argument("--max-memory", default=None)
     args = ap.parse_args(argv)
     be = get_backend(args.backend)
-    xp = be.xp
     vmin, vmax, vstep = (float(v) for v in args.vrange.split(":"))
     grid, sim, true_idx, true_rv = build_inputs(args.stars, args.templates)
     wave = be.asarray(sim.wave)

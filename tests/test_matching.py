@@ -14,13 +14,11 @@ from gpucal.matching import (
     _scan_exhaustive,
     _shifted_columns,
     _columns,
-    doppler_factor,
     grid_neighbours,
     match_templates,
     normalise_observed,
     prepare_grid,
     velocity_grid,
-    working_grid,
 )
 from gpucal.templates.demo import demo_grid, simulate_frame
 
