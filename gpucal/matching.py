@@ -9,13 +9,16 @@ free amplitude is
 
 where m_t is the normalised template on a log-uniform working grid λ_q and
 D, W are the star's normalised flux and inverse variance evaluated at
-λ_q (1+z_v), i.e. the data shifted into the template's rest frame. Stacking
-the (star, velocity) pairs as columns turns the two sums into two matrix
-products, (n_t, n_q) @ (n_q, n_star·n_vel): the whole scan is a few GEMMs,
-streamed over blocks of templates so memory stays bounded, with a running
-minimum kept on the device. The products run in the templates' dtype
-(float32 by default); Σ W D² and the χ² combination are float64 because the
-difference cancels.
+λ_q (1+z_v), i.e. the data shifted into the template's rest frame. The
+working grid's pixel is a whole number P of velocity steps, so trial v is a
+whole-pixel lag r plus one of P sub-pixel phases: the data are interpolated
+once per phase, and the trials at lag r are a strided window of those rows.
+The two sums are then matrix products, (n_star·P, n_q) @ (n_q, n_templates)
+per lag, for the lags the velocity range spans (about 16 working pixels for
+±500 km/s) and per block of templates: the whole scan is a few GEMMs, streamed over blocks of
+templates so memory stays bounded, with a running minimum kept on the device.
+The products and the χ² combination run in the templates' dtype (float32
+by default); Σ W D² is summed in float64.
 
 The best velocity is refined by a parabola through the three χ² values
 around the best lag, which works at every lag (negative and near-zero
@@ -292,67 +295,112 @@ def _phase_plan(wq, velocities):
     return phases, [k // phases for k in ku], [k % phases for k in ku]
 
 
-def _shifted_columns(wq, wave_obs, dn, wn, good, velocities, dtype):
-    """W·D and W of every (star, velocity) on the working grid, (n_star, n_vel, n_q) each, and Σ W D² (float64).
+@dataclass
+class _Shifted:
+    """The standards moved into the templates' rest frame at every trial velocity, stored by (phase, lag).
 
-    D(q) and W(q) are the star's normalised flux and inverse variance at
-    λ_q (1+z_v): the data moved into the template's rest frame.
+    Trial k reads the window [r_k, r_k + n_q) of phase row p_k: the data at
+    λ_q (1+z_k), q = 0..n_q−1, are ``d[s, p_k, r_k + q]``. With an aligned
+    velocity grid (:func:`_phase_plan`) there are P phases and R+1 lags, and a
+    phase row is only R longer than the working grid; otherwise every trial
+    is its own phase (P = n_vel, R = 0).
+
+    d, w : (n_star, P, L) normalised flux and weight in the scan dtype
+        (zero where a working pixel borrows from a bad pixel); wd, ww :
+        (n_star·P, L) W·D and W, the GEMM operands; c : (R+1, n_star, P)
+        Σ W D² over each window (summed in float64); vidx : (R+1, P) velocity index of each
+        (lag, phase), −1 where none; start : (n_vel,) offset p_k·L + r_k of each
+        trial in a star's flattened (P·L) row.
+    """
+
+    d: Any
+    w: Any
+    wd: Any
+    ww: Any
+    c: Any
+    vidx: Any
+    start: Any
+    nq: int
+
+    @property
+    def n_lags(self) -> int:
+        return int(self.vidx.shape[0])
+
+
+def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shifted:
+    """Interpolate the standards once per phase (see :class:`_Shifted`); positions shared by all stars.
+
+    ``plan`` is :func:`_phase_plan`'s answer for ``wq`` and ``velocities``.
     """
     xp = array_namespace(dn)
     dev = _device(dn)
     n_star, n_vel, nq = dn.shape[0], velocities.shape[0], wq.shape[0]
-    plan = _phase_plan(wq, velocities)
     if plan is None:
-        # Any velocity grid: interpolate at every trial (positions shared by all stars).
+        n_ph, n_lag, length = n_vel, 1, nq
         xq = xp.reshape(doppler_factor(velocities)[:, None] * wq[None, :], (-1,))
-        length, idx = n_vel * nq, None
+        vidx = xp.reshape(xp.arange(n_vel, dtype=xp.int64, device=dev), (1, n_vel))
+        start = xp.arange(n_vel, dtype=xp.int64, device=dev) * nq
     else:
-        # Aligned grid: interpolate at P phases over the lag range, then gather.
-        phases, lag, phase = plan
-        a0, a1 = min(lag), max(lag)
-        length = nq + a1 - a0
-        n = wq.shape[0]
-        dln = math.log(float(wq[n - 1]) / float(wq[0])) / (n - 1)
+        n_ph, lag, phase = plan
+        a0 = min(lag)
+        n_lag = max(lag) - a0 + 1
+        length = nq + n_lag - 1
+        dln = math.log(float(wq[nq - 1]) / float(wq[0])) / (nq - 1)
         j = xp.arange(length, dtype=xp.float64, device=dev)
-        b = xp.arange(phases, dtype=xp.float64, device=dev)
-        lnx = math.log(float(wq[0])) + ((j[None, :] + a0) + b[:, None] / phases) * dln
-        xq = xp.reshape(xp.exp(lnx), (-1,))
+        b = xp.arange(n_ph, dtype=xp.float64, device=dev)
+        xq = xp.reshape(float(wq[0]) * xp.exp(((j[None, :] + a0) + b[:, None] / n_ph) * dln), (-1,))
+        table = [[-1] * n_ph for _ in range(n_lag)]
+        for k, (a, p) in enumerate(zip(lag, phase)):
+            table[a - a0][p] = k
+        vidx = xp.asarray(table, dtype=xp.int64, device=dev)
         start = xp.asarray([p * length + (a - a0) for a, p in zip(lag, phase)], dtype=xp.int64, device=dev)
-        idx = xp.reshape(start[:, None] + xp.arange(nq, dtype=xp.int64, device=dev)[None, :], (-1,))
+    shape = (n_star, n_ph, length)
 
     def shift(a):
-        return interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0)
+        return xp.reshape(interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0), shape)
 
     d = shift(dn)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
     w = xp.where(shift(good) > 0.999, shift(wn), 0.0)
     wd = w * d
-    if idx is None:
-        c = xp.sum(xp.reshape(wd * d, (n_star, n_vel, nq)), axis=2, dtype=xp.float64)
-    else:
-        # Σ W D² over each trial's window: differences of one running sum per phase.
-        cs = xp.cumulative_sum(xp.astype(wd * d, xp.float64), axis=1, include_initial=True)
-        c = xp.take(cs, start + nq, axis=1) - xp.take(cs, start, axis=1)
-        wd, w = xp.take(wd, idx, axis=1), xp.take(w, idx, axis=1)
-    return xp.reshape(wd, (n_star, n_vel, nq)), xp.reshape(w, (n_star, n_vel, nq)), c
+    # Σ W D² over every window [r, r + n_q): the row's sum less what lies before
+    # and after it, both running sums over the R pixels at the ends (float64).
+    x = wd * d
+    head = xp.cumulative_sum(xp.astype(x[:, :, :n_lag - 1], xp.float64), axis=2, include_initial=True)
+    tail = xp.astype(x[:, :, nq:], xp.float64)
+    after = xp.sum(tail, axis=2)[:, :, None] - xp.cumulative_sum(tail, axis=2, include_initial=True)
+    c = xp.sum(x, axis=2, dtype=xp.float64)[:, :, None] - head - after
+    c = xp.permute_dims(c, (2, 0, 1))
+    flat = (n_star * n_ph, length)
+    return _Shifted(d=d, w=w, wd=xp.reshape(wd, flat), ww=xp.reshape(w, flat), c=c, vidx=vidx, start=start, nq=nq)
 
 
-def _columns(wd, w):
-    """(n_q, n_col) views of W·D and W with the (star, velocity) pairs as columns."""
-    xp = array_namespace(wd)
-    n_star, n_vel, nq = wd.shape
-    ncol = n_star * n_vel
-    return (xp.permute_dims(xp.reshape(wd, (ncol, nq)), (1, 0)),
-            xp.permute_dims(xp.reshape(w, (ncol, nq)), (1, 0)))
+def _at_velocity(sh: _Shifted, k) -> _Shifted:
+    """One trial per star (``k``: (n_star,) velocity indices) as a single-phase, single-lag :class:`_Shifted`."""
+    xp = array_namespace(sh.d)
+    n_star = sh.d.shape[0]
+    idx = xp.take(sh.start, k, axis=0)[:, None] + xp.arange(sh.nq, dtype=xp.int64, device=_device(k))[None, :]
+    d = xp.take_along_axis(xp.reshape(sh.d, (n_star, -1)), idx, axis=1)
+    w = xp.take_along_axis(xp.reshape(sh.w, (n_star, -1)), idx, axis=1)
+    wd = w * d
+    c = xp.sum(xp.astype(wd * d, xp.float64), axis=1)
+    return _Shifted(d=d[:, None, :], w=w[:, None, :], wd=wd, ww=w, c=c[None, :, None],
+                    vidx=xp.zeros((1, 1), dtype=xp.int64, device=_device(k)),
+                    start=xp.zeros((1,), dtype=xp.int64, device=_device(k)), nq=sh.nq)
 
 
 def _chi2_from_sums(a, b, c):
-    """χ² = c − a²/b in float64 (the difference cancels); +inf where b = 0 (no usable pixel)."""
+    """χ² = c − a²/b in the dtype of ``a`` and ``b``; +inf where b = 0 (no usable pixel).
+
+    The difference cancels: with float32 products the rounding of Σ W D m
+    (about 1e-6 of Σ W D² for a few thousand pixels) already exceeds that of
+    this combination, so it stays in float32 (the parabola in velocity
+    recomputes its χ² in float64, :func:`_chi2_at_lags`).
+    """
     xp = array_namespace(a)
-    q = xp.astype(a, xp.float64)
-    q = q * q
-    q /= xp.where(b > 0, xp.astype(b, xp.float64), xp.nan)
-    chi2 = c - q
+    q = a * a
+    q /= xp.where(b > 0, b, xp.nan)
+    chi2 = xp.astype(c, q.dtype) - q
     return xp.where(xp.isnan(chi2), xp.inf, chi2)
 
 
@@ -363,35 +411,91 @@ def _block_source(norm_flux, be):
     return get
 
 
-def _scan_exhaustive(get_block, n_t, wd, ww, c, n_star, n_vel, block_size):
-    """χ² minimum over velocity for every (template, star), and the lag where it falls: (n_t, n_star) each."""
-    xp = array_namespace(wd)
+def _min_over_lags(products, sh: _Shifted):
+    """Minimum χ² over every trial velocity, and its velocity index.
+
+    ``products(r)`` gives Σ W D m and Σ W m² at lag r, shaped (n_star, P, n)
+    for n templates. The loop runs over the R+1 whole-pixel lags (the
+    velocity range in working pixels), each a batch of matrix
+    products; the minimum is kept on the device. Ties go to the lower velocity
+    index, as a plain argmin over velocities would. Returns (n_star, n) each.
+    """
+    xp = array_namespace(sh.c)
+    best, where_v = None, None
+    for r in range(sh.n_lags):
+        a, b = products(r)
+        chi2 = _chi2_from_sums(a, b, sh.c[r, :, :, None])
+        chi2 = xp.where(sh.vidx[r, :][None, :, None] >= 0, chi2, xp.inf)
+        k = xp.argmin(chi2, axis=1)
+        val = xp.take_along_axis(chi2, k[:, None, :], axis=1)[:, 0, :]
+        v = xp.reshape(xp.take(sh.vidx[r, :], xp.reshape(k, (-1,)), axis=0), k.shape)
+        if best is None:
+            best, where_v = val, v
+        else:
+            better = val < best
+            best = xp.where(better, val, best)
+            where_v = xp.where(better, v, where_v)
+    return best, where_v
+
+
+def _scan_exhaustive(get_block, n_t, sh: _Shifted, block_size):
+    """χ² minimum over velocity for every (template, star), and the velocity index where it falls: (n_t, n_star) each.
+
+    Per block of templates and per lag: two GEMMs, (n_star·P, n_q) @ (n_q, n_b),
+    the data's lag window a strided view (no copy).
+    """
+    xp = array_namespace(sh.wd)
+    nq = sh.nq
+    n_star, n_ph = sh.d.shape[0], sh.d.shape[1]
     best, lag = [], []
     for b0 in range(0, n_t, block_size):
         m = get_block(b0, min(n_t, b0 + block_size))
-        nb = m.shape[0]
-        chi2 = xp.reshape(_chi2_from_sums(m @ wd, (m * m) @ ww, c[None, :]), (nb, n_star, n_vel))
-        del m
-        k = xp.argmin(chi2, axis=2)[:, :, None]
-        best.append(xp.take_along_axis(chi2, k, axis=2)[:, :, 0])
-        lag.append(k[:, :, 0])
-        del chi2
-    return xp.concat(best, axis=0), xp.concat(lag, axis=0)
+        mt = xp.permute_dims(m, (1, 0))
+        m2t = xp.permute_dims(m * m, (1, 0))
+        shape = (n_star, n_ph, m.shape[0])
+
+        def products(r):
+            return (xp.reshape(sh.wd[:, r:r + nq] @ mt, shape), xp.reshape(sh.ww[:, r:r + nq] @ m2t, shape))
+
+        val, v = _min_over_lags(products, sh)
+        del m, mt, m2t
+        best.append(val)
+        lag.append(v)
+    return xp.permute_dims(xp.concat(best, axis=1), (1, 0)), xp.permute_dims(xp.concat(lag, axis=1), (1, 0))
 
 
-def _chi2_at_lags(wq, wave_obs, dn, wn, good, m, v):
-    """float64 χ² of templates ``m`` (n_star, n_q) at per-star velocities ``v`` (n_star, n_v): (n_star, n_v).
+def _candidates_best(cand_m, sh: _Shifted):
+    """Best χ² over all velocities of each star's own candidates, and its velocity index: (n_star, k) each.
+
+    cand_m : (n_star, k, n_q). Per lag, a batch of n_star products (P, n_q) @ (n_q, k).
+    """
+    xp = array_namespace(cand_m)
+    nq = sh.nq
+    ct = xp.permute_dims(cand_m, (0, 2, 1))
+    c2t = ct * ct
+    wd, ww = xp.reshape(sh.wd, sh.d.shape), xp.reshape(sh.ww, sh.d.shape)
+    return _min_over_lags(lambda r: (wd[:, :, r:r + nq] @ ct, ww[:, :, r:r + nq] @ c2t), sh)
+
+
+def _chi2_at_lags(sh: _Shifted, m, k):
+    """float64 χ² of templates ``m`` (n_star, n_q) at per-star velocity indices ``k`` (n_star, n): (n_star, n).
 
     The scan's float32 products rank templates reliably, but the parabola in
-    velocity reads differences of χ² that float32 sums blur; the three lags
-    around each star's best are recomputed here in float64.
+    velocity reads differences of χ² that float32 sums blur; the lags around
+    each star's best are recomputed here in float64 from the shifted data.
     """
-    xp = array_namespace(dn)
-    xq = doppler_factor(v)[:, :, None] * wq[None, None, :]
-    d = interp(xq, wave_obs, dn[:, None, :], left=0.0, right=0.0)
-    g = interp(xq, wave_obs, xp.astype(good, xp.float64)[:, None, :], left=0.0, right=0.0)
-    w = interp(xq, wave_obs, wn[:, None, :], left=0.0, right=0.0)
-    w = xp.where(g > 0.999, w, 0.0)
+    xp = array_namespace(sh.d)
+    n_star, n = k.shape
+    nq = sh.nq
+    idx = xp.take(sh.start, xp.reshape(k, (-1,)), axis=0)
+    idx = xp.reshape(idx, (n_star, n, 1)) + xp.arange(nq, dtype=xp.int64, device=_device(k))[None, None, :]
+    idx = xp.reshape(idx, (n_star, n * nq))
+
+    def rows(a):
+        a = xp.take_along_axis(xp.reshape(a, (n_star, -1)), idx, axis=1)
+        return xp.reshape(xp.astype(a, xp.float64), (n_star, n, nq))
+
+    d, w = rows(sh.d), rows(sh.w)
     m = xp.astype(m, xp.float64)[:, None, :]
     a = xp.sum(w * d * m, axis=2)
     b = xp.sum(w * m * m, axis=2)
@@ -410,18 +514,6 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
     # χ² ≈ cb + (curv / 2)(v − v_best)² / dv², so Δχ² = 1 at dv·sqrt(2 / curv).
     err = xp.where(ok, dv * xp.sqrt(2.0 / safe), xp.inf)
     return v, err, interior
-
-
-def _candidates_chi2(cand_m, wd, w, c):
-    """χ² over all lags for each star's own candidate templates.
-
-    cand_m : (n_star, k, n_q); wd, w : (n_star, n_vel, n_q); c : (n_star, n_vel).
-    Returns (n_star, k, n_vel).
-    """
-    xp = array_namespace(cand_m)
-    wd_t = xp.permute_dims(wd, (0, 2, 1))  # (n_star, n_q, n_vel)
-    w_t = xp.permute_dims(w, (0, 2, 1))
-    return _chi2_from_sums(cand_m @ wd_t, (cand_m * cand_m) @ w_t, c[:, None, :])
 
 
 def _huber_scores(wave_obs, dn, wn, good, prepared_wave, cand_m, cand_v, delta, niter=8):
@@ -583,13 +675,16 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     n_star = dn.shape[0]
     nq = int(prepared.wave.shape[0])
     budget = memory_budget(max_memory)
-    n_scan_vel = 1 if fast else n_vel
-    ncol = n_star * n_scan_vel
-    # Fixed: D, W, the two column matrices at the scan's width, and interp's
-    # temporaries (float64 positions, int64 indices and weights per position). Per template: its row and its
-    # square, the two products, their float64 copies and the χ² temporaries.
-    fixed = 48 * n_vel * nq + (6 * n_star * n_vel + 2 * ncol) * nq * itemsize
-    per_template = 2 * nq * itemsize + 2 * ncol * itemsize + 6 * ncol * 8 + 4 * n_star * 8
+    plan = _phase_plan(prepared.wave, velocities)
+    n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
+    cells = n_star * n_ph * length
+    # Fixed: the shifted data (float64 D and W, the scan-dtype operands) with the
+    # interpolation's temporaries while they are built (positions, indices,
+    # weights, the good fraction, the running sum), and the per-template results.
+    # Per template: its row and its square, and per lag the two products with
+    # the float64 χ² temporaries.
+    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
+    per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if block_size is None:
         if fixed + per_template > budget:
             raise InputError(
@@ -598,27 +693,18 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
             )
         block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
     get_block = _block_source(prepared.norm_flux, be)
-    wdv, w, c = _shifted_columns(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype)
+    sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
 
     if fast:
         fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
         fid_m = _gather(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
-        wd, ww = _columns(wdv, w)
-        cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], wd, ww,
-                                          xp.reshape(c, (-1,)), n_star, n_vel, block_size)
-        del wd, ww
+        cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
         tf = xp.argmin(cf, axis=0)[None, :]
         kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
-        # The whole grid at each star's own fiducial lag: one column per star.
-        at = xp.broadcast_to(kfb[:, None, None], (n_star, 1, nq))
-        wd1, ww1 = _columns(xp.take_along_axis(wdv, at, axis=1), xp.take_along_axis(w, at, axis=1))
-        c1 = xp.take_along_axis(c, kfb[:, None], axis=1)[:, 0]
-        chi2_t, _ = _scan_exhaustive(get_block, n_t, wd1, ww1, c1, n_star, 1, block_size)
+        # The whole grid at each star's own fiducial velocity: one column per star.
+        chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
     else:
-        wd, ww = _columns(wdv, w)
-        chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, wd, ww, xp.reshape(c, (-1,)),
-                                                      n_star, n_vel, block_size)
-        del wd, ww
+        chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, sh, block_size)
     if prior is not None:
         allowed = xp.permute_dims(prior, (1, 0))
         any_allowed = xp.any(allowed, axis=0)
@@ -630,9 +716,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
         flat = xp.reshape(cand, (-1,))
         cand_m = xp.reshape(_gather(prepared.norm_flux, be, flat), (n_star, k, nq))
-        cchi = _candidates_chi2(cand_m, wdv, w, c)  # (n_star, k, n_vel)
-        ck = xp.argmin(cchi, axis=2)  # best lag per candidate
-        cbest = xp.take_along_axis(cchi, ck[:, :, None], axis=2)[:, :, 0]
+        cbest, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
         if metric == "huber":
             cv = xp.take(velocities, xp.reshape(ck, (-1,)), axis=0)
             score = _huber_scores(spectra.wave, dn, wn, good, prepared.wave, cand_m,
@@ -645,11 +729,10 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     else:
         tbest = xp.argmin(chi2_t, axis=0)
         kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
-    del wdv, w
     best_m = _gather(prepared.norm_flux, be, tbest)
     three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
-    v3 = xp.reshape(xp.take(velocities, xp.reshape(three, (-1,)), axis=0), three.shape)
-    c3 = _chi2_at_lags(prepared.wave, spectra.wave, dn, wn, good, best_m, v3)
+    c3 = _chi2_at_lags(sh, best_m, three)
+    del sh
     ca, cb, cc = c3[:, 0], c3[:, 1], c3[:, 2]
     rv, rv_err, interior = _parabola(ca, cb, cc, kbest, n_vel, velocities, dv)
 

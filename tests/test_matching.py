@@ -11,9 +11,9 @@ from gpucal.containers import SpectraBatch
 from gpucal.errors import InputError
 from gpucal.matching import (
     PreparedGrid,
+    _phase_plan,
     _scan_exhaustive,
-    _shifted_columns,
-    _columns,
+    _shifted_phases,
     grid_neighbours,
     match_templates,
     normalise_observed,
@@ -64,21 +64,26 @@ def test_grid_neighbours_brute_force():
                 assert nb[t, j, side] == want
 
 
-def test_scan_chi2_matches_a_loop(backend, sim):
-    """χ² of every (template, star, velocity) from the GEMMs equals the explicit sums."""
+@pytest.mark.parametrize("vrange", [(-20.0, 20.0, 10.0), (-60.0, 75.0, 5.0)], ids=["any-grid", "aligned"])
+def test_scan_chi2_matches_a_loop(backend, sim, vrange):
+    """χ² of every (template, star, velocity) from the GEMMs equals the explicit sums.
+
+    A 10 km/s step on a grid prepared for 5 km/s interpolates every trial; the
+    5 km/s grid is aligned (whole-pixel lags times sub-pixel phases).
+    """
     grid = demo_grid()
     sub = type(grid)(params=grid.params[::40], wave=grid.wave, flux=grid.flux[::40], medium=grid.medium)
     wave = backend.asarray(sim.wave)
     prep = prepare_grid(sub, wave, fwhm=FWHM, dtype=backend.xp.float64)
     spec = _standards(sim, backend)
     dn, wn, good = normalise_observed(spec)
-    vel = velocity_grid(-20.0, 20.0, 10.0, like=wave)
-    wdv, w, c = _shifted_columns(prep.wave, wave, dn, wn, good, vel, backend.xp.float64)
-    wd, ww = _columns(wdv, w)
+    vel = velocity_grid(*vrange, like=wave)
+    plan = _phase_plan(prep.wave, vel)
+    assert (plan is None) == (vrange[2] == 10.0)
+    sh = _shifted_phases(prep.wave, wave, dn, wn, good, vel, backend.xp.float64, plan)
     n_t = prep.norm_flux.shape[0]
-    n_star, n_vel = c.shape
-    best, lag = _scan_exhaustive(lambda a, b: prep.norm_flux[a:b, :], n_t, wd, ww,
-                                 backend.xp.reshape(c, (-1,)), n_star, n_vel, 2)
+    n_star, n_vel = dn.shape[0], vel.shape[0]
+    best, lag = _scan_exhaustive(lambda a, b: prep.norm_flux[a:b, :], n_t, sh, 2)
     # Oracle: shift the data with np.interp at every trial, then the χ² sums, in loops.
     m, wq, v = (to_numpy(a) for a in (prep.norm_flux, prep.wave, vel))
     dnh, wnh, gh = (to_numpy(a) for a in (dn, wn, good))
