@@ -1,4 +1,4 @@
-"""Command line: ``gpucal demo | calibrate | info``.
+"""Command line: ``gpucal demo | calibrate | info | templates | bench``.
 
 Errors gpucal raises on purpose (GpucalError) are printed as one line,
 ``gpucal: error: ...``, with exit status 2 and no traceback unless --debug.
@@ -136,6 +136,15 @@ def build_parser():
     from .templates.grid import add_templates_parser
 
     add_templates_parser(sub)
+
+    from .benchmark import add_bench_parser
+
+    p = add_bench_parser(sub)
+    p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
+                   help="radial-velocity scan in km/s (default -500:500:5)")
+    p.add_argument("--max-memory", default=None,
+                   help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
+    _add_common(p)
     return parser
 
 
@@ -255,6 +264,12 @@ def _templates(args):
     return run_templates_command(args)
 
 
+def _bench(args):
+    from .benchmark import run_bench_command
+
+    return run_bench_command(args)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -264,7 +279,7 @@ def main(argv=None):
     for name in ("matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
-        return {"info": _info, "calibrate": _calibrate, "demo": _demo, "templates": _templates}[args.command](args)
+        return {"info": _info, "calibrate": _calibrate, "demo": _demo, "templates": _templates, "bench": _bench}[args.command](args)
     except GpucalError as exc:
         if args.debug:
             raise
