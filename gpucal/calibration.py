@@ -29,7 +29,7 @@ from array_api_compat import device as _device
 from .backends import array_namespace, interp, masked_median, savgol_filter, sigma_clip, to_backend, backend_of
 from .containers import CalibrationVectors, FluxCalibrationResult, Photometry
 from .errors import InputError
-from .masks import TELLURIC_DEFAULT, region_mask
+from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
 from .matching import doppler_factor
 from .photometry import synthetic_maggies, system_offsets
 from .templates.lsf import convolve_to_instrument
@@ -38,6 +38,7 @@ __all__ = [
     "shift_to_observed",
     "scale_template_to_photometry",
     "calibration_vectors",
+    "star_outliers",
     "combine_calibration_vectors",
     "apply_flux_calibration",
     "fill_masked",
@@ -135,10 +136,29 @@ def _weighted_mean(cal, ivar, keep):
     return xp.where(wsum > 0, mean, xp.nan), xp.where(wsum > 0, 1.0 / safe, xp.nan), wsum > 0
 
 
+def star_outliers(cal, ivar, mask, *, nsigma: float = 8.0, floor: float = 0.2, weight_cap: float = 10.0):
+    """Each star's own outlier pixels, and its inverse variances capped, before stars are combined.
+
+    A calibration vector is smooth on the scale of a few pixels, so a pixel
+    far from its neighbours is an outlier of that star (a hot pixel, a cosmic
+    ray the reduction missed): more than ``nsigma`` σ and ``floor`` (20 %)
+    away from its neighbours, both ways, since the stars' lines divide out of
+    the vector. Per-pixel clipping across stars cannot find it when few
+    stars measure the pixel. An inverse variance far above its
+    neighbours' is capped, so one pixel with a wrongly tiny variance cannot
+    outweigh every other star. See :func:`gpucal.masks.local_outliers` and
+    :func:`gpucal.masks.cap_local_weights`.
+
+    cal, ivar, mask : (n_star, n_pix). Returns (outlier mask, capped ivar).
+    """
+    outlier = local_outliers(cal, ivar, mask, nsigma=nsigma, floor=floor)
+    return outlier, cap_local_weights(ivar, mask & ~outlier, factor=weight_cap)
+
+
 def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, method: str = "weighted_mean",
                                 nsigma: float = 3.0, maxiter: int = 5, reject_nsigma: float = 5.0,
                                 reject_floor: float = 0.05, smooth: int = 0, polyorder: int = 3,
-                                fill_window: int = 51) -> FluxCalibrationResult:
+                                fill_window: int = 51, outlier_nsigma: float = 8.0) -> FluxCalibrationResult:
     """Combine per-star vectors into one calibration, rejecting discrepant stars.
 
     Parameters
@@ -155,6 +175,8 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
         is over the usable stars, so one wild star cannot hide itself.
     smooth : Savitzky–Golay window in pixels (0 = none); masked pixels stay masked.
     fill_window : smoothing window used to bridge pixels no star measured.
+    outlier_nsigma : each star's own outlier pixels are masked, and its
+        inverse variances capped, first (:func:`star_outliers`).
 
     Returns
     -------
@@ -171,6 +193,8 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
     mask = vectors.mask & usable[:, None]
     cal = xp.where(mask, vectors.cal, 0.0)
     ivar = xp.where(mask, 1.0 / xp.where(mask, vectors.var, 1.0), 0.0)
+    outlier, ivar = star_outliers(cal, ivar, mask, nsigma=outlier_nsigma)
+    mask = mask & ~outlier
 
     # Star-level rejection: each star's median ratio to the pixel-wise median.
     ref = masked_median(cal, mask, axis=0)
@@ -210,6 +234,7 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
         wave=vectors.wave, cal=filled, var=filled_var, measured=measured, used=used,
         reasons=[], residuals=resid,
         summary={"method": method, "level": level, "discrepant": discrepant, "rms_scatter": rms,
+                 "n_outlier_pixels": xp.sum(xp.astype(outlier, xp.int64), axis=1),
                  "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth},
     )
 

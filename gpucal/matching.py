@@ -42,7 +42,7 @@ from .backends import array_namespace, backend_of, interp, to_backend, to_numpy
 from .containers import MatchResult, SpectraBatch, TemplateGrid
 from .continuum import fit_continuum
 from .errors import CoverageError, InputError
-from .masks import TELLURIC_DEFAULT, region_mask
+from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
 from .templates.lsf import FWHM_TO_SIGMA, convolve_to_instrument, instrument_fwhm
 
 __all__ = [
@@ -201,8 +201,11 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
 def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, continuum_degree: int = 7):
     """Continuum-normalised flux and its inverse variance, (n_star, n_pix) each.
 
-    Bad pixels (mask False, NaN flux, non-positive or non-finite variance) and
-    the ``good_regions``-excluded bands get zero weight and zero flux.
+    Bad pixels (mask False, NaN flux, non-positive or non-finite variance),
+    the ``good_regions``-excluded bands and single pixels far above their
+    neighbours (hot pixels, cosmic rays: :func:`gpucal.masks.local_outliers`)
+    get zero weight and zero flux; an inverse variance far above its
+    neighbours' is capped (:func:`gpucal.masks.cap_local_weights`).
     """
     xp = array_namespace(spectra.flux)
     f, v = spectra.flux, spectra.var
@@ -213,7 +216,11 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
     cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)
     dn = xp.where(good, ff / cont, 0.0)
     wn = w * cont * cont
-    return dn, wn, good
+    # A hot pixel or cosmic ray (far above its neighbours: lines go down) would pull every
+    # template's χ² by itself, and so would a pixel with a wrongly tiny variance.
+    good = good & ~local_outliers(dn, wn, good, nsigma=8.0, floor=0.2, side="high")
+    wn = cap_local_weights(wn, good)
+    return xp.where(good, dn, 0.0), wn, good
 
 
 

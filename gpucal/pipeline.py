@@ -260,7 +260,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
         at_edge=at_edge, n_good=n_good, used=res.used, level=res.summary["level"],
         discrepant=res.summary["discrepant"], cal=res.cal, cal_var=res.var, measured=res.measured,
         flux=cal_flux, var=cal_var, rms=res.summary["rms_scatter"], star_cal=vec.cal, star_mask=vec.mask,
-        dof=match.dof,
+        dof=match.dof, n_outlier=res.summary["n_outlier_pixels"],
     ).items()}
     reasons = []
     for i in range(len(std)):
@@ -300,6 +300,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     for j, b in enumerate(phot.bands):
         per_star[f"DMAG_{b.split('-')[-1].upper()}"] = h["residual"][:, j]
     per_star["N_GOOD"] = h["n_good"]
+    per_star["N_OUTLIER"] = h["n_outlier"]  # the star's own outlier pixels left out of the combination
     per_star["PHOT_MATCH"] = list(match_info)
     per_star["USED"] = h["used"].astype(bool)
     per_star["REASON"] = [r or "-" for r in reasons]

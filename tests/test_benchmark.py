@@ -47,11 +47,12 @@ def test_reference_loop_finds_the_truth_and_agrees_with_the_scan(small):
     ref_idx, ref_v = reference_loop(np.asarray(sim.wave), dn, wn, good, wq, norm, conv, to_numpy(vel))
     np.testing.assert_array_equal(ref_idx, true_idx)
     np.testing.assert_array_equal(to_numpy(res.index), ref_idx)
-    # The working-grid correlation locks toward whole lags (~65 km/s here); both stay within a few km/s.
-    np.testing.assert_allclose(ref_v, true_rv, atol=4.0)
+    # The correlation on the working grid locks toward whole lags (~65 km/s here); a 4x finer one
+    # does not, but the unweighted correlation still errs by a few km/s where the χ² scan does not.
+    np.testing.assert_allclose(ref_v, true_rv, atol=8.0)
     fine = fine_ccf_velocities(np.asarray(sim.wave), dn, good, wq, norm, ref_idx, to_numpy(vel))
-    np.testing.assert_allclose(fine, true_rv, atol=1.5)
-    np.testing.assert_allclose(to_numpy(res.rv), fine, atol=1.5)
+    np.testing.assert_allclose(fine, true_rv, atol=4.0)
+    np.testing.assert_allclose(to_numpy(res.rv), true_rv, atol=1.0)
 
 
 def test_run_scan_benchmark_reports_consistent_numbers():

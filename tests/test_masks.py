@@ -1,0 +1,96 @@
+"""Single-pixel outliers and weight caps against a brute-force loop; what they do to matching and combining."""
+
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from gpucal.backends import get_backend, to_numpy
+from gpucal.containers import CalibrationVectors
+from gpucal.calibration import combine_calibration_vectors
+from gpucal.errors import InputError
+from gpucal.masks import cap_local_weights, local_outliers
+
+
+def _neighbour_median_loop(x, mask):
+    out = np.empty_like(x)
+    n = x.shape[1]
+    for s in range(x.shape[0]):
+        for i in range(n):
+            vals = [x[s, i + k] if 0 <= i + k < n and mask[s, i + k] else x[s, i] for k in (-2, -1, 1, 2)]
+            out[s, i] = np.median(vals)
+    return out
+
+
+@pytest.fixture
+def noisy():
+    rng = np.random.default_rng(7)
+    n_spec, n_pix = 3, 200
+    lines = 1 - 0.6 * np.exp(-0.5 * ((np.arange(n_pix) - 80) / 1.5) ** 2)  # a resolved line, 3 px sigma-wide
+    ivar = np.full((n_spec, n_pix), 1e4) * rng.uniform(0.5, 2.0, (n_spec, n_pix))
+    x = lines[None, :] + rng.standard_normal((n_spec, n_pix)) / np.sqrt(ivar)
+    mask = rng.random((n_spec, n_pix)) > 0.05
+    x[0, 40] = 3.0  # a hot pixel
+    x[1, 120] = 0.2  # a dead pixel
+    x[2, 60] = 3.0
+    mask[2, 60] = False  # already masked: not flagged again
+    ivar[1, 150] = 1e9  # a wrongly tiny variance
+    return x, ivar, mask
+
+
+@pytest.mark.parametrize("side", ["both", "high"])
+def test_local_outliers_match_a_loop(backend, noisy, side):
+    x, ivar, mask = noisy
+    got = local_outliers(backend.asarray(x), backend.asarray(ivar), backend.asarray(mask), nsigma=8.0,
+                         floor=0.1, side=side)
+    ref = _neighbour_median_loop(x, mask)
+    dev = x - ref if side == "high" else np.abs(x - ref)
+    want = mask & (dev > 8.0 / np.sqrt(ivar)) & (dev > 0.1 * np.abs(ref))
+    np.testing.assert_array_equal(to_numpy(got), want)
+    # As used: observed spectra side="high" with a 20 % floor; the line's core stays, the hot pixel goes.
+    used = to_numpy(local_outliers(backend.asarray(x), backend.asarray(ivar), backend.asarray(mask), nsigma=8.0,
+                                   floor=0.2, side=side))
+    flagged = set(zip(*np.nonzero(used)))
+    assert (0, 40) in flagged and (2, 60) not in flagged
+    assert ((1, 120) in flagged) == (side == "both")
+    assert side == "both" or not any(abs(i - 80) <= 3 for _, i in flagged)
+
+
+def test_cap_local_weights_matches_a_loop(backend, noisy):
+    x, ivar, mask = noisy
+    got = cap_local_weights(backend.asarray(ivar), backend.asarray(mask), factor=10.0)
+    ref = _neighbour_median_loop(ivar, mask)
+    want = np.where(mask, np.where(ref > 0, np.minimum(ivar, 10 * ref), ivar), 0.0)
+    assert_close(got, want, rtol=1e-12, backend=backend)
+    assert to_numpy(got)[1, 150] < 1e6
+
+
+def test_local_outliers_side_must_be_known():
+    xp = get_backend("numpy").xp
+    with pytest.raises(InputError, match="side"):
+        local_outliers(xp.ones((1, 5)), xp.ones((1, 5)), xp.ones((1, 5), dtype=bool), side="low")
+
+
+@pytest.mark.parametrize("what", ["spike", "tiny-variance"])
+def test_one_bad_pixel_in_one_of_three_stars_does_not_move_the_combination(backend, what):
+    """1-of-3 clipping across stars cannot reject it; the star's own mask and weight cap do."""
+    rng = np.random.default_rng(3)
+    n_star, n_pix = 3, 300
+    wave = np.linspace(5000.0, 6000.0, n_pix)
+    truth = 1e-17 * (1 + 0.3 * np.sin(wave / 300.0))
+    var = (0.01 * truth) ** 2 * np.ones((n_star, 1))
+    cal = truth[None, :] * (1 + 0.01 * rng.standard_normal((n_star, n_pix)))
+    if what == "spike":
+        cal[0, 150] = 0.01 * truth[150]
+    else:
+        var[0, 150] = 1e-8 * var[0, 150]
+        cal[0, 150] = 1.02 * truth[150]  # a 2-sigma fluctuation that claims a 1e-4 % error
+    mask = np.ones((n_star, n_pix), bool)
+    vec = CalibrationVectors(wave=backend.asarray(wave), cal=backend.asarray(cal), var=backend.asarray(var),
+                             mask=backend.asarray(mask))
+    res = combine_calibration_vectors(vec)
+    comb = to_numpy(res.cal)
+    assert abs(comb[150] / truth[150] - 1) < 0.03
+    # The combined variance does not inherit the one pixel's claimed precision (capped at 10x its neighbours').
+    assert to_numpy(res.var)[150] > var[1, 150] / 20
+    n_out = to_numpy(res.summary["n_outlier_pixels"])
+    assert n_out[0] == (1 if what == "spike" else 0) and n_out[1:].sum() == 0
