@@ -471,6 +471,12 @@ def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     return np.array(ra), np.array(dec)
 
 
+def _doppler(v_kms):
+    """1 + z of a radial velocity (relativistic, as the matcher reports it)."""
+    beta = v_kms / C_KMS
+    return math.sqrt((1.0 + beta) / (1.0 - beta))
+
+
 def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame."""
     from scipy.ndimage import gaussian_filter1d
@@ -480,7 +486,7 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     fine = lo + fine_step * np.arange(n_fine)
     out = np.empty((params.shape[0], fine.size))
     for k in range(params.shape[0]):
-        out[k] = _model(params[k : k + 1], fine / (1.0 + rv[k] / C_KMS))[0][0]
+        out[k] = _model(params[k : k + 1], fine / _doppler(rv[k]))[0][0]
     if fwhm > 0:
         sigma_pix = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / fine_step
         out = gaussian_filter1d(out, sigma_pix, axis=1, mode="nearest", truncate=8.0)
@@ -605,7 +611,7 @@ def simulate_frame(
     dilution = np.empty(n_star)
     std_full = np.empty((n_standards, full_wave.size))
     for k in range(n_star):
-        f = _model(all_params[k : k + 1], full_wave / (1.0 + all_rv[k] / C_KMS))[0][0]
+        f = _model(all_params[k : k + 1], full_wave / _doppler(all_rv[k]))[0][0]
         r0 = _ab_mags(full_wave, f)[0, 1]
         dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
         if k < n_standards:
