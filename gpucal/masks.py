@@ -59,12 +59,13 @@ def _device(x):
     return device(x)
 
 
-def _neighbour_median(x, mask):
-    """Median of each pixel's four nearest neighbours (±1, ±2 pixels along axis 1), (n_spec, n_pix).
+def _neighbour_middle(x, mask):
+    """Second smallest and second largest of each pixel's four nearest neighbours (±1, ±2 pixels).
 
     A neighbour that is masked or off the end counts as the pixel itself,
-    which only pulls the median toward the pixel (fewer flags, never more).
+    which only moves the pair toward the pixel (fewer flags, never more).
     Elementwise min/max of four shifted copies: no sort, no host round trip.
+    Returns (s2, s3), each (n_spec, n_pix); their mean is the median.
     """
     xp = array_namespace(x)
     n = x.shape[1]
@@ -76,36 +77,45 @@ def _neighbour_median(x, mask):
         inside = ((pos + k) >= 0) & ((pos + k) <= n - 1)
         shifted.append(xp.where(inside[None, :] & xp.take(mask, idx, axis=1), xp.take(x, idx, axis=1), x))
     a, b, c, d = shifted
-    lo = xp.maximum(xp.minimum(a, b), xp.minimum(c, d))
-    hi = xp.minimum(xp.maximum(a, b), xp.maximum(c, d))
-    return 0.5 * (lo + hi)
+    # The middle two of four are the larger of the pairs' minima and the smaller of their maxima.
+    u = xp.maximum(xp.minimum(a, b), xp.minimum(c, d))
+    v = xp.minimum(xp.maximum(a, b), xp.maximum(c, d))
+    return xp.minimum(u, v), xp.maximum(u, v)
 
 
 def local_outliers(x, ivar, mask, *, nsigma: float = 8.0, floor: float = 0.0, side: str = "both"):
-    """Single pixels far from their neighbours, per spectrum: (n_spec, n_pix) bool.
+    """Single pixels that stand out from their neighbours, per spectrum: (n_spec, n_pix) bool.
 
-    A pixel is an outlier when it departs from the median of its four nearest
-    neighbours by more than ``nsigma`` σ (σ = 1/sqrt(ivar)) and by more than
-    ``floor`` times that median. Features wider than the neighbourhood move
-    their neighbours too, so they stay; a hot pixel or a cosmic ray does
-    not. The core of an absorption line barely resolved by the pixels does
-    stand out from its ±2-pixel neighbours, so on observed spectra use
-    ``side="high"``, which flags only pixels above their neighbours (the
-    lines go down); a calibration vector, where the lines divide out, can
-    use both sides. Only pixels in ``mask`` are flagged or used as neighbours.
+    A pixel is an outlier when it lies above all but one of its four nearest
+    neighbours (±1, ±2 pixels) by more than ``nsigma`` σ (σ = 1/sqrt(ivar))
+    and by more than ``floor`` times that neighbour's value, or (``side="both"``)
+    below all but one of them by as much. Allowing one neighbour to share the
+    excursion catches a two-pixel cosmic ray; a feature wider than the
+    neighbourhood moves the neighbours too and stays. In an undersampled
+    absorption spectrum a line core stands below its neighbours and a one-
+    or two-pixel window between deep lines stands above them, so on observed
+    spectra use ``side="high"`` together with a cut on the normalised flux
+    (as :func:`gpucal.matching.normalise_observed` does); on calibration
+    vectors, where the lines divide out, use ``"both"``. Only pixels in
+    ``mask`` are flagged or used as neighbours.
     """
     if side not in ("both", "high"):
         raise InputError(f"side must be 'both' or 'high', got {side!r}")
     xp = array_namespace(x)
-    ref = _neighbour_median(x, mask)
+    s2, s3 = _neighbour_middle(x, mask)
     sigma = xp.sqrt(1.0 / xp.where(mask & (ivar > 0), ivar, xp.inf))
-    dev = x - ref if side == "high" else xp.abs(x - ref)
-    return mask & (dev > nsigma * sigma) & (dev > floor * xp.abs(ref))
+    up = x - s3
+    out = (up > nsigma * sigma) & (up > floor * xp.abs(s3))
+    if side == "both":
+        down = s2 - x
+        out = out | ((down > nsigma * sigma) & (down > floor * xp.abs(s2)))
+    return mask & out
 
 
 def cap_local_weights(ivar, mask, *, factor: float = 10.0):
     """``ivar`` capped at ``factor`` times the median of its four nearest neighbours' (where that is > 0); 0 outside ``mask``."""
     xp = array_namespace(ivar)
-    ref = _neighbour_median(ivar, mask)
+    s2, s3 = _neighbour_middle(ivar, mask)
+    ref = 0.5 * (s2 + s3)
     capped = xp.where(ref > 0, xp.minimum(ivar, factor * ref), ivar)
     return xp.where(mask, capped, 0.0)

@@ -216,9 +216,11 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
     cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)
     dn = xp.where(good, ff / cont, 0.0)
     wn = w * cont * cont
-    # A hot pixel or cosmic ray (far above its neighbours: lines go down) would pull every
-    # template's χ² by itself, and so would a pixel with a wrongly tiny variance.
-    good = good & ~local_outliers(dn, wn, good, nsigma=8.0, floor=0.2, side="high")
+    # A hot pixel or cosmic ray would pull every template's χ² by itself, and so would a pixel
+    # with a wrongly tiny variance. In a normalised absorption spectrum no real pixel stands far
+    # above both its neighbours and 1.5 x the continuum (two-pixel windows between deep lines can
+    # stand well above their neighbours, but not above the continuum).
+    good = good & ~(local_outliers(dn, wn, good, nsigma=8.0, side="high") & (dn > 1.5))
     wn = cap_local_weights(wn, good)
     return xp.where(good, dn, 0.0), wn, good
 
