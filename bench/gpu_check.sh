@@ -13,10 +13,12 @@ python3 -m gpucal.cli info 2>&1 | tee -a "$OUT/device.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider -k cupy \
   tests/test_backends.py tests/test_select.py tests/test_calibration.py tests/test_matching.py \
   tests/test_end_to_end.py tests/test_photometry.py tests/test_lsf.py tests/test_bosz.py tests/test_extinction.py \
+  tests/test_masks.py \
   2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 timeout 150 python3 bench/scan.py --backend cupy --templates 20800 --ref-templates 520 --max-memory 32G \
   --label cupy-gpu 2>&1 | tail -12 | tee "$OUT/scan_gpu.txt"
-timeout 60 python3 bench/scan.py --backend cupy --templates 520 --max-memory 32G --label cupy-gpu-520 \
+timeout 90 python3 bench/scan.py --backend cupy --templates 520 --max-memory 32G --label cupy-gpu-520 \
+  --memory-check 256M \
   2>&1 | tail -12 | tee "$OUT/scan_gpu_520.txt"
 cp bench/results/scan_cupy-gpu*.json "$OUT/" 2>/dev/null
 timeout 45 python3 -m gpucal.cli demo --backend cupy --out /tmp/demo-gpu --no-plots 2>&1 | tail -9 | tee "$OUT/demo_gpu.txt"
