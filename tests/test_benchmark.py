@@ -65,10 +65,10 @@ def test_run_scan_benchmark_reports_consistent_numbers():
     assert r["fraction_of_plain_matmul"]["exhaustive"] == pytest.approx(
         r["gflops"]["exhaustive"] / r["gflops"]["plain_matmul"])
     assert r["agreement"]["fast_vs_exhaustive_same_template"] == 1.0
-    # The first 40 nodes are one corner of the grid (the stars' own nodes are elsewhere): agreement is
-    # reported, not expected; test_reference_loop_finds_the_truth_and_agrees_with_the_scan checks it.
-    assert 0.0 <= r["agreement"]["exhaustive_vs_reference_same_template"] <= 1.0
-    assert r["agreement"]["exhaustive_vs_reference_dv_kms"]["rms"] <= r["agreement"]["exhaustive_vs_reference_dv_kms"]["max"]
+    ag = r["agreement"]  # the stars are drawn from the 40 nodes scanned, at velocities inside the range
+    assert ag["exhaustive_same_template_as_truth"] == 1.0 and ag["exhaustive_vs_reference_same_template"] == 1.0
+    assert ag["exhaustive_vs_truth_dv_kms"]["max"] < 1.5
+    assert ag["exhaustive_vs_reference_dv_kms"]["rms"] <= ag["exhaustive_vs_reference_dv_kms"]["max"] < 8.0
     mc = r["memory_check"]
     assert mc["grid_bytes"] >= 10 * mc["budget_bytes"] - 4 * s["working_pixels"]
     assert mc["peak_under_budget"] and mc["peak_bytes"] < mc["budget_bytes"]
