@@ -687,11 +687,11 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     plan = _phase_plan(prepared.wave, velocities)
     n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
     cells = n_star * n_ph * length
-    # Fixed: the shifted data (float64 D and W, the scan-dtype operands) with the
+    # Fixed: the shifted data (D, W and W·D in the scan dtype) with the
     # interpolation's temporaries while they are built (positions, indices,
-    # weights, the good fraction, the running sum), and the per-template results.
-    # Per template: its row and its square, and per lag the two products with
-    # the float64 χ² temporaries.
+    # weights, the good fraction, the float64 sums), and the per-template
+    # results (generously: 48 bytes a cell). Per template: its row and its
+    # square, and per lag the two products with the χ² temporaries.
     fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
     per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if block_size is None:
