@@ -399,7 +399,7 @@ def format_report(result) -> str:
 def add_bench_parser(sub):
     """The ``gpucal bench`` subcommand's own options (the caller adds --backend, --vrange, --max-memory)."""
     p = sub.add_parser("bench", help="time the grid scan against the reference loop and a plain matrix product")
-    p.add_argument("--stars", type=int, default=32)
+    p.add_argument("--stars", type=int, default=32, help="simulated standards (default 32)")
     p.add_argument("--templates", type=int, default=520,
                    help="grid size; above 520 the demo grid is tiled with jittered copies (default 520)")
     p.add_argument("--ref-templates", type=int, default=None,
@@ -415,9 +415,10 @@ def run_bench_command(args) -> int:
     """Run ``gpucal bench`` from parsed arguments; prints the table, writes JSON if asked."""
     from .errors import InputError
 
-    for name in ("stars", "templates"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be at least 1")
+    for name in ("stars", "templates", "ref_templates"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     out = None
     if args.out is not None:
         out = Path(args.out)

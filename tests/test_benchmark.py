@@ -88,6 +88,7 @@ def test_cli_bench_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--stars", "0"], "--stars"),
+    (["--ref-templates", "-3"], "--ref-templates"),
     (["--out", "/nonexistent-dir/x.json"], "does not exist"),
 ])
 def test_cli_bench_bad_arguments_are_one_line_errors(argv, message, capsys):
