@@ -23,7 +23,6 @@ host-side harness code: it times, it does not calibrate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -76,6 +75,12 @@ def standards(sim, be):
                         names=tuple(str(i) for i in range(len(rows))))
 
 
+def _tiled_params(prep, n_templates):
+    """Parameters of ``n_templates`` rows tiling a prepared grid, copy k offset by 0.01 k in [α/M] (distinct rows)."""
+    reps = -(-n_templates // int(prep.params.shape[0]))
+    return np.concatenate([to_numpy(prep.params) + [0, 0, 0, 0.01 * k] for k in range(reps)])[:n_templates]
+
+
 def tile_grid(prep, n_templates, be, seed=1):
     """A prepared grid tiled up to ``n_templates`` rows, copies jittered by 0.1 % (distinct rows)."""
     base = to_numpy(prep.norm_flux)
@@ -83,8 +88,7 @@ def tile_grid(prep, n_templates, be, seed=1):
     rng = np.random.default_rng(seed)
     parts = [base] + [base * (1 + 1e-3 * rng.standard_normal(base.shape)).astype(np.float32) for _ in range(reps - 1)]
     big = np.concatenate(parts)[:n_templates].astype(np.float32)
-    params = np.concatenate([to_numpy(prep.params) + [0, 0, 0, 0.01 * k] for k in range(reps)])[:n_templates]
-    return PreparedGrid(params=be.asarray(params), wave=prep.wave, norm_flux=be.asarray(big), lsf=prep.lsf)
+    return PreparedGrid(params=be.asarray(_tiled_params(prep, n_templates)), wave=prep.wave, norm_flux=be.asarray(big), lsf=prep.lsf)
 
 
 def _legendre_continuum(vander, y, good, niter=3, clip_low=1.5, clip_high=3.0):
@@ -246,8 +250,7 @@ def _memory_check(spec, prep, vel, be, budget):
         mm.flush()
         del mm
         grid = np.load(path, mmap_mode="r")
-        params = np.concatenate([to_numpy(prep.params) + [0, 0, 0, 0.01 * k] for k in range(reps)])[:n_t]
-        streamed = PreparedGrid(params=be.asarray(params), wave=prep.wave, norm_flux=grid, lsf=prep.lsf)
+        streamed = PreparedGrid(params=be.asarray(_tiled_params(prep, n_t)), wave=prep.wave, norm_flux=grid, lsf=prep.lsf)
         holder = {}
 
         def run():
@@ -412,7 +415,7 @@ def add_bench_parser(sub):
 
 
 def run_bench_command(args) -> int:
-    """Run ``gpucal bench`` from parsed arguments; prints the table, writes JSON if asked."""
+    """Run ``gpucal bench`` from parsed arguments (:mod:`gpucal.cli`); prints the table, writes JSON if asked."""
     from .errors import InputError
 
     for name in ("stars", "templates", "ref_templates"):
@@ -433,21 +436,3 @@ def run_bench_command(args) -> int:
         out.write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
     return 0
-
-
-def main(argv=None, default_out=None):
-    """Stand-alone entry (``bench/scan.py``): the ``gpucal bench`` options plus --label."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-    p = add_bench_parser(sub)
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--vrange", default=(-500.0, 500.0, 5.0),
-                   type=lambda t: tuple(float(v) for v in t.split(":")))
-    p.add_argument("--max-memory", default=None)
-    p.add_argument("--label", default=None)
-    args = parser.parse_args(["bench", *(argv or [])])
-    if args.out is None and default_out is not None:
-        label = args.label or f"{args.backend}-{socket.gethostname()}"
-        args.out = str(Path(default_out) / f"scan_{label}.json")
-        Path(default_out).mkdir(parents=True, exist_ok=True)
-    return run_bench_command(args)

@@ -384,13 +384,24 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
     return _Shifted(d=d, w=w, wd=xp.reshape(wd, flat), ww=xp.reshape(w, flat), c=c, vidx=vidx, start=start, nq=nq)
 
 
+def _trial_rows(sh: _Shifted, k):
+    """D and W of each star at its own trials ``k`` (n_star, n) velocity indices: (n_star, n, n_q) each."""
+    xp = array_namespace(sh.d)
+    n_star, n = k.shape
+    idx = xp.reshape(xp.take(sh.start, xp.reshape(k, (-1,)), axis=0), (n_star, n, 1))
+    idx = xp.reshape(idx + xp.arange(sh.nq, dtype=xp.int64, device=_device(k))[None, None, :], (n_star, -1))
+
+    def rows(a):
+        return xp.reshape(xp.take_along_axis(xp.reshape(a, (n_star, -1)), idx, axis=1), (n_star, n, sh.nq))
+
+    return rows(sh.d), rows(sh.w)
+
+
 def _at_velocity(sh: _Shifted, k) -> _Shifted:
     """One trial per star (``k``: (n_star,) velocity indices) as a single-phase, single-lag :class:`_Shifted`."""
     xp = array_namespace(sh.d)
-    n_star = sh.d.shape[0]
-    idx = xp.take(sh.start, k, axis=0)[:, None] + xp.arange(sh.nq, dtype=xp.int64, device=_device(k))[None, :]
-    d = xp.take_along_axis(xp.reshape(sh.d, (n_star, -1)), idx, axis=1)
-    w = xp.take_along_axis(xp.reshape(sh.w, (n_star, -1)), idx, axis=1)
+    d, w = _trial_rows(sh, k[:, None])
+    d, w = d[:, 0, :], w[:, 0, :]
     wd = w * d
     c = xp.sum(xp.astype(wd * d, xp.float64), axis=1)
     return _Shifted(d=d[:, None, :], w=w[:, None, :], wd=wd, ww=w, c=c[None, :, None],
@@ -494,17 +505,7 @@ def _chi2_at_lags(sh: _Shifted, m, k):
     each star's best are recomputed here in float64 from the shifted data.
     """
     xp = array_namespace(sh.d)
-    n_star, n = k.shape
-    nq = sh.nq
-    idx = xp.take(sh.start, xp.reshape(k, (-1,)), axis=0)
-    idx = xp.reshape(idx, (n_star, n, 1)) + xp.arange(nq, dtype=xp.int64, device=_device(k))[None, None, :]
-    idx = xp.reshape(idx, (n_star, n * nq))
-
-    def rows(a):
-        a = xp.take_along_axis(xp.reshape(a, (n_star, -1)), idx, axis=1)
-        return xp.reshape(xp.astype(a, xp.float64), (n_star, n, nq))
-
-    d, w = rows(sh.d), rows(sh.w)
+    d, w = (xp.astype(a, xp.float64) for a in _trial_rows(sh, k))
     m = xp.astype(m, xp.float64)[:, None, :]
     a = xp.sum(w * d * m, axis=2)
     b = xp.sum(w * m * m, axis=2)
