@@ -8,7 +8,7 @@ layout) from gpucal's demo models at R = 10 000 over 3000-11000 Å
   (the reference: what a per-file reader does);
 * ``prepare`` with 1 worker and with one worker per CPU: index, parse only the
   window the default frame + g r i z + ±500 km/s needs, F = 4πH, resample onto
-  the log-uniform working grid (:func:`gpucal.templates.grid.prepare_bosz_grid`);
+  the log-uniform working grid (:func:`gpucal.templates.cache.prepare_bosz_grid`);
 * ``prepare + cache``: the same with the float32 ``.npy`` + JSON cache written;
 * ``cache load``: opening the cache (sidecar, memory maps, input check by
   stat) and reading all of its flux into memory.
@@ -53,7 +53,7 @@ def main(argv=None):
 
     import gpucal
     from gpucal.templates.bosz import index_bosz, write_demo_bosz_tree
-    from gpucal.templates.grid import load_template_cache, prepare_bosz_grid, prepare_template_cache
+    from gpucal.templates.cache import load_template_cache, prepare_bosz_grid, prepare_template_cache
 
     machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine or platform.node() or "unknown")
     n_cpu = os.cpu_count() or 1

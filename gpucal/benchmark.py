@@ -37,9 +37,10 @@ import numpy as np
 
 from .backends import get_backend, interp, to_numpy
 from .containers import SpectraBatch
-from .matching import C_KMS, PreparedGrid, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
+from .units import C_KMS
+from .fitting.scan import PreparedGrid, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
 from .templates.demo import demo_grid, simulate_frame
-from .templates.lsf import convolve_to_instrument
+from .fitting.lsf import convolve_to_instrument
 
 __all__ = ["run_scan_benchmark", "format_report", "add_bench_parser", "run_bench_command"]
 

@@ -133,7 +133,7 @@ def build_parser():
     _add_calibration_options(p)
     _add_common(p)
 
-    from .templates.grid import add_templates_parser
+    from .templates.cache import add_templates_parser
 
     add_templates_parser(sub)
 
@@ -177,7 +177,7 @@ def _calibrate(args):
     args.frame = args.frames[0]
     from .pipeline import calibrate_frame
 
-    from .io import check_output_path, write_text
+    from .io.frames import check_output_path, write_text
 
     out = args.out or str(Path(args.frame).with_suffix("")) + "_fluxcal.fits"
     # every destination is checked before the calibration, not after it
@@ -196,7 +196,7 @@ def _calibrate(args):
         write_text(args.summary, json.dumps(res.summary, indent=2, default=str), overwrite=args.overwrite,
                    protect=args.frame)
     if args.qc:
-        from .qc import write_qc_plots
+        from .report.qc import write_qc_plots
 
         write_qc_plots(res, args.qc)
     s = res.summary
@@ -211,10 +211,10 @@ def _demo(args):
 
     import numpy as np
 
-    from .io import write_frame
-    from .masks import TELLURIC_DEFAULT
+    from .io.frames import write_frame
+    from .fitting.masks import TELLURIC_DEFAULT
     from .pipeline import calibrate_frame
-    from .qc import format_summary, write_qc_plots, write_summary
+    from .report.qc import format_summary, write_qc_plots, write_summary
     from .templates.demo import simulate_frame, write_catalogue_csv
 
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def _demo(args):
 
 
 def _templates(args):
-    from .templates.grid import run_templates_command
+    from .templates.cache import run_templates_command
 
     return run_templates_command(args)
 

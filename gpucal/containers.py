@@ -9,7 +9,13 @@ calibrated spectra) or detector counts (observed spectra).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # annotations only: importing astropy here would slow every command's start
+    from astropy.io import fits
+    from astropy.table import Table
 
 __all__ = [
     "SpectraBatch",
@@ -19,6 +25,15 @@ __all__ = [
     "CalibrationVectors",
     "FluxCalibrationResult",
     "PARAM_NAMES",
+    "Frame",
+    "CalibratedFrame",
+    "PreparedGrid",
+    "ColourTeffRelation",
+    "CalibrationOutput",
+    "DemoFrame",
+    "FrameRecord",
+    "BatchResult",
+    "PhotometricScale",
 ]
 
 PARAM_NAMES = ("teff", "logg", "mh", "alpha")
@@ -168,3 +183,279 @@ class FluxCalibrationResult:
     reasons: list
     residuals: Any
     summary: dict = field(default_factory=dict)
+
+
+def _fibre_types(fibres) -> np.ndarray:
+    """TYPE column of a fibre table, decoded, stripped and upper-cased (str array)."""
+    vals = [v.decode("ascii", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(fibres["TYPE"])]
+    return np.array([v.strip().upper() for v in vals], dtype=str)
+
+
+@dataclass
+class Frame:
+    """A reduced fibre frame on the host.
+
+    path : the file it was read from ("" for one built in memory).
+    flux, var : (n_fibre, n_pix) native float64; fibre axis 0 (image NAXIS2).
+    wave : (n_pix,) float64 Å, strictly increasing.
+    fibres : astropy Table, one row per fibre (row i = fibre number i + 1).
+    header : copy of the primary header as read.
+    medium : "air" or "vacuum" (of ``wave``).
+    flipped : True when the file's wavelengths decrease along the pixel axis
+        and the pixel axis was reversed on reading.
+    wave_source : "WAVELA" or "wcs", where the wavelengths came from.
+    wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
+    ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
+        reused by the writer for their non-structural cards.
+    """
+
+    path: str
+    flux: np.ndarray
+    var: np.ndarray
+    wave: np.ndarray
+    fibres: Table
+    header: fits.Header
+    medium: str = "air"
+    flipped: bool = False
+    wave_source: str = "WAVELA"
+    wave_ndim: int = 1
+    ext_headers: dict = field(default_factory=dict)
+
+    @property
+    def n_fibre(self) -> int:
+        return int(self.flux.shape[0])
+
+    @property
+    def n_pix(self) -> int:
+        return int(self.flux.shape[1])
+
+    @property
+    def fibre_types(self) -> np.ndarray:
+        """TYPE of every fibre, stripped and upper-cased (str array)."""
+        return _fibre_types(self.fibres)
+
+    @property
+    def standards(self) -> np.ndarray:
+        """Row indices (0-based, int) of the standard-star fibres (TYPE 'C')."""
+        return np.flatnonzero(self.fibre_types == "C").astype(np.intp)
+
+    @property
+    def fibre_numbers(self) -> np.ndarray:
+        """1-based fibre numbers of all rows (row index + 1)."""
+        return np.arange(1, self.n_fibre + 1, dtype=np.int64)
+
+    @property
+    def names(self) -> tuple:
+        """NAME of every fibre (stripped), or 'fibre N' where there is no NAME column."""
+        if "NAME" in self.fibres.colnames:
+            return tuple(str(v).strip() for v in self.fibres["NAME"])
+        return tuple(f"fibre {i}" for i in self.fibre_numbers)
+
+
+@dataclass
+class CalibratedFrame:
+    """What :func:`read_calibrated_frame` returns.
+
+    flux, var, wave, fibres, header, flipped : as in :class:`Frame`.
+    cal : the ``FLUXCAL`` table (WAVE, CAL, CAL_VAR, MEASURED).
+    per_star : the ``FLUXSTD`` table, or None when the file has none.
+    """
+
+    path: str
+    flux: np.ndarray
+    var: np.ndarray
+    wave: np.ndarray
+    fibres: Table
+    header: fits.Header
+    cal: Table
+    per_star: Table | None
+    medium: str = "air"
+    flipped: bool = False
+
+
+@dataclass
+class PreparedGrid:
+    """A template grid convolved, resampled and normalised for one frame setting.
+
+    params : (n_t, 4) backend array; wave : (n_q,) log-uniform working grid (Å);
+    norm_flux : (n_t, n_q) continuum-normalised, LSF-convolved templates, on
+        the backend or a host (memory-mapped) array streamed block by block;
+    lsf : the instrument resolution used (dict of fwhm / fwhm_poly / resolution);
+    neighbours : (n_t, 4, 2) grid topology from :func:`grid_neighbours`, or None.
+    """
+
+    params: Any
+    wave: Any
+    norm_flux: Any
+    lsf: dict = field(default_factory=dict)
+    neighbours: Any = None
+
+    @property
+    def n_templates(self) -> int:
+        return int(self.norm_flux.shape[0])
+
+
+@dataclass(frozen=True)
+class ColourTeffRelation:
+    """Teff as a function of one colour, fitted to a template grid's synthetic colours.
+
+    bands : (blue, red) speclite names; the colour is ``m_blue − m_red``.
+    systems : their systems ("AB"/"Vega"), as the photometry it applies to.
+    coeffs : ascending polynomial coefficients of θ = 5040 K / Teff in the colour.
+    colour_range, teff_range : the span of the fitted grid nodes.
+    scatter : fractional rms of Teff about the fit over the grid (gravity and
+        metallicity spread at fixed colour), the relation's own error.
+    excess_per_ebv : E(colour)/E(B−V) of the grid's spectra under the default
+        extinction law (F99, R_V = 3.1), for dereddening.
+    source : what the relation was fitted to.
+    """
+
+    bands: tuple
+    systems: tuple
+    coeffs: tuple
+    colour_range: tuple
+    teff_range: tuple
+    scatter: float
+    excess_per_ebv: float
+    source: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.bands[0]} - {self.bands[1]}"
+
+    def __call__(self, colour):
+        """(teff, dteff/dcolour) at ``colour`` (host arrays); colours outside the fitted range are clipped."""
+        poly = np.polynomial.Polynomial(self.coeffs)
+        c = np.clip(np.asarray(colour, dtype=np.float64), *self.colour_range)
+        theta = poly(c)
+        return 5040.0 / theta, -5040.0 * poly.deriv()(c) / theta**2
+
+
+@dataclass
+class CalibrationOutput:
+    """What calibrate_frame returns (host NumPy arrays)."""
+
+    flux: np.ndarray
+    var: np.ndarray
+    wave: np.ndarray
+    cal: np.ndarray
+    cal_var: np.ndarray
+    measured: np.ndarray
+    per_star: Table
+    summary: dict
+    star_cal: np.ndarray = None  # (n_star, n_pix) per-star vectors, for QC
+    star_mask: np.ndarray = None
+    out_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class DemoFrame:
+    """A simulated reduced fibre frame and its truth (host NumPy / astropy).
+
+    wave : (n_pix,) Å, air, linear in λ.
+    flux, var : (n_fibre, n_pix) detector counts and their true variance
+        (``counts_true + read_noise²``; ``flux`` = counts_true + Gaussian noise).
+    fibres : astropy Table FIBRE (1-based), NAME, TYPE ('C' standard, 'P' program,
+        'S' sky), RA, DEC (deg), in frame row order.
+    catalogue : astropy Table name, ra, dec, g, dg, r, dr, i, di, z, dz (Pan-STARRS AB)
+        for the standards, in standard order (STD001, STD002, ...).
+    truth : dict (see :func:`simulate_frame`).
+    """
+
+    wave: np.ndarray
+    flux: np.ndarray
+    var: np.ndarray
+    fibres: Any
+    catalogue: Any
+    truth: dict = field(default_factory=dict)
+    medium: str = "air"
+
+    @property
+    def n_fibre(self) -> int:
+        return int(self.flux.shape[0])
+
+    @property
+    def n_pix(self) -> int:
+        return int(self.flux.shape[1])
+
+
+@dataclass
+class FrameRecord:
+    """The outcome of one frame (host data only).
+
+    ``wave``, ``cal``, ``cal_var`` (n_pix,) float64 and ``measured`` (n_pix,)
+    bool are the frame's combined vector (Å; erg/s/cm²/Å per count), None when
+    the frame failed. ``elapsed_s`` and ``cpu_s`` are the task's wall and
+    process CPU time (CPU well below wall on a worker means it was starved).
+    ``error``/``error_type`` are ``str(exc)`` and the
+    exception's class name; ``traceback`` is kept for exceptions that are not
+    GpucalError (a bug rather than bad input). ``worker`` names the process
+    that ran it (host, pid, and how many template grids it has loaded).
+    """
+
+    path: str
+    ok: bool
+    out_path: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    summary: dict | None = None
+    wave: np.ndarray | None = None
+    cal: np.ndarray | None = None
+    cal_var: np.ndarray | None = None
+    measured: np.ndarray | None = None
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    worker: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    """What calibrate_frames returns: one record per input path, in input order,
+    and the aggregate summary (the dict written as the batch JSON)."""
+
+    records: list
+    summary: dict
+    summary_path: str | None = None
+    panel_path: str | None = None
+
+    @property
+    def ok(self) -> list:
+        return [r for r in self.records if r.ok]
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.records if not r.ok]
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.ok)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+
+@dataclass
+class PhotometricScale:
+    """Each star's template scaled to its photometry (backend arrays, star order).
+
+    scale, scale_err : (n_star,) factor on the template flux and its 1-σ error;
+        NaN where ``ok`` is False (never 1).
+    n_bands : (n_star,) int, bands used.
+    residual : (n_star, n_band) synthetic − observed magnitude after scaling
+        (NaN for unused bands).
+    synthetic : (n_star, n_band) unscaled synthetic magnitudes, each band in its
+        own system (AB or Vega).
+    covered : (n_band,) host bool, bands the template grid covers.
+    ok : (n_star,) bool, False when the star has no usable band.
+    """
+
+    scale: Any
+    scale_err: Any
+    n_bands: Any
+    residual: Any
+    synthetic: Any
+    covered: Any
+    ok: Any

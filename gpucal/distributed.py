@@ -43,17 +43,15 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .containers import FrameRecord, BatchResult
 from .errors import BackendError, GpucalError, InputError
 
 __all__ = [
-    "FrameRecord",
-    "BatchResult",
     "calibrate_frames",
     "write_batch_summary",
     "write_batch_panel",
@@ -75,63 +73,6 @@ _PLACEHOLDERS = ("{stem}", "{dir}")
 
 
 # --------------------------------------------------------------------------- records
-
-
-@dataclass
-class FrameRecord:
-    """The outcome of one frame (host data only).
-
-    ``wave``, ``cal``, ``cal_var`` (n_pix,) float64 and ``measured`` (n_pix,)
-    bool are the frame's combined vector (Å; erg/s/cm²/Å per count), None when
-    the frame failed. ``elapsed_s`` and ``cpu_s`` are the task's wall and
-    process CPU time (CPU well below wall on a worker means it was starved).
-    ``error``/``error_type`` are ``str(exc)`` and the
-    exception's class name; ``traceback`` is kept for exceptions that are not
-    GpucalError (a bug rather than bad input). ``worker`` names the process
-    that ran it (host, pid, and how many template grids it has loaded).
-    """
-
-    path: str
-    ok: bool
-    out_path: str | None = None
-    error: str | None = None
-    error_type: str | None = None
-    traceback: str | None = None
-    summary: dict | None = None
-    wave: np.ndarray | None = None
-    cal: np.ndarray | None = None
-    cal_var: np.ndarray | None = None
-    measured: np.ndarray | None = None
-    elapsed_s: float = 0.0
-    cpu_s: float = 0.0
-    worker: dict = field(default_factory=dict)
-
-
-@dataclass
-class BatchResult:
-    """What calibrate_frames returns: one record per input path, in input order,
-    and the aggregate summary (the dict written as the batch JSON)."""
-
-    records: list
-    summary: dict
-    summary_path: str | None = None
-    panel_path: str | None = None
-
-    @property
-    def ok(self) -> list:
-        return [r for r in self.records if r.ok]
-
-    @property
-    def failed(self) -> list:
-        return [r for r in self.records if not r.ok]
-
-    @property
-    def n_ok(self) -> int:
-        return len(self.ok)
-
-    @property
-    def n_failed(self) -> int:
-        return len(self.failed)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -163,7 +104,7 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
         grid = _worker_templates(templates) if isinstance(templates, str) else templates
         res = calibrate_frame(path, templates=grid, out=out, **options)
         if qc_dir is not None:
-            from .qc import write_qc_plots
+            from .report.qc import write_qc_plots
 
             write_qc_plots(res, Path(qc_dir) / _stem(path))
     except Exception as exc:  # one frame's failure, whatever it is, must not stop the batch
@@ -593,7 +534,7 @@ def write_batch_panel(result: BatchResult, path) -> Path:
     Bottom right: RMS scatter between standards and the frame's level offset
     from the night, in %.
     """
-    from .qc import _plt
+    from .report.qc import _plt
 
     plt = _plt()
     records = result.records

@@ -10,27 +10,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.table import Table
 
 from . import __version__
 from .backends import get_backend, to_backend, to_numpy
-from .calibration import (
+from .calibration.vectors import (
     apply_flux_calibration,
     calibration_vectors,
     combine_calibration_vectors,
     scale_template_to_photometry,
     shift_to_observed,
 )
-from .containers import PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
+from .containers import CalibrationOutput, PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
+from .units import convert_medium
 from .errors import CalibrationError, CoverageError, GpucalError, InputError, PhotometryError
-from .extinction import redden
-from .io import Frame, read_frame, write_calibrated_frame
-from .masks import TELLURIC_DEFAULT
-from .matching import match_templates, prepare_grid, refined_templates
-from .photometry import (
+from .photometry.extinction import redden
+from .io.frames import Frame, read_frame, write_calibrated_frame
+from .fitting.masks import TELLURIC_DEFAULT
+from .fitting.scan import match_templates, prepare_grid, refined_templates
+from .photometry.synphot import (
     PRIOR_COLOURS,
     fit_colour_teff,
     match_ebv,
@@ -42,7 +42,7 @@ from .photometry import (
     teff_prior_mask,
 )
 
-__all__ = ["CalibrationOutput", "calibrate_frame", "load_templates"]
+__all__ = ["calibrate_frame", "load_templates"]
 
 logger = logging.getLogger("gpucal")
 
@@ -52,24 +52,6 @@ MIN_GOOD_FRACTION = 0.5
 PRIOR_FLOOR_K = 500.0
 
 
-@dataclass
-class CalibrationOutput:
-    """What calibrate_frame returns (host NumPy arrays)."""
-
-    flux: np.ndarray
-    var: np.ndarray
-    wave: np.ndarray
-    cal: np.ndarray
-    cal_var: np.ndarray
-    measured: np.ndarray
-    per_star: Table
-    summary: dict
-    star_cal: np.ndarray = None  # (n_star, n_pix) per-star vectors, for QC
-    star_mask: np.ndarray = None
-    out_path: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
 def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, workers=None) -> TemplateGrid:
     """A TemplateGrid from ``"demo"``, a TemplateGrid, a prepared cache or a BOSZ 2024 directory.
 
@@ -77,7 +59,7 @@ def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     its inputs. A BOSZ directory is prepared on the fly (unconvolved, covering
     ``wave_range`` Å — default 3500-10000 — plus the g r i z bands and ±500 km/s,
     in ``medium``) and cached in ``cache_dir`` (default ``$GPUCAL_CACHE_DIR`` or
-    ``~/.cache/gpucal/templates``); see :mod:`gpucal.templates.grid`.
+    ``~/.cache/gpucal/templates``); see :mod:`gpucal.templates.cache`.
     """
     import os
 
@@ -88,7 +70,7 @@ def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
 
         return demo_grid()
     if isinstance(spec, (str, os.PathLike)):
-        from .templates.grid import open_templates
+        from .templates.cache import open_templates
 
         return open_templates(spec, wave_range=wave_range, medium=medium, cache_dir=cache_dir, workers=workers)
     raise InputError(f"--templates {spec!r}: expected 'demo', a prepared template cache or a BOSZ 2024 directory")
@@ -192,8 +174,6 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     # which the LSF convolution and the velocity scan need.
     work_wave = frame.wave
     if grid.medium != frame.medium:
-        from .templates.bosz import convert_medium
-
         work_wave = convert_medium(frame.wave, frame.medium, grid.medium)
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
 
@@ -227,15 +207,15 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
         tmpl = redden(gwave, tmpl, ebv_star)
     observed_frame_tmpl = shift_to_observed(gwave, tmpl, match.rv)
     sc = scale_template_to_photometry(gwave, observed_frame_tmpl, phot)
-    vec = calibration_vectors(wave, s_flux, s_var, s_mask, gwave, tmpl, match.rv, sc["scale"],
-                              sc["scale_err"], template_fwhm=grid.resolution_fwhm,
+    vec = calibration_vectors(wave, s_flux, s_var, s_mask, gwave, tmpl, match.rv, sc.scale,
+                              sc.scale_err, template_fwhm=grid.resolution_fwhm,
                               mask_regions=mask_regions, **lsf)
     n_good = xp.sum(xp.astype(vec.mask, xp.int64), axis=1)
     red_chi2 = match.chi2 / xp.astype(xp.maximum(match.dof, 1), xp.float64)
     at_edge = match.meta["rv_at_edge"]
-    phot_bad, phot_reasons = photometric_consistency(to_numpy(sc["residual"]), np.isfinite(to_numpy(sc["residual"])),
+    phot_bad, phot_reasons = photometric_consistency(to_numpy(sc.residual), np.isfinite(to_numpy(sc.residual)),
                                                      max_dev=max_phot_dev, bands=phot.bands)
-    usable = (sc["ok"] & ~to_backend(np.asarray(phot_bad, dtype=bool), be) & ~at_edge
+    usable = (sc.ok & ~to_backend(np.asarray(phot_bad, dtype=bool), be) & ~at_edge
               & (xp.astype(n_good, xp.float64) >= MIN_GOOD_FRACTION * wave.shape[0]))
     if max_chi2_dof is not None:
         usable = usable & (red_chi2 <= max_chi2_dof)
@@ -255,8 +235,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
 
     # ---- back to the host, once
     h = {k: to_numpy(v) for k, v in dict(
-        params=match.params, rv=match.rv, rv_err=match.rv_err, chi2=red_chi2, scale=sc["scale"],
-        scale_err=sc["scale_err"], n_bands=sc["n_bands"], residual=sc["residual"], ok=sc["ok"],
+        params=match.params, rv=match.rv, rv_err=match.rv_err, chi2=red_chi2, scale=sc.scale,
+        scale_err=sc.scale_err, n_bands=sc.n_bands, residual=sc.residual, ok=sc.ok,
         at_edge=at_edge, n_good=n_good, used=res.used, level=res.summary["level"],
         discrepant=res.summary["discrepant"], cal=res.cal, cal_var=res.var, measured=res.measured,
         flux=cal_flux, var=cal_var, rms=res.summary["rms_scatter"], star_cal=vec.cal, star_mask=vec.mask,

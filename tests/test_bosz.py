@@ -12,22 +12,20 @@ import numpy as np
 import pytest
 
 from gpucal.errors import CoverageError, InputError
-from gpucal.templates import grid as tgrid
+from gpucal.templates import cache as tgrid
 from gpucal.templates.bosz import (
     FOUR_PI,
-    air_to_vacuum,
     bosz_file_name,
     bosz_subdir,
     bosz_wave_file_name,
-    convert_medium,
     index_bosz,
     parse_bosz_name,
     read_bosz_spectrum,
-    vacuum_to_air,
     write_demo_bosz_tree,
 )
-from gpucal.templates.demo import C_KMS, demo_grid, demo_template
-from gpucal.templates.grid import (
+from gpucal.templates.demo import demo_grid, demo_template
+from gpucal.units import C_KMS, air_to_vacuum, convert_medium, vacuum_to_air
+from gpucal.templates.cache import (
     StaleCacheError,
     load_template_cache,
     prepare_bosz_grid,
@@ -35,7 +33,7 @@ from gpucal.templates.grid import (
     resample_flux,
     write_template_cache,
 )
-from gpucal.templates.lsf import convolve_to_instrument
+from gpucal.fitting.lsf import convolve_to_instrument
 
 R = 2000
 DLN = 1.0 / 4000.0  # a few thousand pixels over 3000-11000 Å
@@ -417,8 +415,8 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     from astropy.io import fits
 
     from gpucal.cli import main
-    from gpucal.io import write_frame
-    from gpucal.masks import TELLURIC_DEFAULT
+    from gpucal.io.frames import write_frame
+    from gpucal.fitting.masks import TELLURIC_DEFAULT
     from gpucal.templates.demo import simulate_frame, write_catalogue_csv
 
     root = tmp_path / "bosz"

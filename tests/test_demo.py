@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gpucal.containers import TemplateGrid
+from gpucal.units import C_KMS
 from gpucal.templates.demo import (
-    C_KMS,
     DEFAULT_TELLURIC_BANDS,
     DemoFrame,
     demo_grid,

@@ -1,4 +1,4 @@
-"""gpucal.io: reading, validating and writing FITS frames."""
+"""gpucal.io.frames: reading, validating and writing FITS frames."""
 
 import os
 
@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from gpucal.errors import InputError, NoStandardsError
-from gpucal.io import (
+from gpucal.io.frames import (
     FLUX_BUNIT,
     VAR_BUNIT,
     Frame,

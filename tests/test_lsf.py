@@ -8,8 +8,7 @@ from scipy import integrate
 
 from gpucal.backends import to_numpy
 from gpucal.errors import InputError
-from gpucal.templates.lsf import (
-    FWHM_TO_SIGMA,
+from gpucal.fitting.lsf import (
     convolve_to_instrument,
     instrument_fwhm,
     parse_resolution_spec,
@@ -17,6 +16,7 @@ from gpucal.templates.lsf import (
     template_fwhm_at,
 )
 
+from gpucal.units import FWHM_TO_SIGMA
 from conftest import assert_close
 
 D = 1.0 / 20000.0

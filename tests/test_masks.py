@@ -6,9 +6,9 @@ import pytest
 from conftest import assert_close
 from gpucal.backends import get_backend, to_numpy
 from gpucal.containers import CalibrationVectors
-from gpucal.calibration import combine_calibration_vectors
+from gpucal.calibration.vectors import combine_calibration_vectors
 from gpucal.errors import InputError
-from gpucal.masks import cap_local_weights, local_outliers
+from gpucal.fitting.masks import cap_local_weights, local_outliers
 
 
 def _neighbour_order_loop(x, mask):
@@ -103,8 +103,8 @@ def test_one_bad_pixel_in_one_of_three_stars_does_not_move_the_combination(backe
 
 def test_matcher_drops_hot_pixels_but_not_windows_between_deep_lines():
     """Metal-rich cool stars at S/N 1000 (two-pixel windows between undersampled lines): nothing dropped."""
-    from gpucal.matching import normalise_observed
-    from gpucal.masks import TELLURIC_DEFAULT, region_mask
+    from gpucal.fitting.scan import normalise_observed
+    from gpucal.fitting.masks import TELLURIC_DEFAULT, region_mask
     from gpucal.templates.demo import simulate_frame
     from gpucal.benchmark import standards
 

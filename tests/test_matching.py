@@ -9,7 +9,7 @@ from conftest import assert_close
 from gpucal.backends import get_backend, to_numpy
 from gpucal.containers import SpectraBatch
 from gpucal.errors import InputError
-from gpucal.matching import (
+from gpucal.fitting.scan import (
     PreparedGrid,
     _phase_plan,
     _scan_exhaustive,

@@ -12,7 +12,7 @@ from conftest import assert_close
 from gpucal.backends import to_numpy
 from gpucal.containers import Photometry
 from gpucal.errors import CoverageError, InputError
-from gpucal.photometry import (
+from gpucal.photometry.synphot import (
     BAND_ALIASES,
     REFCAT2_BANDS,
     ColourTeffRelation,
@@ -224,7 +224,7 @@ def catalogue_path(tmp_path):
 
 
 def test_read_catalogue_sentinels(catalogue_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gpucal.photometry"):
+    with caplog.at_level(logging.WARNING, logger="gpucal.photometry.synphot"):
         cat = read_catalogue(catalogue_path, bands=("g", "r", "i", "z", "BP"))
     assert list(cat["name"]) == ["star1", "star2", "star3", "star4"]
     valid = np.stack([cat[f"{b}_valid"] for b in ("panstarrs-g", "panstarrs-r", "panstarrs-i", "gaiadr3-BP")], 1)
@@ -566,7 +566,7 @@ def test_teff_from_colour_recovers_off_grid_stars(grid):
 
 
 def test_teff_from_colour_dereddens(grid):
-    from gpucal.extinction import redden
+    from gpucal.photometry.extinction import redden
     from gpucal.templates.demo import demo_template
 
     truth = np.array([5500.0, 6500.0])
@@ -650,7 +650,7 @@ def test_photometric_consistency(backend):
 
 def test_scale_then_consistency_excludes_bad_stars(backend, grid):
     """End to end with calibration's scale fit: all bands missing, or one band off by 0.5 mag."""
-    from gpucal.calibration import scale_template_to_photometry
+    from gpucal.calibration.vectors import scale_template_to_photometry
 
     bands = ("g", "r", "i", "BP", "RP")
     flux = grid.flux[[40, 100, 160]]
@@ -662,8 +662,8 @@ def test_scale_then_consistency_excludes_bad_stars(backend, grid):
     valid[1] = False
     phot = Photometry(names=("a", "b", "c"), bands=truth.bands, mag=mag, err=truth.err, valid=valid, system=("AB",) * 5)
     sc = scale_template_to_photometry(backend.asarray(grid.wave), backend.asarray(flux), phot)
-    bad, reasons = photometric_consistency(sc["residual"], backend.asarray(valid) & backend.asarray(sc["covered"])[None, :],
+    bad, reasons = photometric_consistency(sc.residual, backend.asarray(valid) & backend.asarray(sc.covered)[None, :],
                                            bands=phot.bands)
     assert to_numpy(bad).tolist() == [False, True, True]
     assert reasons[1] == "no usable photometric band" and "panstarrs-r" in reasons[2]
-    np.testing.assert_allclose(to_numpy(sc["scale"])[0], 1e-20, rtol=1e-9)
+    np.testing.assert_allclose(to_numpy(sc.scale)[0], 1e-20, rtol=1e-9)

@@ -26,13 +26,13 @@ import math
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace, interp, masked_median, savgol_filter, sigma_clip, to_backend, backend_of
-from .containers import CalibrationVectors, FluxCalibrationResult, Photometry
-from .errors import InputError
-from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
-from .matching import doppler_factor
-from .photometry import synthetic_maggies, system_offsets
-from .templates.lsf import convolve_to_instrument
+from ..backends import array_namespace, interp, masked_median, savgol_filter, sigma_clip, to_backend, backend_of
+from ..containers import CalibrationVectors, FluxCalibrationResult, Photometry, PhotometricScale
+from ..errors import InputError
+from ..fitting.masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
+from ..units import doppler_factor
+from ..photometry.synphot import synthetic_maggies, system_offsets
+from ..fitting.lsf import convolve_to_instrument
 
 __all__ = [
     "shift_to_observed",
@@ -58,7 +58,7 @@ def shift_to_observed(wave, flux, rv, *, wave_out=None):
     return interp(x, wave, flux, left=xp.nan, right=xp.nan)
 
 
-def scale_template_to_photometry(wave, template_flux, photometry: Photometry):
+def scale_template_to_photometry(wave, template_flux, photometry: Photometry) -> PhotometricScale:
     """Scale of each star's template that matches its magnitudes, with its error.
 
     Parameters
@@ -70,12 +70,8 @@ def scale_template_to_photometry(wave, template_flux, photometry: Photometry):
 
     Returns
     -------
-    dict of backend arrays: ``scale`` (n_star,), ``scale_err`` (n_star,),
-    ``n_bands`` (n_star,) bands used, ``residual`` (n_star, n_band) synthetic −
-    observed magnitude after scaling (NaN for unused bands), ``synthetic``
-    (n_star, n_band) unscaled synthetic magnitudes, ``covered`` (n_band,) host
-    bool, ``ok`` (n_star,) bool — False means no usable band (the star must be
-    excluded; its scale is NaN, never 1).
+    :class:`~gpucal.containers.PhotometricScale` — ``ok`` False means no usable
+    band (the star must be excluded; its scale is NaN, never 1).
     """
     xp = array_namespace(template_flux)
     flux = xp.where(xp.isnan(template_flux), 0.0, template_flux)
@@ -99,8 +95,8 @@ def scale_template_to_photometry(wave, template_flux, photometry: Photometry):
     scale_err = xp.where(ok, scale * LN10_04 / xp.sqrt(safe), xp.nan)
     residual = xp.where(valid, synth - 2.5 * xp.log10(xp.where(ok, scale, 1.0))[:, None] - mag, xp.nan)
     n_bands = xp.sum(xp.astype(valid, xp.int64), axis=1)
-    return {"scale": scale, "scale_err": scale_err, "n_bands": n_bands, "residual": residual,
-            "synthetic": synth, "covered": covered, "ok": ok}
+    return PhotometricScale(scale=scale, scale_err=scale_err, n_bands=n_bands, residual=residual,
+                            synthetic=synth, covered=covered, ok=ok)
 
 
 def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, scale, scale_err, *,

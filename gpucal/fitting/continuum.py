@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace, batched_lstsq, masked_median
+from ..backends import array_namespace, batched_lstsq, masked_median
 
 __all__ = ["legendre_basis", "fit_continuum"]
 

@@ -54,9 +54,9 @@ from array_api_compat import device as _device
 
 from ..backends import array_namespace
 from ..errors import InputError
+from ..units import FWHM_TO_SIGMA
 
 __all__ = [
-    "FWHM_TO_SIGMA",
     "instrument_fwhm",
     "resolution_spec",
     "parse_resolution_spec",
@@ -64,7 +64,6 @@ __all__ = [
     "convolve_to_instrument",
 ]
 
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 #: Relative σ below which a pixel is left as it is (σ far below a pixel).
 _MIN_REL_SIGMA = 1e-12

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace
-from .errors import InputError
+from ..backends import array_namespace
+from ..errors import InputError
 
 __all__ = ["TELLURIC_DEFAULT", "parse_regions", "region_mask", "local_outliers", "cap_local_weights"]
 

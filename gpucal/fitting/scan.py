@@ -33,41 +33,29 @@ Velocities in km/s (relativistic Doppler), positive = receding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device as _device
 
-from .backends import array_namespace, backend_of, interp, to_backend, to_numpy
-from .containers import MatchResult, SpectraBatch, TemplateGrid
+from ..backends import array_namespace, backend_of, interp, to_backend, to_numpy
+from ..containers import MatchResult, PreparedGrid, SpectraBatch, TemplateGrid
 from .continuum import fit_continuum
-from .errors import CoverageError, InputError
+from ..errors import CoverageError, InputError
 from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
-from .templates.lsf import FWHM_TO_SIGMA, convolve_to_instrument, instrument_fwhm
+from ..units import C_KMS, FWHM_TO_SIGMA, doppler_factor
+from .lsf import convolve_to_instrument, instrument_fwhm
 
 __all__ = [
-    "C_KMS",
-    "PreparedGrid",
     "prepare_grid",
     "working_grid",
     "normalise_observed",
     "velocity_grid",
     "match_templates",
-    "doppler_factor",
     "grid_neighbours",
     "refined_templates",
     "memory_budget",
 ]
-
-C_KMS = 299792.458
-
-
-def doppler_factor(v_kms):
-    """1 + z for a radial velocity in km/s (relativistic, positive = receding)."""
-    xp = array_namespace(v_kms)
-    beta = v_kms / C_KMS
-    return xp.sqrt((1.0 + beta) / (1.0 - beta))
-
 
 def velocity_grid(vmin: float, vmax: float, step: float, *, like):
     """Trial velocities from vmin to vmax (km/s, inclusive) in steps of ``step``, on ``like``'s device.
@@ -88,28 +76,6 @@ def velocity_grid(vmin: float, vmax: float, step: float, *, like):
     k1 = math.floor(math.atanh(vmax / C_KMS) / delta + 1e-6)
     k = xp.arange(k0, k1 + 1, dtype=xp.float64, device=_device(like))
     return C_KMS * xp.tanh(k * delta)
-
-
-@dataclass
-class PreparedGrid:
-    """A template grid convolved, resampled and normalised for one frame setting.
-
-    params : (n_t, 4) backend array; wave : (n_q,) log-uniform working grid (Å);
-    norm_flux : (n_t, n_q) continuum-normalised, LSF-convolved templates, on
-        the backend or a host (memory-mapped) array streamed block by block;
-    lsf : the instrument resolution used (dict of fwhm / fwhm_poly / resolution);
-    neighbours : (n_t, 4, 2) grid topology from :func:`grid_neighbours`, or None.
-    """
-
-    params: Any
-    wave: Any
-    norm_flux: Any
-    lsf: dict = field(default_factory=dict)
-    neighbours: Any = None
-
-    @property
-    def n_templates(self) -> int:
-        return int(self.norm_flux.shape[0])
 
 
 def working_grid(wave_obs, vstep: float | None = None):

@@ -75,20 +75,18 @@ import re
 import tempfile
 import textwrap
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 
-from .errors import InputError, NoStandardsError
+from ..containers import Frame, CalibratedFrame
+from ..errors import InputError, NoStandardsError
 
 logger = logging.getLogger("gpucal")
 
 __all__ = [
-    "Frame",
-    "CalibratedFrame",
     "read_frame",
     "write_frame",
     "write_calibrated_frame",
@@ -135,88 +133,6 @@ _ASCII_MAP = {
 # containers
 
 
-@dataclass
-class Frame:
-    """A reduced fibre frame on the host.
-
-    path : the file it was read from ("" for one built in memory).
-    flux, var : (n_fibre, n_pix) native float64; fibre axis 0 (image NAXIS2).
-    wave : (n_pix,) float64 Å, strictly increasing.
-    fibres : astropy Table, one row per fibre (row i = fibre number i + 1).
-    header : copy of the primary header as read.
-    medium : "air" or "vacuum" (of ``wave``).
-    flipped : True when the file's wavelengths decrease along the pixel axis
-        and the pixel axis was reversed on reading.
-    wave_source : "WAVELA" or "wcs", where the wavelengths came from.
-    wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
-    ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
-        reused by the writer for their non-structural cards.
-    """
-
-    path: str
-    flux: np.ndarray
-    var: np.ndarray
-    wave: np.ndarray
-    fibres: Table
-    header: fits.Header
-    medium: str = "air"
-    flipped: bool = False
-    wave_source: str = "WAVELA"
-    wave_ndim: int = 1
-    ext_headers: dict = field(default_factory=dict)
-
-    @property
-    def n_fibre(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
-
-    @property
-    def fibre_types(self) -> np.ndarray:
-        """TYPE of every fibre, stripped and upper-cased (str array)."""
-        return _types(self.fibres)
-
-    @property
-    def standards(self) -> np.ndarray:
-        """Row indices (0-based, int) of the standard-star fibres (TYPE 'C')."""
-        return np.flatnonzero(self.fibre_types == "C").astype(np.intp)
-
-    @property
-    def fibre_numbers(self) -> np.ndarray:
-        """1-based fibre numbers of all rows (row index + 1)."""
-        return np.arange(1, self.n_fibre + 1, dtype=np.int64)
-
-    @property
-    def names(self) -> tuple:
-        """NAME of every fibre (stripped), or 'fibre N' where there is no NAME column."""
-        if "NAME" in self.fibres.colnames:
-            return tuple(str(v).strip() for v in self.fibres["NAME"])
-        return tuple(f"fibre {i}" for i in self.fibre_numbers)
-
-
-@dataclass
-class CalibratedFrame:
-    """What :func:`read_calibrated_frame` returns.
-
-    flux, var, wave, fibres, header, flipped : as in :class:`Frame`.
-    cal : the ``FLUXCAL`` table (WAVE, CAL, CAL_VAR, MEASURED).
-    per_star : the ``FLUXSTD`` table, or None when the file has none.
-    """
-
-    path: str
-    flux: np.ndarray
-    var: np.ndarray
-    wave: np.ndarray
-    fibres: Table
-    header: fits.Header
-    cal: Table
-    per_star: Table | None
-    medium: str = "air"
-    flipped: bool = False
-
-
 # ---------------------------------------------------------------------------
 # helpers
 
@@ -235,18 +151,12 @@ def _host(x, name: str) -> np.ndarray:
     try:
         arr = np.asarray(x)
     except TypeError:
-        from .backends import to_numpy
+        from ..backends import to_numpy
 
         arr = to_numpy(x)
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     return np.array(arr, dtype=np.float64, order="C", copy=True)
-
-
-def _types(fibres: Table) -> np.ndarray:
-    col = fibres["TYPE"]
-    vals = [v.decode("ascii", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(col)]
-    return np.array([v.strip().upper() for v in vals], dtype=str)
 
 
 def _ascii(text: str) -> str:
@@ -1027,7 +937,7 @@ def write_calibrated_frame(
     try:
         cm = np.asarray(cal_measured)
     except TypeError:
-        from .backends import to_numpy
+        from ..backends import to_numpy
 
         cm = to_numpy(cal_measured)
     cm = np.array(cm, dtype=bool)

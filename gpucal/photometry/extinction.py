@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from .backends import array_namespace, backend_of, to_backend, to_numpy
-from .errors import InputError
+from ..backends import array_namespace, backend_of, to_backend, to_numpy
+from ..errors import InputError
 
 __all__ = ["DEFAULT_LAW", "DEFAULT_RV", "extinction_law", "extinction_curve", "redden"]
 

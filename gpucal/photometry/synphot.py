@@ -43,7 +43,6 @@ import glob
 import logging
 import math
 import os
-from dataclasses import dataclass
 from importlib import resources
 
 import astropy.constants
@@ -51,9 +50,9 @@ import astropy.units as u
 import numpy as np
 import speclite.filters
 
-from .backends import array_namespace, backend_of, to_backend, to_numpy
-from .containers import Photometry
-from .errors import CoverageError, InputError
+from ..backends import array_namespace, backend_of, to_backend, to_numpy
+from ..containers import ColourTeffRelation, Photometry
+from ..errors import CoverageError, InputError
 
 __all__ = [
     "BAND_ALIASES",
@@ -74,7 +73,6 @@ __all__ = [
     "match_ebv",
     "photometry_from_fibres",
     "fibres_ebv",
-    "ColourTeffRelation",
     "fit_colour_teff",
     "PRIOR_COLOURS",
     "default_colour_relations",
@@ -1032,42 +1030,6 @@ def photometry_from_fibres(fibres, bands=("g", "r", "i", "z"), *, default_err=No
 # ------------------------------------------------------------- colour priors
 
 
-@dataclass(frozen=True)
-class ColourTeffRelation:
-    """Teff as a function of one colour, fitted to a template grid's synthetic colours.
-
-    bands : (blue, red) speclite names; the colour is ``m_blue − m_red``.
-    systems : their systems ("AB"/"Vega"), as the photometry it applies to.
-    coeffs : ascending polynomial coefficients of θ = 5040 K / Teff in the colour.
-    colour_range, teff_range : the span of the fitted grid nodes.
-    scatter : fractional rms of Teff about the fit over the grid (gravity and
-        metallicity spread at fixed colour), the relation's own error.
-    excess_per_ebv : E(colour)/E(B−V) of the grid's spectra under the default
-        extinction law (F99, R_V = 3.1), for dereddening.
-    source : what the relation was fitted to.
-    """
-
-    bands: tuple
-    systems: tuple
-    coeffs: tuple
-    colour_range: tuple
-    teff_range: tuple
-    scatter: float
-    excess_per_ebv: float
-    source: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.bands[0]} - {self.bands[1]}"
-
-    def __call__(self, colour):
-        """(teff, dteff/dcolour) at ``colour`` (host arrays); colours outside the fitted range are clipped."""
-        poly = np.polynomial.Polynomial(self.coeffs)
-        c = np.clip(np.asarray(colour, dtype=np.float64), *self.colour_range)
-        theta = poly(c)
-        return 5040.0 / theta, -5040.0 * poly.deriv()(c) / theta**2
-
-
 def fit_colour_teff(grid, colour=("BP", "RP"), *, systems=None, deg=3, source=None) -> ColourTeffRelation:
     """Derive Teff(colour) from the synthetic colours of a template grid.
 
@@ -1131,7 +1093,7 @@ PRIOR_COLOURS = (("BP", "RP"), ("g", "i"), ("g", "r"))
 
 @functools.lru_cache(maxsize=16)
 def _demo_relation(colour: tuple, systems: tuple) -> ColourTeffRelation:
-    from .templates.demo import demo_grid
+    from ..templates.demo import demo_grid
 
     return fit_colour_teff(demo_grid(), colour, systems=systems, source="synthetic colours of the built-in demo grid")
 

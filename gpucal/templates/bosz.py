@@ -1,7 +1,7 @@
 """BOSZ 2024 model spectra: file names, directory index, reader (host NumPy edge module).
 
 Step of the mission: turn the released BOSZ 2024 files into arrays the grid
-preparation (:mod:`gpucal.templates.grid`) resamples, convolves and caches.
+preparation (:mod:`gpucal.templates.cache`) resamples, convolves and caches.
 
 The release, as this module reads it
     * file names ``bosz2024_<atmos>_t<Teff>_g<±logg>_m<±MH>_a<±alpha>_c<±carbon>
@@ -19,7 +19,7 @@ The release, as this module reads it
     * ``rorig`` spectra: three columns, wavelength (Å), H, continuum H, each
       file with its own (not necessarily uniform) wavelengths;
     * resolution: an ``r<R>`` spectrum has FWHM = λ/R (resolution spec
-      ``"R:<R>"``, see :mod:`gpucal.templates.lsf`); ``rorig`` is treated as
+      ``"R:<R>"``, see :mod:`gpucal.fitting.lsf`); ``rorig`` is treated as
       infinitely sharp (0.0).
 
 Wavelength medium
@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import CoverageError, InputError
+from ..units import FWHM_PER_SIGMA
 
 __all__ = [
     "BOSZ_MEDIUM",
@@ -71,9 +72,6 @@ __all__ = [
     "read_wave_file",
     "read_bosz_spectrum",
     "BoszSpectrum",
-    "vacuum_to_air",
-    "air_to_vacuum",
-    "convert_medium",
     "write_bosz_spectrum",
     "write_wave_file",
     "write_demo_bosz_tree",
@@ -85,7 +83,6 @@ logger = logging.getLogger("gpucal.templates.bosz")
 BOSZ_MEDIUM = "air"
 FOUR_PI = 4.0 * math.pi
 #: Below this wavelength (Å) "air" wavelengths are vacuum wavelengths (IAU convention).
-AIR_LIMIT = 2000.0
 
 _NAME_RE = re.compile(
     r"^bosz2024_(?P<atmos>[A-Za-z0-9]+)_t(?P<teff>\d+(?:\.\d+)?)_g(?P<logg>[+-]?\d+\.\d{1,2})"
@@ -356,47 +353,6 @@ def index_bosz(root, *, resolution=None) -> BoszIndex:
 # --------------------------------------------------------------------------- media
 
 
-def _refractive_index_iau(wave_vac: np.ndarray) -> np.ndarray:
-    """Refractive index of standard air at vacuum wavelength (Å), IAU standard (Morton 2000)."""
-    s2 = (1.0e4 / wave_vac) ** 2
-    return 1.0 + 8.34254e-5 + 2.406147e-2 / (130.0 - s2) + 1.5998e-4 / (38.9 - s2)
-
-
-def vacuum_to_air(wave) -> np.ndarray:
-    """Air wavelengths (Å) of vacuum wavelengths, IAU standard; λ < 2000 Å unchanged."""
-    w = np.asarray(wave, dtype=np.float64)
-    above = w >= AIR_LIMIT
-    out = w.copy()
-    out[above] = w[above] / _refractive_index_iau(w[above])
-    return out
-
-
-def air_to_vacuum(wave) -> np.ndarray:
-    """Vacuum wavelengths (Å) of air wavelengths: exact inverse of :func:`vacuum_to_air`."""
-    a = np.asarray(wave, dtype=np.float64)
-    above = a >= AIR_LIMIT
-    out = a.copy()
-    wa = a[above]
-    v = wa * _refractive_index_iau(wa)
-    # λ n(λ) is contracting to 1e-4 per step here (dn/dλ·λ ~ 1e-4), so a few
-    # iterations reach machine precision.
-    for _ in range(4):
-        v = wa * _refractive_index_iau(v)
-    out[above] = v
-    return out
-
-
-def convert_medium(wave, source: str, target: str) -> np.ndarray:
-    """Wavelengths (Å) moved from ``source`` to ``target`` medium ("air" or "vacuum")."""
-    for m in (source, target):
-        if m not in ("air", "vacuum"):
-            raise InputError(f"wavelength medium must be 'air' or 'vacuum', got {m!r}")
-    w = np.asarray(wave, dtype=np.float64)
-    if source == target:
-        return w
-    return air_to_vacuum(w) if source == "air" else vacuum_to_air(w)
-
-
 # --------------------------------------------------------------------------- reader
 
 
@@ -609,7 +565,7 @@ def write_demo_bosz_tree(root, *, teff, logg, mh, alpha=(0.0,), resolution=10000
         cont = np.stack([r[1] for r in rows])
     else:
         wave = np.asarray(grid.wave)
-        sigma_pix = 1.0 / float(resolution) / (2.0 * math.sqrt(2.0 * math.log(2.0))) / float(dlnlam)
+        sigma_pix = 1.0 / float(resolution) / FWHM_PER_SIGMA / float(dlnlam)
         flux = gaussian_filter1d(np.asarray(grid.flux), sigma_pix, axis=1, mode="nearest", truncate=6.0)
         cont = np.asarray(grid.continuum)
         write_wave_file(os.path.join(root, bosz_wave_file_name(resolution)), wave)

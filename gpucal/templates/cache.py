@@ -17,7 +17,7 @@ Preparation (:func:`prepare_bosz_grid`)
        own (the coarsest native step inside the window, so nothing is
        up-sampled; an aligned log-uniform library is copied exactly);
     4. when an instrument LSF is given, the grid is convolved to it on the
-       array backend (batched over templates, :mod:`gpucal.templates.lsf`),
+       array backend (batched over templates, :mod:`gpucal.fitting.lsf`),
        with the library's own resolution removed in quadrature.
 
 What the grid holds (the design choice)
@@ -26,7 +26,7 @@ What the grid holds (the design choice)
     pipeline (``matching.prepare_grid`` and ``calibration_vectors``)
     convolves it to the instrument. With an LSF the grid is stored already
     convolved and ``resolution_fwhm`` is the instrument's resolution spec
-    (:func:`gpucal.templates.lsf.resolution_spec`), so the pipeline's
+    (:func:`gpucal.fitting.lsf.resolution_spec`), so the pipeline's
     quadrature leaves σ_eff = 0 and its convolution is the identity for the
     same instrument (and still correct for any broader one). Either way the
     grid covers the full photometric bands, and synthetic photometry is
@@ -76,7 +76,8 @@ import numpy as np
 from .. import __version__
 from ..containers import TemplateGrid
 from ..errors import CoverageError, GpucalError, InputError
-from .bosz import BOSZ_MEDIUM, BoszIndex, convert_medium, index_bosz, parse_bosz_name, read_bosz_spectrum, read_wave_file
+from ..units import C_KMS, FWHM_TO_SIGMA, convert_medium
+from .bosz import BOSZ_MEDIUM, BoszIndex, index_bosz, parse_bosz_name, read_bosz_spectrum, read_wave_file
 
 __all__ = [
     "CACHE_FORMAT",
@@ -98,7 +99,7 @@ __all__ = [
     "run_templates_command",
 ]
 
-logger = logging.getLogger("gpucal.templates.grid")
+logger = logging.getLogger("gpucal.templates.cache")
 
 CACHE_FORMAT = "gpucal-template-cache"
 CACHE_VERSION = 1
@@ -111,7 +112,6 @@ DEFAULT_FRAME_RANGE = (3500.0, 10000.0)
 DEFAULT_BANDS = ("g", "r", "i", "z")
 #: Largest |radial velocity| (km/s) the grid must allow for (the default scan is ±500).
 DEFAULT_VMAX = 500.0
-_C_KMS = 299792.458
 _LSF_MARGIN = 0.005  # relative margin for an unknown LSF: six σ of R ≈ 500
 
 
@@ -145,20 +145,20 @@ def needed_wave_range(wave=None, *, bands=DEFAULT_BANDS, vmax=DEFAULT_VMAX, fwhm
     if not (0 < lo < hi and math.isfinite(hi)):
         raise InputError(f"wavelength window needs 0 < min < max Å, got {wave!r}")
     if bands:
-        from ..photometry import load_filters
+        from ..photometry.synphot import load_filters
 
         for f in load_filters(tuple(bands)):
             lo, hi = min(lo, float(f.wavelength[0])), max(hi, float(f.wavelength[-1]))
     vmax = float(vmax)
-    if not (0 <= vmax < 0.1 * _C_KMS):
-        raise InputError(f"vmax must be in [0, {0.1 * _C_KMS:.0f}) km/s, got {vmax}")
-    beta = vmax / _C_KMS
+    if not (0 <= vmax < 0.1 * C_KMS):
+        raise InputError(f"vmax must be in [0, {0.1 * C_KMS:.0f}) km/s, got {vmax}")
+    beta = vmax / C_KMS
     dop = math.sqrt((1.0 + beta) / (1.0 - beta))
     lo, hi = lo / dop, hi * dop
     pad_lo, pad_hi = _LSF_MARGIN * lo, _LSF_MARGIN * hi
     lsf = _lsf_args(fwhm, fwhm_poly, resolution)
     if _has_lsf(lsf):
-        from .lsf import FWHM_TO_SIGMA, instrument_fwhm
+        from ..fitting.lsf import instrument_fwhm
 
         probe = np.linspace(lo * (1 - 2 * _LSF_MARGIN), hi * (1 + 2 * _LSF_MARGIN), 1001)
         six_sigma = 6.0 * FWHM_TO_SIGMA * float(np.max(instrument_fwhm(probe, **lsf)))
@@ -337,7 +337,7 @@ def prepare_bosz_grid(src, *, teff=None, logg=None, mh=None, alpha=None, carbon=
         raise InputError(f"medium must be 'air' or 'vacuum', got {medium!r}")
     lsf = _lsf_args(fwhm, fwhm_poly, resolution)
     convolve = _has_lsf(lsf)
-    from .lsf import FWHM_TO_SIGMA, instrument_fwhm, resolution_spec, template_fwhm_at
+    from ..fitting.lsf import instrument_fwhm, resolution_spec, template_fwhm_at
 
     if convolve:
         resolution_spec(**lsf)  # validates the arguments before any file is read
@@ -427,7 +427,7 @@ def prepare_bosz_grid(src, *, teff=None, logg=None, mh=None, alpha=None, carbon=
 
     if convolve:
         from ..backends import get_backend, to_backend, to_numpy
-        from .lsf import convolve_to_instrument
+        from ..fitting.lsf import convolve_to_instrument
 
         be = get_backend(backend)
         core = slice(ext, n_out - ext)

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from ..containers import TemplateGrid
+from ..containers import DemoFrame, TemplateGrid
+from ..units import C_KMS, FWHM_PER_SIGMA, doppler_factor
 
 __all__ = [
     "DEMO_TEFF",
@@ -53,13 +52,11 @@ __all__ = [
     "demo_grid",
     "demo_template",
     "demo_wave",
-    "DemoFrame",
     "simulate_frame",
     "write_catalogue_csv",
     "telluric_transmission",
 ]
 
-C_KMS = 299792.458
 _HC_OVER_K_CM = 1.438776877  # hc/k in cm K
 _TWO_HC2 = 1.1910429723971884e-5  # 2hc² in erg cm² / s
 
@@ -193,7 +190,7 @@ def _forest_matrix(wave: np.ndarray):
 
     lines = _forest_lines()
     lnw = np.log(wave)
-    sig = lines["fwhm_kms"] / (2.0 * math.sqrt(2.0 * math.log(2.0))) / C_KMS  # in ln λ
+    sig = lines["fwhm_kms"] / FWHM_PER_SIGMA / C_KMS  # in ln λ
     lnc = np.log(lines["wave"])
     lo = np.searchsorted(lnw, lnc - 6.0 * sig, side="left")
     hi = np.searchsorted(lnw, lnc + 6.0 * sig, side="right")
@@ -240,7 +237,7 @@ def _tau(p: np.ndarray, wave: np.ndarray) -> np.ndarray:
     lam_a, f_a = _BALMER[0, 0], _BALMER[0, 1]
     for lam0, fosc, amp, gam in _BALMER:
         core_tau = _BALMER_CORE_TAU * (fosc * lam0) / (f_a * lam_a) * pop
-        core_sig = lam0 * _BALMER_CORE_FWHM_KMS / C_KMS / 2.3548200450309493
+        core_sig = lam0 * _BALMER_CORE_FWHM_KMS / C_KMS / FWHM_PER_SIGMA
         wing_amp = amp * pop * press
         wing_gam = gam * press * np.sqrt(t / 8000.0)
         edge = (1.0 + (_BALMER_WINDOW / wing_gam) ** 2) ** -1.25
@@ -423,37 +420,6 @@ _DEFAULT_STD_PARAMS = (
 _DEFAULT_STD_RV = (-85.0, -2.0, 0.7, 23.4, 140.0)
 
 
-@dataclass
-class DemoFrame:
-    """A simulated reduced fibre frame and its truth (host NumPy / astropy).
-
-    wave : (n_pix,) Å, air, linear in λ.
-    flux, var : (n_fibre, n_pix) detector counts and their true variance
-        (``counts_true + read_noise²``; ``flux`` = counts_true + Gaussian noise).
-    fibres : astropy Table FIBRE (1-based), NAME, TYPE ('C' standard, 'P' program,
-        'S' sky), RA, DEC (deg), in frame row order.
-    catalogue : astropy Table name, ra, dec, g, dg, r, dr, i, di, z, dz (Pan-STARRS AB)
-        for the standards, in standard order (STD001, STD002, ...).
-    truth : dict (see :func:`simulate_frame`).
-    """
-
-    wave: np.ndarray
-    flux: np.ndarray
-    var: np.ndarray
-    fibres: Any
-    catalogue: Any
-    truth: dict = field(default_factory=dict)
-    medium: str = "air"
-
-    @property
-    def n_fibre(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
-
-
 def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     ra, dec = [], []
     cosd = math.cos(math.radians(dec0))
@@ -471,12 +437,6 @@ def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     return np.array(ra), np.array(dec)
 
 
-def _doppler(v_kms):
-    """1 + z of a radial velocity (relativistic, as the matcher reports it)."""
-    beta = v_kms / C_KMS
-    return math.sqrt((1.0 + beta) / (1.0 - beta))
-
-
 def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame."""
     from scipy.ndimage import gaussian_filter1d
@@ -486,9 +446,9 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     fine = lo + fine_step * np.arange(n_fine)
     out = np.empty((params.shape[0], fine.size))
     for k in range(params.shape[0]):
-        out[k] = _model(params[k : k + 1], fine / _doppler(rv[k]))[0][0]
+        out[k] = _model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
     if fwhm > 0:
-        sigma_pix = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / fine_step
+        sigma_pix = fwhm / FWHM_PER_SIGMA / fine_step
         out = gaussian_filter1d(out, sigma_pix, axis=1, mode="nearest", truncate=8.0)
     return np.stack([np.interp(wave_frame, fine, row) for row in out])
 
@@ -611,7 +571,7 @@ def simulate_frame(
     dilution = np.empty(n_star)
     std_full = np.empty((n_standards, full_wave.size))
     for k in range(n_star):
-        f = _model(all_params[k : k + 1], full_wave / _doppler(all_rv[k]))[0][0]
+        f = _model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
         r0 = _ab_mags(full_wave, f)[0, 1]
         dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
         if k < n_standards:
