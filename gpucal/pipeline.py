@@ -16,7 +16,7 @@ from astropy.table import Table
 
 from . import __version__
 from .backends import get_backend, to_backend, to_numpy
-from .calibration.vectors import (
+from .calibration import (
     apply_flux_calibration,
     calibration_vectors,
     combine_calibration_vectors,

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import assert_close
 from gpucal.backends import to_numpy
-from gpucal.calibration.vectors import (
+from gpucal.calibration import (
     apply_flux_calibration,
     combine_calibration_vectors,
     fill_masked,

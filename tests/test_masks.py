@@ -6,7 +6,7 @@ import pytest
 from conftest import assert_close
 from gpucal.backends import get_backend, to_numpy
 from gpucal.containers import CalibrationVectors
-from gpucal.calibration.vectors import combine_calibration_vectors
+from gpucal.calibration import combine_calibration_vectors
 from gpucal.errors import InputError
 from gpucal.fitting.masks import cap_local_weights, local_outliers
 

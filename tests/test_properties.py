@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpucal.backends import get_backend
-from gpucal.calibration.vectors import combine_calibration_vectors
+from gpucal.calibration import combine_calibration_vectors
 from gpucal.cli import main
 from gpucal.containers import CalibrationVectors
 from gpucal.errors import GpucalError

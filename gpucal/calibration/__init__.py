@@ -1,1 +1,23 @@
-"""calibration room."""
+"""The calibration room: steps 2–5 of the mission, batched over stars and pixels.
+
+* :mod:`.scale` — each star's template scaled to its photometry;
+* :mod:`.vectors` — per-star vectors Cal(λ) = scaled model / observed counts;
+* :mod:`.verdicts` — each star used, or why not, decided once;
+* :mod:`.combine` — the robust combination of the per-star vectors;
+* :mod:`.apply` — the combined vector applied to every fibre.
+"""
+
+from .apply import apply_flux_calibration
+from .combine import combine_calibration_vectors, fill_masked, star_outliers
+from .scale import scale_template_to_photometry
+from .vectors import calibration_vectors, shift_to_observed
+
+__all__ = [
+    "scale_template_to_photometry",
+    "shift_to_observed",
+    "calibration_vectors",
+    "star_outliers",
+    "combine_calibration_vectors",
+    "fill_masked",
+    "apply_flux_calibration",
+]

@@ -1,0 +1,200 @@
+"""Step 4: the per-star vectors combined robustly into one calibration.
+
+:func:`combine_calibration_vectors` masks each star's own outlier pixels and
+caps its weights (:func:`star_outliers`), rejects stars whose overall level
+departs from the others (a robust test on the median log ratio), then forms an
+inverse-variance weighted mean with iterative per-pixel clipping (or a masked
+median, variance (π/2)/Σ ivar), optional Savitzky–Golay smoothing that never
+un-masks, and bridges pixels no star measured (telluric bands, gaps) from the
+throughput on either side (:func:`fill_masked`), flagged as not measured.
+
+Shapes: vectors (n_star, n_pix) -> combined (n_pix,). Units of Cal
+(erg/s/cm²/Å per count).
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import device as _device
+
+from ..backends import array_namespace, masked_median, savgol_filter, sigma_clip
+from ..containers import CalibrationVectors, FluxCalibrationResult
+from ..errors import InputError
+from ..fitting.masks import cap_local_weights, local_outliers
+
+__all__ = ["star_outliers", "combine_calibration_vectors", "fill_masked"]
+
+
+def _weighted_mean(cal, ivar, keep):
+    xp = array_namespace(cal)
+    w = xp.where(keep, ivar, 0.0)
+    wsum = xp.sum(w, axis=0)
+    safe = xp.where(wsum > 0, wsum, 1.0)
+    mean = xp.sum(w * xp.where(keep, cal, 0.0), axis=0) / safe
+    return xp.where(wsum > 0, mean, xp.nan), xp.where(wsum > 0, 1.0 / safe, xp.nan), wsum > 0
+
+
+def star_outliers(cal, ivar, mask, *, nsigma: float = 8.0, floor: float = 0.2, weight_cap: float = 10.0):
+    """Each star's own outlier pixels, and its inverse variances capped, before stars are combined.
+
+    A calibration vector is smooth on the scale of a few pixels, so a pixel
+    far from its neighbours is an outlier of that star (a hot pixel, a cosmic
+    ray the reduction missed): more than ``nsigma`` σ and ``floor`` (20 %)
+    away from its neighbours, both ways, since the stars' lines divide out of
+    the vector. Per-pixel clipping across stars cannot find it when few
+    stars measure the pixel. An inverse variance far above its
+    neighbours' is capped, so one pixel with a wrongly tiny variance cannot
+    outweigh every other star. See :func:`gpucal.masks.local_outliers` and
+    :func:`gpucal.masks.cap_local_weights`.
+
+    cal, ivar, mask : (n_star, n_pix). Returns (outlier mask, capped ivar).
+    """
+    outlier = local_outliers(cal, ivar, mask, nsigma=nsigma, floor=floor)
+    return outlier, cap_local_weights(ivar, mask & ~outlier, factor=weight_cap)
+
+
+def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, method: str = "weighted_mean",
+                                nsigma: float = 3.0, maxiter: int = 5, reject_nsigma: float = 5.0,
+                                reject_floor: float = 0.05, smooth: int = 0, polyorder: int = 3,
+                                fill_window: int = 51, outlier_nsigma: float = 8.0) -> FluxCalibrationResult:
+    """Combine per-star vectors into one calibration, rejecting discrepant stars.
+
+    Parameters
+    ----------
+    vectors : per-star vectors (n_star, n_pix).
+    usable : (n_star,) bool, stars allowed into the combination (others,
+        e.g. without photometry, are carried as excluded). Default: all.
+    method : ``"weighted_mean"`` (inverse variance, per-pixel iterative
+        ``nsigma`` clipping) or ``"median"`` (masked median; variance
+        (π/2) / Σ ivar, the median's efficiency for Gaussian noise).
+    reject_nsigma, reject_floor : a star whose median log ratio to the
+        median of all stars departs from the stars' median by more than
+        max(reject_nsigma · 1.4826 MAD, reject_floor) is rejected. The MAD
+        is over the usable stars, so one wild star cannot hide itself.
+    smooth : Savitzky–Golay window in pixels (0 = none); masked pixels stay masked.
+    fill_window : smoothing window used to bridge pixels no star measured.
+    outlier_nsigma : each star's own outlier pixels are masked, and its
+        inverse variances capped, first (:func:`star_outliers`).
+
+    Returns
+    -------
+    FluxCalibrationResult; per-star exclusion reasons are filled by the caller
+    for stars it marked unusable, and here with "discrepant" for rejected ones.
+    """
+    if method not in ("weighted_mean", "median"):
+        raise InputError(f"unknown combination method {method!r}; use weighted_mean or median")
+    xp = array_namespace(vectors.cal)
+    dev = _device(vectors.cal)
+    n_star = vectors.cal.shape[0]
+    if usable is None:
+        usable = xp.ones((n_star,), dtype=xp.bool, device=dev)
+    mask = vectors.mask & usable[:, None]
+    cal = xp.where(mask, vectors.cal, 0.0)
+    ivar = xp.where(mask, 1.0 / xp.where(mask, vectors.var, 1.0), 0.0)
+    outlier, ivar = star_outliers(cal, ivar, mask, nsigma=outlier_nsigma)
+    mask = mask & ~outlier
+
+    level, discrepant, used = _reject_discrepant(cal, mask, usable, reject_nsigma, reject_floor)
+    mask = mask & used[:, None]
+    comb, comb_var, measured, keep = _combine_pixels(cal, ivar, mask, method, nsigma, maxiter)
+    if smooth:
+        comb, measured = _smooth(comb, measured, smooth, polyorder)
+        comb_var = xp.where(measured, comb_var, xp.nan)
+    filled, filled_var = fill_masked(comb, comb_var, measured, window=fill_window)
+    resid, rms = _scatter(vectors, comb, measured, mask)
+    return FluxCalibrationResult(
+        wave=vectors.wave, cal=filled, var=filled_var, measured=measured, used=used,
+        reasons=[], residuals=resid,
+        summary={"method": method, "level": level, "discrepant": discrepant, "rms_scatter": rms,
+                 "n_outlier_pixels": xp.sum(xp.astype(outlier, xp.int64), axis=1),
+                 "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth},
+    )
+
+
+def _reject_discrepant(cal, mask, usable, reject_nsigma, reject_floor):
+    """Star-level rejection on each star's median log ratio to the pixel-wise median.
+
+    Returns (level (n_star,), discrepant (n_star,) bool, used (n_star,) bool).
+    """
+    xp = array_namespace(cal)
+    ref = masked_median(cal, mask, axis=0)
+    ref_ok = xp.isfinite(ref) & (ref > 0)
+    ratio_mask = mask & ref_ok[None, :]
+    lr = xp.log(xp.where(ratio_mask, cal, 1.0) / xp.where(ref_ok, ref, 1.0)[None, :])
+    level = masked_median(lr, ratio_mask, axis=1)  # (n_star,)
+    has_level = xp.isfinite(level) & usable
+    centre = masked_median(level[None, :], has_level[None, :], axis=1)[0]
+    mad = masked_median(xp.abs(level - centre)[None, :], has_level[None, :], axis=1)[0]
+    thresh = xp.maximum(reject_nsigma * 1.4826 * xp.where(xp.isfinite(mad), mad, 0.0), reject_floor)
+    discrepant = has_level & (xp.abs(level - centre) > thresh)
+    return level, discrepant, usable & has_level & ~discrepant
+
+
+def _combine_pixels(cal, ivar, mask, method, nsigma, maxiter):
+    """Per-pixel combination of the used stars: (value, variance, measured, pixels kept)."""
+    if method == "weighted_mean":
+        keep = sigma_clip(cal, weights=ivar, mask=mask, nsigma=nsigma, maxiter=maxiter, axis=0)
+        comb, comb_var, measured = _weighted_mean(cal, ivar, keep)
+        return comb, comb_var, measured, keep
+    comb = masked_median(cal, mask, axis=0)
+    _, wvar, measured = _weighted_mean(cal, ivar, mask)
+    return comb, (math.pi / 2.0) * wvar, measured, mask
+
+
+def _scatter(vectors, comb, measured, mask):
+    """Each star's fractional residual from the combination, and the median per-pixel RMS between stars."""
+    xp = array_namespace(comb)
+    safe = xp.where(measured, comb, 1.0)
+    resid = xp.where(vectors.mask & measured[None, :], (vectors.cal - comb[None, :]) / safe[None, :], xp.nan)
+    meas_used = mask & measured[None, :]
+    sq = xp.where(meas_used, resid * resid, 0.0)
+    cnt = xp.sum(xp.astype(meas_used, xp.float64), axis=0)
+    rms_pix = xp.sqrt(xp.sum(sq, axis=0) / xp.where(cnt > 0, cnt, 1.0))
+    return resid, masked_median(rms_pix[None, :], (cnt > 1)[None, :], axis=1)[0]
+
+
+def _smooth(y, good, window, polyorder):
+    xp = array_namespace(y)
+    window = int(window) | 1  # odd
+    y0 = xp.where(good, y, 0.0)
+    out, good_out = savgol_filter(y0, good, window=window, polyorder=polyorder)
+    return xp.where(good_out, out, xp.nan), good_out
+
+
+def fill_masked(y, var, good, *, window: int = 51):
+    """Bridge pixels where ``good`` is False by linear interpolation of a smoothed ``y``.
+
+    Each gap is filled on the straight line between the smoothed values at
+    the nearest good pixels on either side (constant beyond the ends), so a
+    telluric band is bridged by the throughput around it, not by one noisy
+    edge pixel. Good pixels are returned unchanged. No host round trip.
+    """
+    xp = array_namespace(y)
+    dev = _device(y)
+    n = y.shape[0]
+    window = min(int(window) | 1, (n // 2) * 2 - 1)
+    base = xp.where(good, y, 0.0)
+    sm, sm_good = savgol_filter(base, good, window=window, polyorder=2)
+    sm = xp.where(sm_good, sm, base)
+    idx = xp.arange(n, device=dev)
+    gi = xp.astype(good, xp.int64)
+    n_good = xp.sum(gi)
+    # Positions of the good pixels in order: a stable sort on "not good".
+    order = xp.argsort(xp.astype(~good, xp.int8), stable=True)
+    k = xp.cumulative_sum(gi) - 1  # index among good pixels of the last good pixel <= p
+    last = xp.maximum(n_good - 1, 0)
+    k_left = xp.clip(k, 0, None)
+    k_left = xp.minimum(k_left, last)
+    k_right = xp.minimum(xp.where(good, k, k + 1), last)
+    k_right = xp.maximum(k_right, 0)
+    p_left = xp.take(order, k_left)
+    p_right = xp.take(order, k_right)
+    y_left, y_right = xp.take(sm, p_left), xp.take(sm, p_right)
+    v_left, v_right = xp.take(var, p_left), xp.take(var, p_right)
+    span = xp.astype(p_right - p_left, y.dtype)
+    frac = xp.where(span > 0, xp.astype(idx - p_left, y.dtype) / xp.where(span > 0, span, 1.0), 0.0)
+    frac = xp.clip(frac, 0.0, 1.0)
+    fy = y_left + frac * (y_right - y_left)
+    fv = (1.0 - frac) * v_left + frac * v_right
+    return xp.where(good, y, fy), xp.where(good, var, fv)
