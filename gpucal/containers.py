@@ -68,7 +68,7 @@ class SpectraBatch:
         return int(self.flux.shape[1])
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: per-grid products are cached by grid
 class TemplateGrid:
     """A stellar template grid on one log-uniform wavelength grid.
 

@@ -1,21 +1,23 @@
-"""calibrate_frame(): load -> match -> scale -> vectors -> combine -> apply -> write.
+"""calibrate_frame(): the mission as a short story of calls.
 
-Host data (FITS frame, catalogue, template grid) is read at the edges and
-moved to the backend once; the per-star, per-template and per-pixel work runs
-batched on the backend; results come back to the host once for the output
-file, the per-star table and the QC summary.
+load -> batch -> prepare -> match -> scale -> vectors -> verdicts -> combine
+-> apply -> host -> report -> write. Host data (FITS frame, catalogue,
+template grid) is read at the edges and moved to the backend once; the
+per-star, per-template and per-pixel work runs batched on the backend in the
+step rooms (fitting/, calibration/, photometry/); results come back to the
+host once for the output file, the per-star table and the summary (report/).
+This module orchestrates and computes nothing itself.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import numpy as np
-from astropy.table import Table
 
-from . import __version__
-from .backends import get_backend, to_backend, to_numpy
+from .backends import array_namespace, get_backend, to_backend, to_numpy
 from .calibration import (
     apply_flux_calibration,
     calibration_vectors,
@@ -23,13 +25,13 @@ from .calibration import (
     scale_template_to_photometry,
     shift_to_observed,
 )
-from .containers import CalibrationOutput, PARAM_NAMES, Photometry, SpectraBatch, TemplateGrid
-from .units import convert_medium
+from .calibration.verdicts import MIN_GOOD_FRACTION, duplicate_of, star_verdicts, verdict_reasons
+from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, GpucalError, InputError, PhotometryError
-from .photometry.extinction import redden
-from .io.frames import Frame, read_frame, write_calibrated_frame
 from .fitting.masks import TELLURIC_DEFAULT
 from .fitting.scan import match_templates, prepare_grid, refined_templates
+from .io.frames import read_frame, write_calibrated_frame
+from .photometry.extinction import redden
 from .photometry.synphot import (
     PRIOR_COLOURS,
     fit_colour_teff,
@@ -41,13 +43,14 @@ from .photometry.synphot import (
     teff_from_colour,
     teff_prior_mask,
 )
+from .report.stars import per_star_table
+from .report.summary import fits_keywords, frame_summary, history_lines
+from .units import convert_medium
 
 __all__ = ["calibrate_frame", "load_templates"]
 
 logger = logging.getLogger("gpucal")
 
-#: A standard needs at least this fraction of its pixels good to be used.
-MIN_GOOD_FRACTION = 0.5
 #: The colour Teff prior never narrows a star's scan below ±this (K).
 PRIOR_FLOOR_K = 500.0
 
@@ -97,23 +100,180 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     return phot, info, np.asarray(ebvs, dtype=float)
 
 
+_NO_PRIOR = (None, None, None)
+#: Colour-Teff relations fitted per template grid, reused by every frame of a batch.
+_RELATIONS = weakref.WeakKeyDictionary()
+
+
+def _colour_relations(grid: TemplateGrid) -> tuple:
+    """The grid's colour-Teff relations, fitted once per grid (the colours it supports)."""
+    if grid not in _RELATIONS:
+        relations = []
+        for colour in PRIOR_COLOURS:
+            try:
+                relations.append(fit_colour_teff(grid, colour))
+            except GpucalError:
+                continue  # the grid does not cover that colour's bands, or it carries no Teff signal
+        _RELATIONS[grid] = tuple(relations)
+    return _RELATIONS[grid]
+
+
 def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0):
-    """Teff from the stars' colours (relation fitted on this grid), and the grid mask it allows."""
-    relations = []
-    for colour in PRIOR_COLOURS:
-        try:
-            relations.append(fit_colour_teff(grid, colour))
-        except GpucalError:
-            continue  # the grid does not cover that colour's bands, or it carries no Teff signal
+    """Teff from the stars' colours (relations fitted on this grid), and the grid mask it allows."""
+    relations = _colour_relations(grid)
     if not relations:
-        return None, None, None
-    teff, teff_err = teff_from_colour(phot, relations=tuple(relations), ebv=ebv)
+        return _NO_PRIOR
+    teff, teff_err = teff_from_colour(phot, relations=relations, ebv=ebv)
     steps = np.diff(np.unique(np.asarray(grid.params)[:, 0]))
     step = float(steps.max()) if steps.size else 0.0
     # Never narrower than ±PRIOR_FLOOR_K: one bad band must not force the wrong
     # template (the disagreement is reported instead), and refinement keeps its neighbours.
     mask = teff_prior_mask(bparams, teff, teff_err, nsigma=nsigma, min_halfwidth=max(2 * step, PRIOR_FLOOR_K))
     return teff, teff_err, mask
+
+
+def _check_options(vrange, min_stars):
+    vmin, vmax, vstep = (float(v) for v in vrange)
+    if not (np.isfinite([vmin, vmax, vstep]).all() and vmin < vmax and vstep > 0):
+        raise InputError(f"--vrange needs finite vmin < vmax and step > 0 km/s, got {vmin}:{vmax}:{vstep}")
+    if int(min_stars) < 1:
+        raise InputError(f"--min-stars must be >= 1, got {min_stars}")
+
+
+def _standard_ids(frame: Frame):
+    """Row indices, names and 1-based fibre numbers of the frame's standards (host)."""
+    std = np.asarray(frame.standards, dtype=int)
+    fib = frame.fibres
+    names = [str(n).strip() for n in (np.asarray(fib["NAME"])[std] if "NAME" in fib.colnames
+                                      else [f"fibre{i + 1}" for i in std])]
+    fibres = np.asarray(fib["FIBRE"], dtype=int)[std] if "FIBRE" in fib.colnames else std + 1
+    return std, tuple(names), fibres
+
+
+def _standards_batch(frame: Frame, std, names, fibres, medium, be) -> SpectraBatch:
+    """The standards on the backend, once, on wavelengths in the grid's ``medium``.
+
+    The frame's wavelengths are relabelled, not the grid's: a converted grid is no
+    longer uniform in ln λ, which the LSF convolution and the velocity scan need.
+    """
+    xp = be.xp
+    wave = to_backend(convert_medium(frame.wave, frame.medium, medium), be, dtype=xp.float64)
+    flux = to_backend(frame.flux[std], be, dtype=xp.float64)
+    var = to_backend(frame.var[std], be, dtype=xp.float64)
+    mask = xp.isfinite(flux) & xp.isfinite(var) & (var > 0)
+    return SpectraBatch(wave=wave, flux=flux, var=var, mask=mask, fibre_ids=fibres, names=names, medium=medium)
+
+
+def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf):
+    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
+    xp = array_namespace(spectra.wave)
+    try:
+        return prepare_grid(grid, spectra.wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
+                            vstep=float(vrange[2]), **lsf)
+    except CoverageError as exc:
+        raise CoverageError(f"{frame.path}: {exc}") from None
+
+
+def _models(grid, match, ebv_star, be):
+    """Each star's refined rest-frame template, reddened by its E(B−V): (grid wave, (n_star, n_w))."""
+    gwave = to_backend(grid.wave, be, dtype=be.xp.float64)
+    model = refined_templates(grid.flux, match)
+    if np.any(ebv_star != 0):
+        model = redden(gwave, model, ebv_star)
+    return gwave, model
+
+
+def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
+    """Every check before the combination, in one place; the photometric reasons (host)."""
+    xp = array_namespace(vec.cal)
+    n_pix = spectra.wave.shape[0]
+    floor = MIN_GOOD_FRACTION * n_pix
+    n_in = xp.sum(xp.astype(spectra.mask, xp.int64), axis=1)
+    n_good = xp.sum(xp.astype(vec.mask, xp.int64), axis=1)
+    phot_bad, phot_reasons = photometric_consistency(sc.residual, xp.isfinite(sc.residual),
+                                                     max_dev=max_phot_dev, bands=phot.bands)
+    dup_of = duplicate_of(spectra.flux, spectra.var)
+    checks = {"few_input_pixels": xp.astype(n_in, xp.float64) < floor, "duplicate": dup_of >= 0,
+              "no_photometry": ~sc.ok, "photometry_inconsistent": phot_bad,
+              "rv_at_edge": match.meta["rv_at_edge"],
+              "few_vector_pixels": xp.astype(n_good, xp.float64) < floor}
+    if max_chi2_dof is not None:
+        checks["chi2_dof"] = ~(_reduced_chi2(match) <= max_chi2_dof)
+    return star_verdicts(checks), dup_of, phot_reasons
+
+
+def _reduced_chi2(match):
+    xp = array_namespace(match.chi2)
+    return match.chi2 / xp.astype(xp.maximum(match.dof, 1), xp.float64)
+
+
+def _apply(frame, res, be):
+    """Every fibre calibrated, and each fibre's count of bad input pixels."""
+    xp = be.xp
+    flux = to_backend(frame.flux, be, dtype=xp.float64)
+    var = to_backend(frame.var, be, dtype=xp.float64)
+    bad = xp.sum(xp.astype(~(xp.isfinite(flux) & xp.isfinite(var) & (var > 0)), xp.int64), axis=1)
+    return (*apply_flux_calibration(flux, var, res.cal, res.var, fibre_axis=0), bad)
+
+
+def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad):
+    """Every result the outputs need, back on the host in one go."""
+    xp = array_namespace(vec.cal)
+    return {k: to_numpy(v) for k, v in dict(
+        params=match.params, params_err=match.params_err, rv=match.rv, rv_err=match.rv_err,
+        chi2=_reduced_chi2(match), dof=match.dof, scale=sc.scale, scale_err=sc.scale_err,
+        n_bands=sc.n_bands, residual=sc.residual, code=verdicts.code, used=verdicts.usable, dup_of=dup_of,
+        n_in=xp.sum(xp.astype(spectra.mask, xp.int64), axis=1),
+        n_good=xp.sum(xp.astype(vec.mask, xp.int64), axis=1), level=res.summary["level"],
+        n_outlier=res.summary["n_outlier_pixels"], rms=res.summary["rms_scatter"], cal=res.cal,
+        cal_var=res.var, measured=res.measured, flux=cal_flux, var=cal_var, star_cal=vec.cal,
+        star_mask=vec.mask, bad=bad,
+    ).items()}
+
+
+def _reasons(h, fibres, n_pix, match_info, phot_reasons, vrange, max_chi2_dof) -> list:
+    """Each star's reason text from its verdict ("" for a used star)."""
+    return verdict_reasons(h["code"], dict(
+        n_pix=n_pix, n_in=h["n_in"], n_good=h["n_good"], chi2=h["chi2"],
+        dup_fibre=np.where(h["dup_of"] >= 0, fibres[np.maximum(h["dup_of"], 0)], -1),
+        match_info=match_info, phot_reasons=phot_reasons, vrange=vrange, max_chi2_dof=max_chi2_dof,
+        level=h["level"]))
+
+
+def _warn(names, fibres, reasons, prior, h):
+    """Colour-Teff disagreements and excluded standards: logged, and returned for the summary."""
+    warnings = []
+    if prior[0] is not None:
+        _, msgs = teff_disagreement(h["params"][:, 0], prior[0], prior[1], best_err=h["params_err"][:, 0],
+                                    names=list(names))
+        warnings += [m for m in msgs if m]
+    for m in warnings:
+        logger.warning("%s", m)
+    for i, r in enumerate(reasons):
+        if r:
+            logger.warning("standard %s (fibre %d) excluded: %s", names[i], fibres[i], r)
+    return warnings
+
+
+def _require_stars(frame, names, reasons, n_used, min_stars):
+    if n_used < min_stars:
+        raise CalibrationError(
+            f"{frame.path}: {n_used} usable standard(s), fewer than --min-stars {min_stars}; "
+            + "; ".join(f"{names[i]}: {r}" for i, r in enumerate(reasons) if r)
+        )
+
+
+class _Clock:
+    """Wall time per stage of one frame."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self.t
+        self.t = now
 
 
 def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm_poly=None,
@@ -126,24 +286,29 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
 
     Parameters
     ----------
-    frame : path to a FITS frame, or a :class:`gpucal.io.Frame`.
-    templates : ``"demo"`` or a TemplateGrid.
+    frame : path to a FITS frame, or a :class:`gpucal.containers.Frame`.
+    templates : ``"demo"``, a TemplateGrid, a prepared cache or a BOSZ directory.
     photometry : catalogue CSV path (Refcat2-style columns) or a Photometry
         aligned with the frame's standards.
     fwhm / fwhm_poly / resolution : instrument resolution (exactly one).
-    out : output FITS path (None = do not write).
+    out : output FITS path (None = do not write); overwrite : replace it.
     backend : backend name or Backend (default: ``GPUCAL_BACKEND`` / auto).
     combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay
         window (pixels, 0 = none).
+    metric : ``"chi2"`` or ``"huber"`` template score.
     vrange : (vmin, vmax, step) km/s of the velocity scan.
+    mask_regions : (lo, hi) Å bands left out of the fit and the vectors.
     bands : catalogue bands to use (default: every Refcat2 band present; a
         band the template grid does not cover is reported and left out).
+    match_radius : catalogue match radius (arcsec).
     min_stars : fewer usable standards is a CalibrationError and no output.
     max_chi2_dof : stars whose best χ²/dof exceeds this are excluded.
+    max_memory : the scan's working-set budget (bytes or "512M").
+    dtype : precision of the scan's large products ("float32" or "float64").
     ebv : E(B−V) applied to every template (F99, R_V = 3.1) unless the
         catalogue has an ``ebv`` column; None = 0.
     teff_prior : restrict each star's scan to nodes within 3σ of its colour
-        Teff (relation fitted on the grid's own synthetic colours).
+        Teff (relations fitted once per grid on its own synthetic colours).
     max_phot_dev : a star whose post-fit band residuals span more than this
         (mag) is excluded as photometrically inconsistent.
     fast : the fast-path scan (velocity from fiducial templates first).
@@ -152,197 +317,55 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     -------
     CalibrationOutput (host arrays), also written to ``out`` when given.
     """
-    t0 = time.perf_counter()
-    vmin, vmax, vstep = (float(v) for v in vrange)
-    if not (np.isfinite([vmin, vmax, vstep]).all() and vmin < vmax and vstep > 0):
-        raise InputError(f"--vrange needs finite vmin < vmax and step > 0 km/s, got {vmin}:{vmax}:{vstep}")
-    if int(min_stars) < 1:
-        raise InputError(f"--min-stars must be >= 1, got {min_stars}")
+    clock = _Clock()
+    _check_options(vrange, min_stars)
     be = get_backend(backend)
-    xp = be.xp
-    if not isinstance(frame, Frame):
-        frame = read_frame(frame)
-    std = np.asarray(frame.standards, dtype=int)
-    fib = frame.fibres
-    names = [str(n).strip() for n in (np.asarray(fib["NAME"])[std] if "NAME" in fib.colnames
-                                      else [f"fibre{i + 1}" for i in std])]
-    fibre_numbers = (np.asarray(fib["FIBRE"], dtype=int)[std] if "FIBRE" in fib.colnames else std + 1)
+    frame = frame if isinstance(frame, Frame) else read_frame(frame)
+    std, names, fibres = _standard_ids(frame)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
                           medium=frame.medium)
-    # Templates and frame must share air or vacuum wavelengths (IAU conversion). The frame's
-    # wavelengths are relabelled, not the grid's: a converted grid is no longer uniform in ln λ,
-    # which the LSF convolution and the velocity scan need.
-    work_wave = frame.wave
-    if grid.medium != frame.medium:
-        work_wave = convert_medium(frame.wave, frame.medium, grid.medium)
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
-
-    # ---- to the backend, once
-    wave = to_backend(work_wave, be, dtype=xp.float64)
-    s_flux = to_backend(frame.flux[std], be, dtype=xp.float64)
-    s_var = to_backend(frame.var[std], be, dtype=xp.float64)
-    s_mask = xp.isfinite(s_flux) & xp.isfinite(s_var) & (s_var > 0)
-    spectra = SpectraBatch(wave=wave, flux=s_flux, var=s_var, mask=s_mask,
-                           fibre_ids=fibre_numbers, names=tuple(names), medium=grid.medium)
+    spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
-    t1 = time.perf_counter()
-    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
-    try:
-        prepared = prepare_grid(grid, wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
-                                vstep=float(vrange[2]), **lsf)
-    except CoverageError as exc:
-        raise CoverageError(f"{frame.path}: {exc}") from None
-    teff_c = teff_c_err = prior = None
-    if teff_prior:
-        teff_c, teff_c_err, prior = _colour_prior(grid, phot, ebv_star, prepared.params)
-    t2 = time.perf_counter()
+    clock.lap("load")
+    prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
+    prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR
+    clock.lap("prepare_grid")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
-                            prior=prior, fast=fast, metric=metric)
-    t3 = time.perf_counter()
-
-    # ---- scale, vectors, combination
-    gwave = to_backend(grid.wave, be, dtype=xp.float64)
-    tmpl = refined_templates(grid.flux, match)
-    if np.any(ebv_star != 0):
-        tmpl = redden(gwave, tmpl, ebv_star)
-    observed_frame_tmpl = shift_to_observed(gwave, tmpl, match.rv)
-    sc = scale_template_to_photometry(gwave, observed_frame_tmpl, phot)
-    vec = calibration_vectors(wave, s_flux, s_var, s_mask, gwave, tmpl, match.rv, sc.scale,
-                              sc.scale_err, template_fwhm=grid.resolution_fwhm,
+                            prior=prior[2], fast=fast, metric=metric)
+    clock.lap("match")
+    gwave, model = _models(grid, match, ebv_star, be)
+    sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
+    vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
+                              sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
                               mask_regions=mask_regions, **lsf)
-    n_good = xp.sum(xp.astype(vec.mask, xp.int64), axis=1)
-    red_chi2 = match.chi2 / xp.astype(xp.maximum(match.dof, 1), xp.float64)
-    at_edge = match.meta["rv_at_edge"]
-    phot_bad, phot_reasons = photometric_consistency(to_numpy(sc.residual), np.isfinite(to_numpy(sc.residual)),
-                                                     max_dev=max_phot_dev, bands=phot.bands)
-    usable = (sc.ok & ~to_backend(np.asarray(phot_bad, dtype=bool), be) & ~at_edge
-              & (xp.astype(n_good, xp.float64) >= MIN_GOOD_FRACTION * wave.shape[0]))
-    if max_chi2_dof is not None:
-        usable = usable & (red_chi2 <= max_chi2_dof)
-    n_in = np.count_nonzero(np.isfinite(frame.flux[std]) & np.isfinite(frame.var[std]) & (frame.var[std] > 0),
-                            axis=1)
-    # A fibre bit-identical to an earlier standard is the same data twice, not a second star.
-    first = {}
-    dup_of = np.array([first.setdefault(frame.flux[r].tobytes() + frame.var[r].tobytes(), i) for i, r in
-                       enumerate(std)])
-    dup_of = np.where(dup_of == np.arange(len(std)), -1, dup_of)
-    usable = usable & to_backend(dup_of < 0, be)
-    res = combine_calibration_vectors(vec, usable=usable, method=combine, smooth=smooth)
-    all_flux = to_backend(frame.flux, be, dtype=xp.float64)
-    all_var = to_backend(frame.var, be, dtype=xp.float64)
-    cal_flux, cal_var = apply_flux_calibration(all_flux, all_var, res.cal, res.var, fibre_axis=0)
-    t4 = time.perf_counter()
-
-    # ---- back to the host, once
-    h = {k: to_numpy(v) for k, v in dict(
-        params=match.params, rv=match.rv, rv_err=match.rv_err, chi2=red_chi2, scale=sc.scale,
-        scale_err=sc.scale_err, n_bands=sc.n_bands, residual=sc.residual, ok=sc.ok,
-        at_edge=at_edge, n_good=n_good, used=res.used, level=res.summary["level"],
-        discrepant=res.summary["discrepant"], cal=res.cal, cal_var=res.var, measured=res.measured,
-        flux=cal_flux, var=cal_var, rms=res.summary["rms_scatter"], star_cal=vec.cal, star_mask=vec.mask,
-        dof=match.dof, n_outlier=res.summary["n_outlier_pixels"],
-    ).items()}
-    reasons = []
-    for i in range(len(std)):
-        r = ""
-        if n_in[i] < MIN_GOOD_FRACTION * frame.wave.size:  # the cause, not its consequences below
-            r = f"too few good pixels ({int(n_in[i])} of {frame.wave.size})"
-        elif dup_of[i] >= 0:
-            r = f"duplicate of fibre {int(fibre_numbers[dup_of[i]])} (identical flux and variance)"
-        elif not h["ok"][i]:
-            r = f"no usable photometry ({match_info[i]})"
-        elif phot_bad[i]:
-            r = phot_reasons[i]
-        elif h["at_edge"][i]:
-            r = f"velocity at the edge of the scan range {vrange[0]}..{vrange[1]} km/s"
-        elif h["n_good"][i] < MIN_GOOD_FRACTION * frame.wave.size:
-            r = f"too few good pixels ({int(h['n_good'][i])} of {frame.wave.size})"
-        elif max_chi2_dof is not None and not h["chi2"][i] <= max_chi2_dof:
-            r = f"chi2/dof {h['chi2'][i]:.2f} above {max_chi2_dof}"
-        elif h["discrepant"][i]:
-            r = f"discrepant: level {100 * (np.exp(h['level'][i]) - 1):+.1f}% from the other standards"
-        reasons.append(r)
-    n_used = int(h["used"].sum())
-    n_rej = len(std) - n_used
-    per_star = Table()
-    per_star["NAME"] = names
-    per_star["FIBRE"] = fibre_numbers
-    for j, p in enumerate(PARAM_NAMES):
-        per_star[p.upper()] = h["params"][:, j]
-    per_star["RV"] = h["rv"]
-    per_star["RV"].unit = "km/s"
-    per_star["RV_ERR"] = h["rv_err"]
-    per_star["RV_ERR"].unit = "km/s"
-    per_star["SCALE"] = h["scale"]
-    per_star["SCALE_ERR"] = h["scale_err"]
-    per_star["CHI2_DOF"] = h["chi2"]
-    per_star["N_BANDS"] = h["n_bands"]
-    for j, b in enumerate(phot.bands):
-        per_star[f"DMAG_{b.split('-')[-1].upper()}"] = h["residual"][:, j]
-    per_star["N_GOOD"] = h["n_good"]
-    per_star["N_OUTLIER"] = h["n_outlier"]  # the star's own outlier pixels left out of the combination
-    per_star["PHOT_MATCH"] = list(match_info)
-    per_star["USED"] = h["used"].astype(bool)
-    per_star["REASON"] = [r or "-" for r in reasons]
-    n_bad = np.count_nonzero(~(np.isfinite(frame.flux) & np.isfinite(frame.var) & (frame.var > 0)), axis=1)
-    summary = {
-        "frame": str(frame.path), "gpucal_version": __version__, "backend": be.name,
-        "device": str(be.device), "n_standards": len(std), "n_stars_used": n_used,
-        "n_stars_rejected": n_rej, "rms_scatter": float(h["rms"]) if np.isfinite(h["rms"]) else None,
-        "method": combine, "smooth": smooth, "metric": metric, "vrange_kms": list(vrange),
-        "lsf": {k: v for k, v in lsf.items() if v is not None},
-        "n_templates": int(prepared.n_templates), "fraction_interpolated": float(1 - h["measured"].mean()),
-        "bad_pixels_per_fibre": dict(zip((np.asarray(fib["FIBRE"]) if "FIBRE" in fib.colnames
-                                           else np.arange(1, len(n_bad) + 1)).tolist(), n_bad.tolist())),
-        "stars": [dict(name=names[i], fibre=int(fibre_numbers[i]), used=bool(h["used"][i]), reason=reasons[i],
-                       teff=float(h["params"][i, 0]), logg=float(h["params"][i, 1]),
-                       mh=float(h["params"][i, 2]), alpha=float(h["params"][i, 3]),
-                       rv=float(h["rv"][i]), rv_err=float(h["rv_err"][i]), scale=float(h["scale"][i]),
-                       chi2_dof=float(h["chi2"][i])) for i in range(len(std))],
-        "timing_s": {"load": t1 - t0, "prepare_grid": t2 - t1, "match": t3 - t2, "calibrate": t4 - t3},
-    }
-    warnings = []
-    if teff_c is not None:
-        per_star["TEFF_COLOUR"] = np.asarray(teff_c, dtype=float)
-        per_star["TEFF_COLOUR_ERR"] = np.asarray(teff_c_err, dtype=float)
-        _, msgs = teff_disagreement(h["params"][:, 0], teff_c, teff_c_err, best_err=to_numpy(match.params_err)[:, 0],
-                                    names=names)
-        warnings += [m for m in msgs if m]
-    summary["warnings"] = warnings
-    for m in warnings:
-        logger.warning("%s", m)
-    for i, r in enumerate(reasons):
-        if r:
-            logger.warning("standard %s (fibre %d) excluded: %s", names[i], fibre_numbers[i], r)
-    if n_used < min_stars:
-        raise CalibrationError(
-            f"{frame.path}: {n_used} usable standard(s), fewer than --min-stars {min_stars}; "
-            + "; ".join(f"{names[i]}: {r}" for i, r in enumerate(reasons) if r)
-        )
+    verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
+    res = combine_calibration_vectors(vec, usable=verdicts.usable, method=combine, smooth=smooth)
+    verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
+    cal_flux, cal_var, bad = _apply(frame, res, be)
+    clock.lap("calibrate")
+    h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
+    reasons = _reasons(h, fibres, frame.wave.size, match_info, phot_reasons, vrange, max_chi2_dof)
+    per_star = per_star_table(names, fibres, h, phot.bands, match_info, reasons,
+                              teff_colour=None if prior[0] is None else prior[:2])
+    summary = frame_summary(
+        frame_path=frame.path, backend=be, names=names, fibres=fibres, h=h, reasons=reasons,
+        options=dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf),
+        n_templates=prepared.n_templates, bad_per_fibre=dict(zip(_all_fibre_numbers(frame), h["bad"].tolist())),
+        timing=clock.laps, warnings=_warn(names, fibres, reasons, prior, h))
+    _require_stars(frame, names, reasons, summary["n_stars_used"], min_stars)
     output = CalibrationOutput(flux=h["flux"], var=h["var"], wave=np.asarray(frame.wave), cal=h["cal"],
                                cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
                                summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
     if out is not None:
-        keywords = {
-            "FLUXCAL": (True, "flux calibration applied by gpucal"),
-            "FCALVERS": (__version__, "gpucal version"),
-            "FCALBACK": (be.name, "array backend"),
-            "FCALMETH": (combine, "combination of per-star vectors"),
-            "FCALNSTD": (n_used, "standard stars used"),
-            "FCALNREJ": (n_rej, "standard stars rejected or excluded"),
-            "FCALRMS": (summary["rms_scatter"] if summary["rms_scatter"] is not None else -1.0,
-                        "median fractional RMS between standards"),
-            "FCALSMOO": (int(smooth), "Savitzky-Golay window (pixels, 0 = none)"),
-            "FCALINTP": (summary["fraction_interpolated"], "fraction of pixels interpolated"),
-        }
-        history = [
-            f"gpucal {__version__}: star {names[i]} fibre {fibre_numbers[i]} Teff={h['params'][i, 0]:.0f} "
-            f"logg={h['params'][i, 1]:.2f} [M/H]={h['params'][i, 2]:+.2f} [a/M]={h['params'][i, 3]:+.2f} "
-            f"RV={h['rv'][i]:.1f}km/s scale={h['scale'][i]:.4e}"
-            for i in range(len(std)) if h["used"][i]
-        ]
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=per_star,
-                               keywords=keywords, history=history, overwrite=overwrite)
+                               keywords=fits_keywords(summary), history=history_lines(names, fibres, h),
+                               overwrite=overwrite)
         output.out_path = str(out)
     return output
+
+
+def _all_fibre_numbers(frame: Frame) -> list:
+    fib = frame.fibres
+    return (np.asarray(fib["FIBRE"]) if "FIBRE" in fib.colnames else np.arange(1, frame.n_fibre + 1)).tolist()
