@@ -35,7 +35,7 @@ import numpy as np
 
 from gpucal.distributed import calibrate_frames
 from gpucal.io.frames import write_frame
-from gpucal.templates.demo import simulate_frame, write_catalogue_csv
+from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,7 +39,8 @@ from .backends import get_backend, interp, to_numpy
 from .containers import SpectraBatch
 from .units import C_KMS
 from .fitting.scan import PreparedGrid, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
-from .templates.demo import demo_grid, simulate_frame
+from .templates.demo import demo_grid
+from .simulate import simulate_frame
 from .fitting.lsf import convolve_to_instrument
 
 __all__ = ["run_scan_benchmark", "format_report", "add_bench_parser", "run_bench_command"]

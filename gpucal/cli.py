@@ -215,7 +215,7 @@ def _demo(args):
     from .fitting.masks import TELLURIC_DEFAULT
     from .pipeline import calibrate_frame
     from .report.qc import format_summary, write_qc_plots, write_summary
-    from .templates.demo import simulate_frame, write_catalogue_csv
+    from .simulate import simulate_frame, write_catalogue_csv
 
     t0 = time.perf_counter()
     out = Path(args.out)

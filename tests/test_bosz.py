@@ -417,7 +417,7 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     from gpucal.cli import main
     from gpucal.io.frames import write_frame
     from gpucal.fitting.masks import TELLURIC_DEFAULT
-    from gpucal.templates.demo import simulate_frame, write_catalogue_csv
+    from gpucal.simulate import simulate_frame, write_catalogue_csv
 
     root = tmp_path / "bosz"
     write_demo_bosz_tree(root, resolution=10000, dlnlam=1.0 / 20000.0, teff=np.arange(5500.0, 6501.0, 250.0),

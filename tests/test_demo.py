@@ -7,15 +7,8 @@ import pytest
 
 from gpucal.containers import TemplateGrid
 from gpucal.units import C_KMS
-from gpucal.templates.demo import (
-    DEFAULT_TELLURIC_BANDS,
-    DemoFrame,
-    demo_grid,
-    demo_template,
-    demo_wave,
-    simulate_frame,
-    write_catalogue_csv,
-)
+from gpucal.templates.demo import demo_grid, demo_template, demo_wave
+from gpucal.simulate import DEFAULT_TELLURIC_BANDS, DemoFrame, simulate_frame, write_catalogue_csv
 
 
 @pytest.fixture(scope="module")

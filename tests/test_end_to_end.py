@@ -8,7 +8,8 @@ from gpucal.cli import main
 from gpucal.io.frames import file_sha256, write_frame
 from gpucal.fitting.masks import TELLURIC_DEFAULT
 from gpucal.pipeline import calibrate_frame
-from gpucal.templates.demo import DEMO_TEFF, simulate_frame, write_catalogue_csv
+from gpucal.templates.demo import DEMO_TEFF
+from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 TEFF_STEP = float(np.diff(DEMO_TEFF[:2])[0])
 

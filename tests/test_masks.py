@@ -105,7 +105,7 @@ def test_matcher_drops_hot_pixels_but_not_windows_between_deep_lines():
     """Metal-rich cool stars at S/N 1000 (two-pixel windows between undersampled lines): nothing dropped."""
     from gpucal.fitting.scan import normalise_observed
     from gpucal.fitting.masks import TELLURIC_DEFAULT, region_mask
-    from gpucal.templates.demo import simulate_frame
+    from gpucal.simulate import simulate_frame
     from gpucal.benchmark import standards
 
     sim = simulate_frame(n_standards=3, n_program=1, n_sky=1, snr=1000.0, seed=2,

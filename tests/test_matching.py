@@ -20,7 +20,8 @@ from gpucal.fitting.scan import (
     prepare_grid,
     velocity_grid,
 )
-from gpucal.templates.demo import demo_grid, simulate_frame
+from gpucal.templates.demo import demo_grid
+from gpucal.simulate import simulate_frame
 
 FWHM = 2.0
 

@@ -37,7 +37,7 @@ from gpucal.containers import CalibrationVectors
 from gpucal.errors import GpucalError
 from gpucal.io.frames import file_sha256, read_frame, write_frame
 from gpucal.pipeline import calibrate_frame
-from gpucal.templates.demo import simulate_frame, write_catalogue_csv
+from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 SIM = dict(seed=3, snr=50.0, n_pix=1000, wave_range=(5000.0, 6500.0), n_standards=3, n_program=2, n_sky=2)
 FWHM = 2.0

@@ -33,7 +33,7 @@ from gpucal.cli import main
 from gpucal.errors import BackendError
 from gpucal.io.frames import file_sha256, read_calibrated_frame, read_frame, write_frame
 from gpucal.pipeline import calibrate_frame
-from gpucal.templates.demo import simulate_frame, write_catalogue_csv
+from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
 

@@ -28,9 +28,8 @@ grid (Δlnλ = 1/20000, 15 km/s per pixel) samples them well and
 :func:`demo_template` evaluates the same model at any parameters and any
 wavelengths (0 < flux ≤ continuum everywhere).
 
-:func:`simulate_frame` builds a synthetic fibre frame (standards, program
-stars, sky fibres) with known throughput, telluric absorption, LSF, velocities
-and noise; :class:`DemoFrame` carries the truth for tests.
+Frames observed through this model (with throughput, tellurics, LSF, noise)
+are made by :mod:`gpucal.simulate`.
 """
 
 from __future__ import annotations
@@ -40,21 +39,18 @@ import math
 
 import numpy as np
 
-from ..containers import DemoFrame, TemplateGrid
-from ..units import C_KMS, FWHM_PER_SIGMA, doppler_factor
+from ..containers import TemplateGrid
+from ..units import C_KMS, FWHM_PER_SIGMA
 
 __all__ = [
     "DEMO_TEFF",
     "DEMO_LOGG",
     "DEMO_MH",
     "DEMO_ALPHA",
-    "DEFAULT_TELLURIC_BANDS",
     "demo_grid",
     "demo_template",
     "demo_wave",
-    "simulate_frame",
-    "write_catalogue_csv",
-    "telluric_transmission",
+    "demo_model",
 ]
 
 _HC_OVER_K_CM = 1.438776877  # hc/k in cm K
@@ -64,15 +60,6 @@ DEMO_TEFF = tuple(float(t) for t in np.arange(4500.0, 8000.0 + 1.0, 250.0))
 DEMO_LOGG = (3.5, 4.0, 4.5, 5.0)
 DEMO_MH = (-1.0, -0.5, 0.0, 0.5)
 DEMO_ALPHA = (0.0,)
-
-# Telluric band edges (Å) and peak depths (A and B bands deep).
-DEFAULT_TELLURIC_BANDS = (
-    (6860.0, 6960.0, 0.35),  # O2 B band
-    (7150.0, 7340.0, 0.15),  # H2O
-    (7590.0, 7700.0, 0.40),  # O2 A band
-    (8100.0, 8360.0, 0.12),  # H2O
-    (8920.0, 9200.0, 0.25),  # H2O
-)
 
 _T_SUN, _G_SUN = 5772.0, 4.44
 _FOREST_SEED = 20240607
@@ -264,7 +251,8 @@ def _tau(p: np.ndarray, wave: np.ndarray) -> np.ndarray:
     return tau
 
 
-def _model(p: np.ndarray, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def demo_model(p: np.ndarray, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flux, continuum), each (n, n_w) erg/s/cm²/Å, of the demo model at parameters ``p`` (n, 4) on ``wave`` (Å)."""
     wave = np.asarray(wave, dtype=np.float64)
     if wave.ndim != 1 or wave.size == 0 or not np.all(np.isfinite(wave)) or np.any(wave <= 0):
         raise ValueError("wave must be a non-empty 1-D array of positive wavelengths (Å)")
@@ -304,7 +292,7 @@ def demo_template(teff, logg, mh, alpha=0.0, wave=None, *, return_continuum=Fals
         raise ValueError("demo_template takes scalar parameters")
     if wave is None:
         wave = demo_wave()
-    flux, cont = _model(p, wave)
+    flux, cont = demo_model(p, wave)
     return (flux[0], cont[0]) if return_continuum else flux[0]
 
 
@@ -324,7 +312,7 @@ def _demo_grid_arrays(teff, logg, mh, alpha, wave_range, dlnlam):
     cont = np.empty_like(flux)
     step = 64  # bound the temporaries
     for i in range(0, params.shape[0], step):
-        flux[i : i + step], cont[i : i + step] = _model(params[i : i + step], wave)
+        flux[i : i + step], cont[i : i + step] = demo_model(params[i : i + step], wave)
     for arr in (params, wave, flux, cont):
         arr.setflags(write=False)
     return params, wave, flux, cont
@@ -371,321 +359,3 @@ def demo_grid(
 
 
 # --------------------------------------------------------------------------- frame simulator
-
-
-def telluric_transmission(wave, bands=DEFAULT_TELLURIC_BANDS) -> np.ndarray:
-    """Smooth telluric transmission (1 outside ``bands``), each band a sin²-shaped dip with a blue head."""
-    wave = np.asarray(wave, dtype=np.float64)
-    trans = np.ones_like(wave)
-    for lo, hi, depth in bands:
-        x = (wave - lo) / (hi - lo)
-        inside = (x > 0) & (x < 1)
-        xi = x[inside]
-        # sharp-ish rise at the blue head, slower decline to the red; peak 1 near x = 0.25
-        shape = np.sin(np.pi * xi) ** 2 * np.exp(-1.5 * xi)
-        shape /= np.max(np.sin(np.pi * np.linspace(0, 1, 2001)) ** 2 * np.exp(-1.5 * np.linspace(0, 1, 2001)))
-        trans[inside] *= 1.0 - depth * shape
-    return trans
-
-
-def _throughput_shape(wave: np.ndarray) -> np.ndarray:
-    """Bell-shaped relative throughput, peak ~6000 Å, 1 % ripple; max ≈ 1."""
-    x = np.log(wave / 6000.0) / 0.3
-    return np.exp(-0.5 * x * x) * (1.0 + 0.01 * np.sin(2.0 * np.pi * wave / 700.0 + 0.3))
-
-
-@functools.lru_cache(maxsize=1)
-def _ps1_filters():
-    import speclite.filters
-
-    return speclite.filters.load_filters("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z")
-
-
-def _ab_mags(wave: np.ndarray, flux: np.ndarray) -> np.ndarray:
-    """(n, 4) Pan-STARRS g r i z AB magnitudes of flux (n, n_pix) erg/s/cm²/Å on wave (Å)."""
-    import astropy.units as u
-
-    filt = _ps1_filters()
-    tab = filt.get_ab_magnitudes(np.atleast_2d(flux) * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA)
-    return np.stack([np.asarray(tab[name], dtype=np.float64) for name in filt.names], axis=1)
-
-
-_DEFAULT_STD_PARAMS = (
-    (6000.0, 4.5, 0.0, 0.0),
-    (6250.0, 4.0, -0.5, 0.0),
-    (5750.0, 4.5, 0.0, 0.0),
-    (6500.0, 4.0, -1.0, 0.0),
-    (5500.0, 4.5, 0.5, 0.0),
-)
-_DEFAULT_STD_RV = (-85.0, -2.0, 0.7, 23.4, 140.0)
-
-
-def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
-    ra, dec = [], []
-    cosd = math.cos(math.radians(dec0))
-    while len(ra) < n:
-        r = radius * math.sqrt(rng.uniform())
-        phi = rng.uniform(0, 2 * math.pi)
-        d = dec0 + r * math.sin(phi)
-        a = ra0 + r * math.cos(phi) / cosd
-        if ra:
-            sep = np.hypot((np.array(ra) - a) * cosd, np.array(dec) - d) * 3600.0
-            if np.min(sep) <= min_sep_arcsec:
-                continue
-        ra.append(a)
-        dec.append(d)
-    return np.array(ra), np.array(dec)
-
-
-def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
-    """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame."""
-    from scipy.ndimage import gaussian_filter1d
-
-    lo, hi = wave_frame[0] - margin, wave_frame[-1] + margin
-    n_fine = int(math.ceil((hi - lo) / fine_step)) + 1
-    fine = lo + fine_step * np.arange(n_fine)
-    out = np.empty((params.shape[0], fine.size))
-    for k in range(params.shape[0]):
-        out[k] = _model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
-    if fwhm > 0:
-        sigma_pix = fwhm / FWHM_PER_SIGMA / fine_step
-        out = gaussian_filter1d(out, sigma_pix, axis=1, mode="nearest", truncate=8.0)
-    return np.stack([np.interp(wave_frame, fine, row) for row in out])
-
-
-def simulate_frame(
-    *,
-    n_standards=5,
-    n_program=10,
-    n_sky=5,
-    rvs=None,
-    snr=50.0,
-    fwhm=2.0,
-    wave_range=(3700.0, 9300.0),
-    n_pix=4000,
-    seed=0,
-    params=None,
-    throughput=None,
-    telluric=True,
-    square=False,
-    noise=True,
-    read_noise=3.0,
-    mag_noise=False,
-) -> DemoFrame:
-    """Simulate a reduced fibre frame from demo templates with known calibration.
-
-    Standards (TYPE 'C') default to on-grid F/G parameters cycling through
-    (6000,4.5,0,0), (6250,4.0,-0.5,0), (5750,4.5,0,0), (6500,4.0,-1,0),
-    (5500,4.5,0.5,0) and velocities (-85, -2, 0.7, 23.4, 140) km/s (further
-    stars: seeded uniform in [-200, 200]).  Each star's flux at the telescope is
-    its demo surface flux × a dilution giving Pan-STARRS r in [14, 16] (program
-    stars [16, 18.5]), shifted by λ_obs = λ_rest(1 + v/c), convolved with a
-    Gaussian of constant FWHM ``fwhm`` Å (evaluated on a fine linear grid) and
-    sampled at the pixel centres.  Then
-
-        counts_true = F_conv × throughput × telluric,
-        var = counts_true + read_noise²,  flux = counts_true + N(0, √var)
-
-    (``noise=False``: flux = counts_true exactly).  ``throughput`` (n_pix,) in
-    counts per erg/s/cm²/Å may be given; by default a smooth bell (peak ≈ 6000 Å,
-    ×3–4 lower at 3700/9300 Å, 1 % ripple) is scaled so that the median S/N
-    over all standard pixels, counts_true/√var, equals ``snr`` exactly.  Sky
-    fibres carry zero signal (sky-subtracted) plus read noise.  Fibre order is a
-    seeded shuffle.  ``square=True`` requires ``n_pix == n_fibre``.
-
-    Catalogue magnitudes are speclite Pan-STARRS AB magnitudes of each
-    standard's full diluted, shifted, unconvolved spectrum over 3000–11000 Å;
-    ``dg`` … ``dz`` are 0.01–0.02 mag; noise of that size is added to the
-    magnitudes only when ``mag_noise`` is true (default: exact).
-
-    ``truth`` keys: 'throughput' (n_pix,) counts per erg/s/cm²/Å (true Cal =
-    1/throughput); 'telluric' (n_pix,) transmission; 'params' (n_std, 4);
-    'rv' (n_std,) km/s; 'std_fibres' (n_std,) 0-based frame rows of the
-    standards in catalogue order; 'program_fibres', 'sky_fibres' likewise;
-    'std_true_flux', 'program_true_flux' (n, n_pix) flux density at the
-    telescope after the LSF, *without* telluric absorption — a perfect
-    calibration (counts/throughput) returns ``true_flux × telluric``, i.e.
-    ``true_flux`` itself outside the telluric bands; 'program_params',
-    'program_rv'; 'dilution', 'program_dilution'; 'mags' (n_std, 4) exact
-    g r i z; 'counts_true' (n_fibre, n_pix); 'fwhm', 'snr', 'read_noise'.
-    """
-    n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
-    if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
-        raise ValueError("need a non-negative number of each fibre type and at least one fibre")
-    n_fibre = n_standards + n_program + n_sky
-    if square and n_pix != n_fibre:
-        raise ValueError(f"square=True needs n_pix == n_fibre ({n_pix} != {n_fibre})")
-    if n_pix < 2:
-        raise ValueError("n_pix must be at least 2")
-    if not (np.isfinite(snr) and snr > 0):
-        raise ValueError("snr must be finite and positive (use noise=False for a noiseless frame)")
-    w0, w1 = float(wave_range[0]), float(wave_range[1])
-    if not (3000.0 <= w0 < w1 <= 11000.0):
-        raise ValueError("wave_range must lie within the demo model's 3000-11000 Å")
-    fwhm = float(fwhm)
-    if fwhm < 0:
-        raise ValueError("fwhm must be >= 0")
-
-    ss = np.random.SeedSequence(int(seed))
-    rng_order, rng_std, rng_prog, rng_noise, rng_pos, rng_cat = (np.random.default_rng(s) for s in ss.spawn(6))
-
-    wave = np.linspace(w0, w1, n_pix)
-
-    # standards
-    if params is None:
-        std_params = np.array([_DEFAULT_STD_PARAMS[k % len(_DEFAULT_STD_PARAMS)] for k in range(n_standards)], dtype=np.float64)
-    else:
-        std_params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
-        if std_params.shape[0] != n_standards:
-            raise ValueError("params must have one row [Teff, logg, [M/H], [α/M]] per standard")
-    std_params = std_params.reshape(n_standards, 4)
-    extra_rv = rng_std.uniform(-200.0, 200.0, max(n_standards - len(_DEFAULT_STD_RV), 0))
-    if rvs is None:
-        std_rv = np.concatenate([np.array(_DEFAULT_STD_RV[:n_standards]), extra_rv])
-    else:
-        std_rv = np.asarray(rvs, dtype=np.float64).ravel()
-        if std_rv.size != n_standards:
-            raise ValueError("rvs must have one velocity (km/s) per standard")
-    std_rmag = rng_std.uniform(14.0, 16.0, n_standards)
-    mag_err = rng_std.uniform(0.01, 0.02, (n_standards, 4))
-
-    # program stars
-    prog_params = np.stack(
-        [
-            rng_prog.uniform(4500.0, 8000.0, n_program),
-            rng_prog.uniform(3.5, 5.0, n_program),
-            rng_prog.uniform(-1.0, 0.5, n_program),
-            np.zeros(n_program),
-        ],
-        axis=1,
-    )
-    prog_rv = rng_prog.uniform(-200.0, 200.0, n_program)
-    prog_rmag = rng_prog.uniform(16.0, 18.5, n_program)
-
-    # full-range spectra for photometry and dilution
-    full_wave = demo_wave()
-    all_params = np.concatenate([std_params, prog_params])
-    all_rv = np.concatenate([std_rv, prog_rv])
-    all_rmag = np.concatenate([std_rmag, prog_rmag])
-    n_star = all_params.shape[0]
-    dilution = np.empty(n_star)
-    std_full = np.empty((n_standards, full_wave.size))
-    for k in range(n_star):
-        f = _model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
-        r0 = _ab_mags(full_wave, f)[0, 1]
-        dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
-        if k < n_standards:
-            std_full[k] = f * dilution[k]
-    std_mags = _ab_mags(full_wave, std_full) if n_standards else np.empty((0, 4))
-
-    # convolved spectra at the pixel centres
-    fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
-    margin = 10.0 * fwhm + 5.0
-    if n_star:
-        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin) * dilution[:, None]
-    else:
-        conv = np.empty((0, n_pix))
-    std_true, prog_true = conv[:n_standards], conv[n_standards:]
-
-    tell = telluric_transmission(wave) if telluric else np.ones(n_pix)
-    if throughput is None:
-        shape = _throughput_shape(wave)
-        ref = std_true if n_standards else prog_true
-        if ref.size:
-            m = float(np.median(ref * shape * tell))
-        else:  # only sky fibres: any positive scale will do
-            m = float(np.median(shape)) * 1e-15
-        c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))  # counts with c/√(c+rn²) = snr
-        thr = shape * (c / m)
-    else:
-        thr = np.asarray(throughput, dtype=np.float64).ravel()
-        if thr.shape != (n_pix,) or not np.all(np.isfinite(thr)) or np.any(thr <= 0):
-            raise ValueError("throughput must be (n_pix,) finite and positive")
-
-    # fibre order
-    types = np.array(["C"] * n_standards + ["P"] * n_program + ["S"] * n_sky)
-    names = [f"STD{k + 1:03d}" for k in range(n_standards)]
-    names += [f"PRG{k + 1:03d}" for k in range(n_program)]
-    names += [f"SKY{k + 1:03d}" for k in range(n_sky)]
-    perm = rng_order.permutation(n_fibre)
-    if 0 < n_standards < n_fibre:
-        for _ in range(100):  # standards must not all come first
-            if not np.all(np.sort(np.argsort(perm)[:n_standards]) == np.arange(n_standards)):
-                break
-            perm = rng_order.permutation(n_fibre)
-    # perm[row] = index into the (std, program, sky) ordering
-    row_of = np.argsort(perm)
-
-    counts_src = np.concatenate([conv, np.zeros((n_sky, n_pix))]) * thr[None, :] * tell[None, :]
-    counts_true = counts_src[perm]
-    var = counts_true + read_noise**2
-    if noise:
-        flux = counts_true + rng_noise.standard_normal(counts_true.shape) * np.sqrt(var)
-    else:
-        flux = counts_true.copy()
-
-    from astropy.table import Table
-
-    ra, dec = _positions(rng_pos, n_fibre)
-    fibres = Table(
-        {
-            "FIBRE": np.arange(1, n_fibre + 1, dtype=np.int32),
-            "NAME": np.array(names)[perm] if n_fibre else np.array([], dtype="U6"),
-            "TYPE": types[perm],
-            "RA": ra[perm],
-            "DEC": dec[perm],
-        }
-    )
-    cat_mags = std_mags.copy()
-    if mag_noise:
-        cat_mags = cat_mags + rng_cat.standard_normal(cat_mags.shape) * mag_err
-    catalogue = Table(
-        {
-            "name": np.array(names[:n_standards], dtype="U16"),
-            "ra": ra[:n_standards],
-            "dec": dec[:n_standards],
-            "g": cat_mags[:, 0],
-            "dg": mag_err[:, 0],
-            "r": cat_mags[:, 1],
-            "dr": mag_err[:, 1],
-            "i": cat_mags[:, 2],
-            "di": mag_err[:, 2],
-            "z": cat_mags[:, 3],
-            "dz": mag_err[:, 3],
-        }
-    )
-    truth = {
-        "throughput": thr,
-        "telluric": tell,
-        "params": std_params,
-        "rv": std_rv,
-        "std_fibres": row_of[:n_standards],
-        "program_fibres": row_of[n_standards : n_standards + n_program],
-        "sky_fibres": row_of[n_standards + n_program :],
-        "std_true_flux": std_true,
-        "program_true_flux": prog_true,
-        "program_params": prog_params,
-        "program_rv": prog_rv,
-        "dilution": dilution[:n_standards],
-        "program_dilution": dilution[n_standards:],
-        "mags": std_mags,
-        "mag_bands": ("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z"),
-        "counts_true": counts_true,
-        "fwhm": fwhm,
-        "snr": float(snr),
-        "read_noise": float(read_noise),
-    }
-    return DemoFrame(wave=wave, flux=flux, var=var, fibres=fibres, catalogue=catalogue, truth=truth)
-
-
-def write_catalogue_csv(catalogue, path) -> str:
-    """Write a demo catalogue as CSV with header ``name,ra,dec,g,dg,r,dr,i,di,z,dz``."""
-    cols = ("name", "ra", "dec", "g", "dg", "r", "dr", "i", "di", "z", "dz")
-    path = str(path)
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(cols) + "\n")
-        for row in catalogue:
-            vals = [str(row["name"]), f"{float(row['ra']):.8f}", f"{float(row['dec']):.8f}"]
-            vals += [f"{float(row[c]):.6f}" for c in cols[3:]]
-            fh.write(",".join(vals) + "\n")
-    return path
