@@ -185,6 +185,18 @@ class FluxCalibrationResult:
     summary: dict = field(default_factory=dict)
 
 
+class _FibreAxes:
+    """``n_fibre`` and ``n_pix`` of a frame whose ``flux`` is (n_fibre, n_pix)."""
+
+    @property
+    def n_fibre(self) -> int:
+        return int(self.flux.shape[0])
+
+    @property
+    def n_pix(self) -> int:
+        return int(self.flux.shape[1])
+
+
 def _fibre_types(fibres) -> np.ndarray:
     """TYPE column of a fibre table, decoded, stripped and upper-cased (str array)."""
     vals = [v.decode("ascii", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(fibres["TYPE"])]
@@ -192,7 +204,7 @@ def _fibre_types(fibres) -> np.ndarray:
 
 
 @dataclass
-class Frame:
+class Frame(_FibreAxes):
     """A reduced fibre frame on the host.
 
     path : the file it was read from ("" for one built in memory).
@@ -221,13 +233,6 @@ class Frame:
     wave_ndim: int = 1
     ext_headers: dict = field(default_factory=dict)
 
-    @property
-    def n_fibre(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
 
     @property
     def fibre_types(self) -> np.ndarray:
@@ -350,7 +355,7 @@ class CalibrationOutput:
 
 
 @dataclass
-class DemoFrame:
+class DemoFrame(_FibreAxes):
     """A simulated reduced fibre frame and its truth (host NumPy / astropy).
 
     wave : (n_pix,) Å, air, linear in λ.
@@ -371,13 +376,6 @@ class DemoFrame:
     truth: dict = field(default_factory=dict)
     medium: str = "air"
 
-    @property
-    def n_fibre(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
 
 
 @dataclass
