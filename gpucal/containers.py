@@ -233,7 +233,6 @@ class Frame(_FibreAxes):
     wave_ndim: int = 1
     ext_headers: dict = field(default_factory=dict)
 
-
     @property
     def fibre_types(self) -> np.ndarray:
         """TYPE of every fibre, stripped and upper-cased (str array)."""
@@ -375,7 +374,6 @@ class DemoFrame(_FibreAxes):
     catalogue: Any
     truth: dict = field(default_factory=dict)
     medium: str = "air"
-
 
 
 @dataclass
