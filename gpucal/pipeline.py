@@ -255,11 +255,12 @@ def _warn(names, fibres, reasons, prior, h):
     return warnings
 
 
-def _require_stars(frame, names, reasons, n_used, min_stars):
+def _require_stars(frame, names, output, min_stars):
+    n_used = output.summary["n_stars_used"]
     if n_used < min_stars:
         raise CalibrationError(
             f"{frame.path}: {n_used} usable standard(s), fewer than --min-stars {min_stars}; "
-            + "; ".join(f"{names[i]}: {r}" for i, r in enumerate(reasons) if r)
+            + "; ".join(f"{names[i]}: {s['reason']}" for i, s in enumerate(output.summary["stars"]) if s["reason"])
         )
 
 
@@ -345,25 +346,33 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     cal_flux, cal_var, bad = _apply(frame, res, be)
     clock.lap("calibrate")
     h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
-    reasons = _reasons(h, fibres, frame.wave.size, match_info, phot_reasons, vrange, max_chi2_dof)
-    per_star = per_star_table(names, fibres, h, phot.bands, match_info, reasons,
-                              teff_colour=None if prior[0] is None else prior[:2])
-    summary = frame_summary(
-        frame_path=frame.path, backend=be, names=names, fibres=fibres, h=h, reasons=reasons,
-        options=dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf),
-        n_templates=prepared.n_templates, bad_per_fibre=dict(zip(_all_fibre_numbers(frame), h["bad"].tolist())),
-        timing=clock.laps, warnings=_warn(names, fibres, reasons, prior, h))
-    _require_stars(frame, names, reasons, summary["n_stars_used"], min_stars)
-    output = CalibrationOutput(flux=h["flux"], var=h["var"], wave=np.asarray(frame.wave), cal=h["cal"],
-                               cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
-                               summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
+    settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof)
+    output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
+                     prepared.n_templates, clock.laps, settings)
+    _require_stars(frame, names, output, min_stars)
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
-                               cal_var=output.cal_var, cal_measured=output.measured, per_star=per_star,
-                               keywords=fits_keywords(summary), history=history_lines(names, fibres, h),
+                               cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
+                               keywords=fits_keywords(output.summary), history=history_lines(names, fibres, h),
                                overwrite=overwrite)
         output.out_path = str(out)
     return output
+
+
+def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templates, timing, settings):
+    """Reasons, per-star table and summary of the host results, as a CalibrationOutput."""
+    names, fibres = ids
+    reasons = _reasons(h, fibres, frame.wave.size, match_info, phot_reasons, settings["vrange"],
+                       settings["max_chi2_dof"])
+    per_star = per_star_table(names, fibres, h, bands, match_info, reasons,
+                              teff_colour=None if prior[0] is None else prior[:2])
+    summary = frame_summary(
+        frame_path=frame.path, backend=be, names=names, fibres=fibres, h=h, reasons=reasons, options=settings,
+        n_templates=n_templates, bad_per_fibre=dict(zip(_all_fibre_numbers(frame), h["bad"].tolist())),
+        timing=timing, warnings=_warn(names, fibres, reasons, prior, h))
+    return CalibrationOutput(flux=h["flux"], var=h["var"], wave=np.asarray(frame.wave), cal=h["cal"],
+                             cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
+                             summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
 
 
 def _all_fibre_numbers(frame: Frame) -> list:
