@@ -415,7 +415,7 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     from astropy.io import fits
 
     from gpucal.cli import main
-    from gpucal.io.frames import write_frame
+    from gpucal.io import write_frame
     from gpucal.fitting.masks import TELLURIC_DEFAULT
     from gpucal.templates.demo import simulate_frame, write_catalogue_csv
 

@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from gpucal.errors import InputError, NoStandardsError
-from gpucal.io.frames import (
+from gpucal.io import (
     FLUX_BUNIT,
     VAR_BUNIT,
     Frame,
