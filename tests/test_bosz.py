@@ -445,3 +445,10 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     rel = cal / (1.0 / sim.truth["throughput"]) - 1.0
     assert np.sqrt(np.mean(rel[outside] ** 2)) < 0.01
     assert abs(np.median(rel[outside])) < 0.005
+
+
+def test_stale_cache_error_is_an_input_error_everywhere_it_is_imported():
+    import gpucal.templates as tpkg
+
+    assert issubclass(StaleCacheError, InputError)
+    assert tgrid.StaleCacheError is tpkg.StaleCacheError is StaleCacheError
