@@ -1,5 +1,12 @@
 """FITS frames in and out (host NumPy + astropy.io.fits; an edge module).
 
+Step of the mission: the first and the last of a frame's calibration. In: a
+reduced fibre frame on disk -> :class:`~gpucal.containers.Frame` (flux, var
+(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, the FIBRES table).
+Out: calibrated flux and variance (n_fibre, n_pix) in erg/s/cm²/Å, the
+calibration vector (n_cal,) and the per-star table -> a FITS file in the
+input's layout. Computes nothing beyond unit factors and pixel order.
+
 Input frame layout
 ------------------
 =============  ==============================================================
