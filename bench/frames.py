@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucal.distributed import calibrate_frames
-from gpucal.io.frames import write_frame
+from gpucal.io import write_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,13 +27,14 @@ from .errors import (  # noqa: E402
     InputError,
     NoStandardsError,
     PhotometryError,
+    StaleCacheError,
 )
 
 #: Public name -> the module that defines it (imported lazily on first access).
 _API = {
     "calibrate_frame": "gpucal.pipeline",
     "calibrate_frames": "gpucal.distributed",
-    "load_templates": "gpucal.pipeline",
+    "load_templates": "gpucal.templates",
     "prepare_grid": "gpucal.fitting.scan",
     "match_templates": "gpucal.fitting.scan",
     "scale_template_to_photometry": "gpucal.calibration",
@@ -54,6 +55,7 @@ __all__ = [
     "NoStandardsError",
     "PhotometryError",
     "CalibrationError",
+    "StaleCacheError",
 ]
 
 

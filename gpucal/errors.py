@@ -13,6 +13,7 @@ __all__ = [
     "NoStandardsError",
     "PhotometryError",
     "CalibrationError",
+    "StaleCacheError",
 ]
 
 
@@ -34,6 +35,10 @@ class CoverageError(InputError):
 
 class NoStandardsError(InputError):
     """A frame has no standard-star fibres, or none of them can be calibrated."""
+
+
+class StaleCacheError(InputError):
+    """A prepared template cache whose inputs changed after it was written."""
 
 
 class PhotometryError(InputError):

@@ -30,7 +30,7 @@ from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, Temp
 from .errors import CalibrationError, CoverageError, GpucalError, InputError, PhotometryError
 from .fitting.masks import TELLURIC_DEFAULT
 from .fitting.scan import match_templates, prepare_grid, refined_templates
-from .io.frames import read_frame, write_calibrated_frame
+from .io import read_frame, write_calibrated_frame
 from .photometry.extinction import redden
 from .photometry.synphot import (
     PRIOR_COLOURS,
@@ -45,38 +45,15 @@ from .photometry.synphot import (
 )
 from .report.stars import per_star_table
 from .report.summary import fits_keywords, frame_summary, history_lines
+from .templates import load_templates
 from .units import convert_medium
 
-__all__ = ["calibrate_frame", "load_templates"]
+__all__ = ["calibrate_frame"]
 
 logger = logging.getLogger("gpucal")
 
 #: The colour Teff prior never narrows a star's scan below ±this (K).
 PRIOR_FLOOR_K = 500.0
-
-
-def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, workers=None) -> TemplateGrid:
-    """A TemplateGrid from ``"demo"``, a TemplateGrid, a prepared cache or a BOSZ 2024 directory.
-
-    A cache (``gpucal templates prepare``) is memory-mapped and checked against
-    its inputs. A BOSZ directory is prepared on the fly (unconvolved, covering
-    ``wave_range`` Å — default 3500-10000 — plus the g r i z bands and ±500 km/s,
-    in ``medium``) and cached in ``cache_dir`` (default ``$GPUCAL_CACHE_DIR`` or
-    ``~/.cache/gpucal/templates``); see :mod:`gpucal.templates.cache`.
-    """
-    import os
-
-    if isinstance(spec, TemplateGrid):
-        return spec
-    if isinstance(spec, str) and spec.strip().lower() == "demo":
-        from .templates.demo import demo_grid
-
-        return demo_grid()
-    if isinstance(spec, (str, os.PathLike)):
-        from .templates.cache import open_templates
-
-        return open_templates(spec, wave_range=wave_range, medium=medium, cache_dir=cache_dir, workers=workers)
-    raise InputError(f"--templates {spec!r}: expected 'demo', a prepared template cache or a BOSZ 2024 directory")
 
 
 def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):

@@ -11,8 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from gpucal.errors import CoverageError, InputError
+from gpucal.errors import CoverageError, InputError, StaleCacheError
 from gpucal.templates import cache as tgrid
+from gpucal.templates import prepare as tprep
 from gpucal.templates.bosz import (
     FOUR_PI,
     bosz_file_name,
@@ -25,8 +26,7 @@ from gpucal.templates.bosz import (
 )
 from gpucal.templates.demo import demo_grid, demo_template
 from gpucal.units import C_KMS, air_to_vacuum, convert_medium, vacuum_to_air
-from gpucal.templates.cache import (
-    StaleCacheError,
+from gpucal.templates import (
     load_template_cache,
     prepare_bosz_grid,
     prepare_template_cache,
@@ -216,7 +216,7 @@ def test_resample_flux_conserving():
     np.testing.assert_allclose(resample_flux(w, f, w[100:1900]), f[:, 100:1900], rtol=1e-11)  # aligned: a copy
     out_w = 4050.0 * np.exp(2.7e-4 * np.arange(600))
     out = resample_flux(w, f, out_w)
-    edges_in, edges_out = tgrid._bin_edges(w), tgrid._bin_edges(out_w)
+    edges_in, edges_out = tprep._bin_edges(w), tprep._bin_edges(out_w)
     cum = np.concatenate([[0.0], np.cumsum(f[0] * np.diff(edges_in))])
     expected = np.interp(edges_out[-1], edges_in, cum) - np.interp(edges_out[0], edges_in, cum)
     assert np.sum(out[0] * np.diff(edges_out)) == pytest.approx(expected, rel=1e-12)
@@ -283,8 +283,8 @@ def test_rorig_files_with_their_own_wavelengths(tmp_path):
     np.testing.assert_allclose(g.continuum[0][away], cont[away], rtol=1e-4)
     # flux conserving: ∫F dλ over the grid equals the file's over the same bins
     spec = read_bosz_spectrum(path)
-    edges = tgrid._bin_edges(g.wave)
-    e_in = tgrid._bin_edges(spec.wave)
+    edges = tprep._bin_edges(g.wave)
+    e_in = tprep._bin_edges(spec.wave)
     cum = np.concatenate([[0.0], np.cumsum(spec.flux * np.diff(e_in))])
     expected = np.interp(edges[-1], e_in, cum) - np.interp(edges[0], e_in, cum)
     assert np.sum(g.flux[0].astype(float) * np.diff(edges)) == pytest.approx(expected, rel=1e-6)
@@ -393,7 +393,7 @@ def test_cli_templates_prepare(tree, tmp_path, capsys):
 
 
 def test_load_templates_prepares_once_and_caches(tree, tmp_path, monkeypatch):
-    from gpucal.pipeline import load_templates
+    from gpucal.templates import load_templates
 
     monkeypatch.setenv("GPUCAL_CACHE_DIR", str(tmp_path / "cache"))
     g = load_templates(str(tree), workers=1)
@@ -415,7 +415,7 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     from astropy.io import fits
 
     from gpucal.cli import main
-    from gpucal.io.frames import write_frame
+    from gpucal.io import write_frame
     from gpucal.fitting.masks import TELLURIC_DEFAULT
     from gpucal.simulate import simulate_frame, write_catalogue_csv
 
@@ -445,3 +445,10 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
     rel = cal / (1.0 / sim.truth["throughput"]) - 1.0
     assert np.sqrt(np.mean(rel[outside] ** 2)) < 0.01
     assert abs(np.median(rel[outside])) < 0.005
+
+
+def test_stale_cache_error_is_an_input_error_everywhere_it_is_imported():
+    import gpucal.templates as tpkg
+
+    assert issubclass(StaleCacheError, InputError)
+    assert tgrid.StaleCacheError is tpkg.StaleCacheError is StaleCacheError

@@ -14,7 +14,7 @@ import pytest
 
 from gpucal.distributed import _ONE_THREAD_ENV, calibrate_frames, run_calibrate_many
 from gpucal.errors import BackendError, InputError
-from gpucal.io.frames import read_calibrated_frame, write_frame
+from gpucal.io import read_calibrated_frame, write_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
 
 N_GOOD = 5

@@ -5,7 +5,7 @@ import pytest
 from astropy.io import fits
 
 from gpucal.cli import main
-from gpucal.io.frames import file_sha256, write_frame
+from gpucal.io import file_sha256, write_frame
 from gpucal.fitting.masks import TELLURIC_DEFAULT
 from gpucal.pipeline import calibrate_frame
 from gpucal.templates.demo import DEMO_TEFF

@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from gpucal.errors import InputError, NoStandardsError
-from gpucal.io.frames import (
+from gpucal.io import (
     FLUX_BUNIT,
     VAR_BUNIT,
     Frame,
@@ -538,3 +538,21 @@ def test_non_ascii_history_and_keywords_sanitised(good, tmp_path):
     hist = [str(v) for v in h["HISTORY"]]
     assert "? mask 6860-6960 A" in hist and "chi2 = 1.2 +/- 0.1" in hist and len(hist) == 3
     assert h["FCALNOTE"] == "lambda in A" and h.comments["FCALNOTE"] == "sigma-clipped"
+
+
+_LIGHT_IMPORT = (
+    "import sys, importlib; pkg = importlib.import_module({name!r}); "
+    "missing = [n for n in pkg.__all__ if not hasattr(pkg, n)]; assert not missing, missing; "
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'dask', 'distributed')); "
+    "assert not heavy, heavy"
+)
+
+
+@pytest.mark.parametrize("name", ["gpucal.io", "gpucal.templates"])
+def test_room_package_exports_its_names_and_imports_no_plotting_or_dask(name):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _LIGHT_IMPORT.format(name=name)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+

@@ -35,7 +35,7 @@ from gpucal.calibration import combine_calibration_vectors
 from gpucal.cli import main
 from gpucal.containers import CalibrationVectors
 from gpucal.errors import GpucalError
-from gpucal.io.frames import file_sha256, read_frame, write_frame
+from gpucal.io import file_sha256, read_frame, write_frame
 from gpucal.pipeline import calibrate_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
 

@@ -31,7 +31,7 @@ from astropy.table import Table
 
 from gpucal.cli import main
 from gpucal.errors import BackendError
-from gpucal.io.frames import file_sha256, read_calibrated_frame, read_frame, write_frame
+from gpucal.io import file_sha256, read_calibrated_frame, read_frame, write_frame
 from gpucal.pipeline import calibrate_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
 
@@ -693,7 +693,7 @@ def test_header_card_astropy_cannot_write_is_left_out(ws, base, tmp_path, caplog
     src.write_bytes(bytes(raw))
     fr = read_frame(src)
     out = tmp_path / "odd-card-out.fits"
-    from gpucal.io.frames import write_calibrated_frame
+    from gpucal.io import write_calibrated_frame
 
     write_calibrated_frame(out, fr, base.flux, base.var, cal_wave=base.wave, cal=base.cal, cal_var=base.cal_var,
                            cal_measured=base.measured)
@@ -847,7 +847,7 @@ def test_unwritable_output_directory_is_an_input_error(ws, base, tmp_path, monke
 
 def test_write_text_is_atomic_and_refuses_like_the_frame_writer(ws, tmp_path):
     from gpucal.errors import InputError
-    from gpucal.io.frames import check_output_path, write_text
+    from gpucal.io import check_output_path, write_text
 
     target = tmp_path / "summary.json"
     write_text(target, "{}")

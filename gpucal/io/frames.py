@@ -1,5 +1,12 @@
 """FITS frames in and out (host NumPy + astropy.io.fits; an edge module).
 
+Step of the mission: the first and the last of a frame's calibration. In: a
+reduced fibre frame on disk -> :class:`~gpucal.containers.Frame` (flux, var
+(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, the FIBRES table).
+Out: calibrated flux and variance (n_fibre, n_pix) in erg/s/cm²/Å, the
+calibration vector (n_cal,) and the per-star table -> a FITS file in the
+input's layout. Computes nothing beyond unit factors and pixel order.
+
 Input frame layout
 ------------------
 =============  ==============================================================
@@ -54,25 +61,20 @@ design's single "FLUXCAL extension holding the vector, its variance and the
 per-star table" is two HDUs because a FITS table has one row length: the
 vector is per pixel, the per-star table per star.
 
-Every image is written as native float64. Output is written to a temporary
-file in the destination directory and moved into place with ``os.replace``;
-the input frame is never opened for writing and can never be the destination.
-:func:`write_text` writes side outputs (a JSON summary) the same way, and
-:func:`check_output_path` applies the same refusals up front, so a caller can
-check every destination before the work that fills it.
+Every image is written as native float64, atomically and never onto the
+input frame (:mod:`gpucal.io.files`).
 
 Reading is defensive: header sizes are checked before astropy parses a file,
-and any damage astropy meets becomes an InputError naming the file and HDU.
+and any damage astropy meets becomes an InputError naming the file and HDU
+(:mod:`gpucal.io.guard`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import re
-import tempfile
 import textwrap
 import warnings
 
@@ -83,6 +85,10 @@ from astropy.table import Table
 
 from ..containers import Frame, CalibratedFrame
 from ..errors import InputError, NoStandardsError
+from .files import _atomic_write, _check_destination
+# re-exported from their old place until every caller imports them from gpucal.io
+from .files import check_output_path, file_sha256, write_text  # noqa: F401
+from .guard import _open
 
 logger = logging.getLogger("gpucal")
 
@@ -91,9 +97,6 @@ __all__ = [
     "write_frame",
     "write_calibrated_frame",
     "read_calibrated_frame",
-    "file_sha256",
-    "check_output_path",
-    "write_text",
     "FLUX_BUNIT",
     "VAR_BUNIT",
     "WAVE_TOL",
@@ -111,6 +114,7 @@ _LINEAR_RTOL = 1e-6
 _MEDIUM_KEYS = ("WAVEMED", "AIRORVAC")
 _AIR_WORDS = {"AIR", "A"}
 _VAC_WORDS = {"VAC", "VACUUM", "V"}
+_MEDIUM_CARD = {"air": "AIR", "vacuum": "VACUUM"}  # the WAVEMED value written for a medium
 _LINEAR_CTYPES = {"", "WAVE", "AWAV", "LINEAR", "LAMBDA", "WAVELENGTH", "WAV"}
 _ANGSTROM_WORDS = {"A", "AA", "ANGSTROM", "ANGSTROMS", "ANGSTROEM", "ÅNGSTRÖM", "Å"}
 # Cards never copied from an input header into an output HDU (astropy writes
@@ -130,30 +134,22 @@ _ASCII_MAP = {
 
 
 # ---------------------------------------------------------------------------
-# containers
-
-
-# ---------------------------------------------------------------------------
 # helpers
 
 
-def file_sha256(path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
+def _as_numpy(x) -> np.ndarray:
+    """A NumPy view of a NumPy or backend array (a device array is copied to the host)."""
+    try:
+        return np.asarray(x)
+    except TypeError:
+        from ..backends import to_numpy
+
+        return to_numpy(x)
 
 
 def _host(x, name: str) -> np.ndarray:
     """A host float64 array from a NumPy or backend array."""
-    try:
-        arr = np.asarray(x)
-    except TypeError:
-        from ..backends import to_numpy
-
-        arr = to_numpy(x)
+    arr = _as_numpy(x)
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     return np.array(arr, dtype=np.float64, order="C", copy=True)
@@ -267,172 +263,6 @@ def _wcs_wave(hdr: fits.Header, n_pix: int, fname: str):
 # reading
 
 
-# What astropy makes of a header it cannot classify (no data attribute to read).
-_UNUSABLE_HDU_TYPES = {"_BaseHDU", "_ValidHDU", "_CorruptedHDU"}
-_BITPIX_BYTES = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
-#: More HDUs than this is not a reduced frame (and stops a damaged file from being parsed forever).
-_MAX_HDUS = 64
-_MAX_HEADER_BLOCKS = 1000
-_BLOCK = 2880
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _hdu_label(hdu, index: int) -> str:
-    """``HDU n`` (0-based) plus its EXTNAME when that can still be read."""
-    try:
-        name = str(hdu.header.get("EXTNAME", "PRIMARY" if index == 0 else "")).strip()
-    except Exception:  # an unparsable EXTNAME card: the index alone still locates the HDU
-        name = ""
-    return f"HDU {index} {name}" if name else f"HDU {index}"
-
-
-def _card_int(cards: dict, key: bytes):
-    """Integer value of a raw header card, or None when absent or not a plain integer."""
-    raw = cards.get(key)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        return None
-
-
-def _scan_layout(path: str, file_size: int) -> None:
-    """Check every header's sizes with a minimal card reader before astropy parses the file.
-
-    astropy trusts NAXIS, NAXISn, TFIELDS, PCOUNT and GCOUNT: NAXIS = 999999999
-    makes it loop for minutes, TFIELDS = 999999999 allocates gigabytes, and a
-    negative GCOUNT sends it looking for the next header at a wrong offset. So
-    each header is walked here first (only those integer cards are read) and
-    any size that is out of range or runs past the end of the file is refused,
-    naming the HDU. Anything this reader cannot follow (not a FITS header, a
-    value that is not a plain integer, trailing bytes) is left to astropy,
-    whose own errors _open reports.
-    """
-    offset = 0
-    with open(path, "rb") as fh:
-        for index in range(_MAX_HDUS + 1):
-            if offset >= file_size:
-                return
-            if index == _MAX_HDUS:
-                raise InputError(f"{path}: more than {_MAX_HDUS} HDUs; not a reduced frame (corrupt file?)")
-            fh.seek(offset)
-            cards: dict = {}
-            n_blocks, ended = 0, False
-            while not ended:
-                block = fh.read(_BLOCK)
-                if len(block) < _BLOCK or n_blocks >= _MAX_HEADER_BLOCKS:
-                    return  # truncated or endless header: astropy reports it
-                if n_blocks == 0 and not block.startswith(b"SIMPLE  =" if index == 0 else b"XTENSION="):
-                    return
-                n_blocks += 1
-                for j in range(0, _BLOCK, 80):
-                    key = block[j:j + 8].rstrip()
-                    if key == b"END":
-                        ended = True
-                        break
-                    if block[j + 8:j + 10] == b"= " and key not in cards:
-                        cards[key] = block[j + 10:j + 80].split(b"/")[0].strip()
-            where = f"{path} [HDU {index}]"
-            bitpix, naxis = _card_int(cards, b"BITPIX"), _card_int(cards, b"NAXIS")
-            if bitpix is None or naxis is None:
-                return
-            if bitpix not in _BITPIX_BYTES:
-                raise InputError(f"{where}: corrupt FITS header: BITPIX = {bitpix} (8, 16, 32, 64, -32 or -64)")
-            if not 0 <= naxis <= 999:
-                raise InputError(f"{where}: corrupt FITS header: NAXIS = {naxis} (0 to 999)")
-            dims = [_card_int(cards, b"NAXIS%d" % k) for k in range(1, naxis + 1)]
-            pcount = _card_int(cards, b"PCOUNT") if b"PCOUNT" in cards else 0
-            gcount = _card_int(cards, b"GCOUNT") if b"GCOUNT" in cards else 1
-            tfields = _card_int(cards, b"TFIELDS") if b"TFIELDS" in cards else 0
-            if any(v is None for v in dims + [pcount, gcount, tfields]):
-                return
-            for name, value, low, high in [("PCOUNT", pcount, 0, None), ("GCOUNT", gcount, 1, None),
-                                           ("TFIELDS", tfields, 0, 999)] + [
-                    (f"NAXIS{k + 1}", d, 0, None) for k, d in enumerate(dims)]:
-                if value < low or (high is not None and value > high):
-                    rng = f"{low} to {high}" if high is not None else f">= {low}"
-                    raise InputError(f"{where}: corrupt FITS header: {name} = {value} ({rng})")
-            if index == 0 and dims and dims[0] == 0 and cards.get(b"GROUPS") == b"T":
-                dims = dims[1:]  # random groups: NAXIS1 = 0 is not a data axis
-            n_bytes = _BITPIX_BYTES[bitpix] * gcount * (pcount + math.prod(dims)) if naxis else 0
-            start = offset + n_blocks * _BLOCK
-            if start + n_bytes > file_size:
-                raise InputError(
-                    f"{where}: corrupt or truncated FITS file: the header announces {n_bytes} data bytes "
-                    f"from byte {start}, but the file has {file_size} bytes"
-                )
-            offset = start + -(-n_bytes // _BLOCK) * _BLOCK
-
-
-def _load_hdu(hdu, index: int, path: str) -> None:
-    """Parse every header card and read the data unit now, so corruption is found here, named."""
-    where = _hdu_label(hdu, index)
-    if type(hdu).__name__ in _UNUSABLE_HDU_TYPES:
-        raise InputError(f"{path} [{where}]: corrupt FITS header (not a valid image or table HDU)")
-    try:
-        for card in hdu.header.cards:
-            _ = card.value
-        _ = hdu.data
-        if isinstance(hdu, fits.BinTableHDU):
-            _ = hdu.columns
-    except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged files
-        raise InputError(
-            f"{path} [{where}]: corrupt or truncated FITS file ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
-
-
-def _open(path: str):
-    """fits.open, read-only and fully loaded, with truncation/corruption as InputError.
-
-    The header sizes are checked first (:func:`_scan_layout`); then every
-    card is parsed and every data unit read before the list is returned, so a
-    damaged file fails here, quickly, with the file and HDU named, never later
-    with an astropy exception.
-    """
-    if not os.path.exists(path):
-        raise InputError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a FITS file")
-    file_size = os.path.getsize(path)
-    if file_size == 0:
-        raise InputError(f"{path}: empty file, not a FITS file")
-    _scan_layout(path, file_size)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True)
-        except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged files
-            raise InputError(f"{path}: not a readable FITS file ({type(exc).__name__}: {_first_line(exc)})") from None
-        index = 0
-        try:
-            for index, hdu in enumerate(hdul):  # lazy: HDU i + 1 is located only after HDU i was checked
-                if index >= _MAX_HDUS:
-                    raise InputError(f"{path}: more than {_MAX_HDUS} HDUs; not a reduced frame (corrupt file?)")
-                _load_hdu(hdu, index, path)
-        except InputError:
-            hdul.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 -- raised while astropy parses the next header
-            hdul.close()
-            raise InputError(
-                f"{path}: corrupt FITS file after HDU {index} ({type(exc).__name__}: {_first_line(exc)})"
-            ) from None
-        except BaseException:
-            hdul.close()
-            raise
-    for w in caught:
-        msg = str(w.message)
-        if "truncated" in msg.lower() or "error validating header" in msg.lower():
-            hdul.close()
-            raise InputError(f"{path}: corrupt or truncated FITS file ({_first_line(msg)})")
-    return hdul
-
-
 def _image(hdul, name: str, fname: str) -> np.ndarray:
     hdu = hdul[name]
     if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
@@ -470,8 +300,45 @@ def read_frame(path, *, require_standards: bool = True) -> Frame:
 
 
 def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
+    """Validate an open frame's HDUs, in the order the checks are documented, into a Frame."""
     prim = hdul[0]
-    if prim.data is None:
+    flux = _read_primary(hdul, fname)
+    n_fibre, n_pix = flux.shape
+    var = _read_variance(hdul, fname, flux.shape)
+    ext_headers = {"VARIANCE": hdul["VARIANCE"].header.copy()}
+    wave, wave_source, wave_ndim, wave_hdr, wcs_medium = _read_wave(hdul, fname, flux.shape)
+    if wave_hdr is not None:
+        ext_headers["WAVELA"] = wave_hdr.copy()
+    hname = "WAVELA" if wave_source == "WAVELA" else "PRIMARY"
+    wave, flux, var, flipped = _increasing(wave, flux, var, f"{fname} [{hname}]")
+    medium = _frame_medium(wave_hdr, prim.header, wcs_medium, fname)
+    fibres = _read_fibres(hdul, fname, n_fibre)
+    _check_variance_values(var, fname)
+    frame = Frame(
+        path=fname,
+        flux=flux,
+        var=var,
+        wave=np.ascontiguousarray(wave, dtype=np.float64),
+        fibres=fibres,
+        header=prim.header.copy(),
+        medium=medium,
+        flipped=flipped,
+        wave_source=wave_source,
+        wave_ndim=int(wave_ndim),
+        ext_headers=ext_headers,
+    )
+    if require_standards and frame.standards.size == 0:
+        types = sorted(set(frame.fibre_types.tolist()))
+        raise NoStandardsError(
+            f"{fname} [FIBRES]: no standard-star fibre (TYPE 'C'); TYPE values present: "
+            f"{', '.join(repr(t) for t in types) or 'none'}"
+        )
+    return frame
+
+
+def _read_primary(hdul, fname: str) -> np.ndarray:
+    """The primary image, (n_fibre, n_pix) float64, with at least one fibre and two pixels."""
+    if hdul[0].data is None:
         raise InputError(
             f"{fname} [PRIMARY]: no image data; the (n_fibre, n_pix) frame must be in the primary HDU"
         )
@@ -483,98 +350,108 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
     n_fibre, n_pix = flux.shape
     if n_fibre < 1 or n_pix < 2:
         raise InputError(f"{fname} [PRIMARY]: image shape {flux.shape} is too small")
+    return flux
 
-    # variance
+
+def _read_variance(hdul, fname: str, shape: tuple) -> np.ndarray:
+    """The VARIANCE image, float64 of the primary's ``shape`` (its values are checked later)."""
     if not _has(hdul, "VARIANCE"):
         raise InputError(f"{fname}: no VARIANCE extension")
     var = _image(hdul, "VARIANCE", fname)
-    if var.shape != flux.shape:
+    if var.shape != shape:
         raise InputError(
-            f"{fname} [VARIANCE]: shape {var.shape} does not match the primary image {flux.shape}"
+            f"{fname} [VARIANCE]: shape {var.shape} does not match the primary image {shape}"
         )
-    ext_headers = {"VARIANCE": hdul["VARIANCE"].header.copy()}
+    return var
 
-    # wavelengths
-    wave_hdr = None
+
+def _read_wave(hdul, fname: str, shape: tuple):
+    """(wave (n_pix,) Å, source 'WAVELA' or 'wcs', WAVELA ndim, WAVELA header or None, WCS medium or None)."""
+    n_pix = shape[1]
     if _has(hdul, "WAVELA"):
-        wave_source = "WAVELA"
         w = _image(hdul, "WAVELA", fname)
         wave_hdr = hdul["WAVELA"].header
-        ext_headers["WAVELA"] = wave_hdr.copy()
         wave_ndim = w.ndim
-        if w.ndim == 1:
-            if w.shape[0] != n_pix:
-                raise InputError(
-                    f"{fname} [WAVELA]: {w.shape[0]} wavelengths for {n_pix} pixels"
-                )
-        elif w.ndim == 2:
-            if w.shape not in ((n_fibre, n_pix), (1, n_pix)):
-                raise InputError(
-                    f"{fname} [WAVELA]: shape {w.shape} matches neither (n_pix,) = ({n_pix},) "
-                    f"nor (n_fibre, n_pix) = {flux.shape}"
-                )
-        else:
-            raise InputError(f"{fname} [WAVELA]: must be 1-D or 2-D, got shape {w.shape}")
-        bad = ~np.isfinite(w)
-        if bad.any():
-            where = ""
-            if w.ndim == 2:
-                where = f" (fibre(s) {_fibre_list(np.flatnonzero(bad.any(axis=1)))})"
-            raise InputError(f"{fname} [WAVELA]: {int(bad.sum())} NaN/inf wavelength(s){where}")
-        if w.ndim == 2:
-            dev = np.abs(w - w[0:1]).max(axis=1)
-            differ = np.flatnonzero(dev > WAVE_TOL)
-            if differ.size:
-                raise InputError(
-                    f"{fname} [WAVELA]: per-fibre wavelength solutions differ (fibre(s) "
-                    f"{_fibre_list(differ)} differ from fibre 1 by up to {dev.max():.3g} Å); "
-                    "resample the frame onto a common wavelength grid first"
-                )
-            w = w[0].copy()
+        w = _one_wave_grid(w, fname, shape)
         factor = _length_unit_to_angstrom(wave_hdr.get("BUNIT"), f"{fname} [WAVELA] BUNIT")
-        wave = w * factor
-        wcs_medium = None
-    else:
-        wave_source = "wcs"
-        wave_ndim = 1
-        wave, wcs_medium = _wcs_wave(prim.header, n_pix, fname)
-        if wave is None:
-            raise InputError(
-                f"{fname}: no wavelengths: neither a WAVELA extension nor a linear WCS "
-                "(CRVAL1 and CDELT1 or CD1_1) in the primary header"
-            )
-        if not np.all(np.isfinite(wave)):
-            raise InputError(f"{fname} [PRIMARY] WCS: NaN/inf wavelengths")
-    hname = "WAVELA" if wave_source == "WAVELA" else "PRIMARY"
-    if np.any(wave <= 0):
-        raise InputError(f"{fname} [{hname}]: wavelengths must be positive")
-    d = np.diff(wave)
-    flipped = False
-    if np.all(d > 0):
-        pass
-    elif np.all(d < 0):
-        flipped = True
-        wave = wave[::-1].copy()
-        flux = flux[:, ::-1].copy()
-        var = var[:, ::-1].copy()
-    else:
-        k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
+        return w * factor, "WAVELA", wave_ndim, wave_hdr, None
+    wave, wcs_medium = _wcs_wave(hdul[0].header, n_pix, fname)
+    if wave is None:
         raise InputError(
-            f"{fname} [{hname}]: wavelengths are not strictly monotonic "
-            f"(first break between pixels {k + 1} and {k + 2}, 1-based)"
+            f"{fname}: no wavelengths: neither a WAVELA extension nor a linear WCS "
+            "(CRVAL1 and CDELT1 or CD1_1) in the primary header"
         )
+    if not np.all(np.isfinite(wave)):
+        raise InputError(f"{fname} [PRIMARY] WCS: NaN/inf wavelengths")
+    return wave, "wcs", 1, None, wcs_medium
 
-    # medium
-    medium = _medium_from_headers([(wave_hdr, "WAVELA"), (prim.header, "PRIMARY")], fname)
-    if medium is None:
-        medium = wcs_medium or "air"
-    elif wcs_medium is not None and wcs_medium != medium:
+
+def _one_wave_grid(w: np.ndarray, fname: str, shape: tuple) -> np.ndarray:
+    """The WAVELA image as one (n_pix,) grid: 1-D, or per-fibre rows that agree to WAVE_TOL."""
+    n_fibre, n_pix = shape
+    if w.ndim == 1:
+        if w.shape[0] != n_pix:
+            raise InputError(
+                f"{fname} [WAVELA]: {w.shape[0]} wavelengths for {n_pix} pixels"
+            )
+    elif w.ndim == 2:
+        if w.shape not in ((n_fibre, n_pix), (1, n_pix)):
+            raise InputError(
+                f"{fname} [WAVELA]: shape {w.shape} matches neither (n_pix,) = ({n_pix},) "
+                f"nor (n_fibre, n_pix) = {shape}"
+            )
+    else:
+        raise InputError(f"{fname} [WAVELA]: must be 1-D or 2-D, got shape {w.shape}")
+    bad = ~np.isfinite(w)
+    if bad.any():
+        where = ""
+        if w.ndim == 2:
+            where = f" (fibre(s) {_fibre_list(np.flatnonzero(bad.any(axis=1)))})"
+        raise InputError(f"{fname} [WAVELA]: {int(bad.sum())} NaN/inf wavelength(s){where}")
+    if w.ndim == 1:
+        return w
+    dev = np.abs(w - w[0:1]).max(axis=1)
+    differ = np.flatnonzero(dev > WAVE_TOL)
+    if differ.size:
         raise InputError(
-            f"{fname} [PRIMARY]: CTYPE1 = {prim.header['CTYPE1']!r} says {wcs_medium} "
+            f"{fname} [WAVELA]: per-fibre wavelength solutions differ (fibre(s) "
+            f"{_fibre_list(differ)} differ from fibre 1 by up to {dev.max():.3g} Å); "
+            "resample the frame onto a common wavelength grid first"
+        )
+    return w[0].copy()
+
+
+def _increasing(wave, flux, var, where: str):
+    """(wave, flux, var, flipped) with wave increasing: a strictly decreasing grid reverses the pixel axis."""
+    if np.any(wave <= 0):
+        raise InputError(f"{where}: wavelengths must be positive")
+    d = np.diff(wave)
+    if np.all(d > 0):
+        return wave, flux, var, False
+    if np.all(d < 0):
+        return wave[::-1].copy(), flux[:, ::-1].copy(), var[:, ::-1].copy(), True
+    k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
+    raise InputError(
+        f"{where}: wavelengths are not strictly monotonic "
+        f"(first break between pixels {k + 1} and {k + 2}, 1-based)"
+    )
+
+
+def _frame_medium(wave_hdr, prim_hdr, wcs_medium, fname: str) -> str:
+    """The medium keyword (WAVELA header, then primary), else CTYPE1's, else air; a conflict is an error."""
+    medium = _medium_from_headers([(wave_hdr, "WAVELA"), (prim_hdr, "PRIMARY")], fname)
+    if medium is None:
+        return wcs_medium or "air"
+    if wcs_medium is not None and wcs_medium != medium:
+        raise InputError(
+            f"{fname} [PRIMARY]: CTYPE1 = {prim_hdr['CTYPE1']!r} says {wcs_medium} "
             f"but the medium keyword says {medium}"
         )
+    return medium
 
-    # fibre table
+
+def _read_fibres(hdul, fname: str, n_fibre: int) -> Table:
+    """The FIBRES table (native byte order) with a ``TYPE`` column and one row per fibre."""
     if not _has(hdul, "FIBRES"):
         raise InputError(f"{fname}: no FIBRES binary table extension")
     fhdu = hdul["FIBRES"]
@@ -599,8 +476,11 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         raise InputError(
             f"{fname} [FIBRES]: {len(fibres)} rows but the image has {n_fibre} fibres (NAXIS2)"
         )
+    return fibres
 
-    # variance values: negative finite is an error; NaN/inf/0 are bad pixels
+
+def _check_variance_values(var: np.ndarray, fname: str) -> None:
+    """A negative finite variance is an error; NaN, inf and 0 are bad pixels the pipeline masks."""
     with np.errstate(invalid="ignore"):
         neg = np.isfinite(var) & (var < 0)
     if neg.any():
@@ -610,124 +490,9 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
             f"({int(neg.sum())} pixel(s))"
         )
 
-    frame = Frame(
-        path=fname,
-        flux=flux,
-        var=var,
-        wave=np.ascontiguousarray(wave, dtype=np.float64),
-        fibres=fibres,
-        header=prim.header.copy(),
-        medium=medium,
-        flipped=flipped,
-        wave_source=wave_source,
-        wave_ndim=int(wave_ndim),
-        ext_headers=ext_headers,
-    )
-    if require_standards and frame.standards.size == 0:
-        types = sorted(set(frame.fibre_types.tolist()))
-        raise NoStandardsError(
-            f"{fname} [FIBRES]: no standard-star fibre (TYPE 'C'); TYPE values present: "
-            f"{', '.join(repr(t) for t in types) or 'none'}"
-        )
-    return frame
-
 
 # ---------------------------------------------------------------------------
 # writing
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def _check_destination(path: str, overwrite: bool, protect=None) -> None:
-    if protect:
-        same = False
-        try:
-            same = os.path.exists(path) and os.path.exists(protect) and os.path.samefile(path, protect)
-        except OSError:
-            same = False
-        if same or os.path.realpath(path) == os.path.realpath(protect):
-            raise InputError(
-                f"{path}: refusing to write over the input frame {protect}; "
-                "input files are never modified, choose another output path"
-            )
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise InputError(f"{path}: output directory {d} does not exist")
-
-
-def check_output_path(path, *, overwrite: bool = False, protect=None) -> None:
-    """Raise InputError unless ``path`` may be written: never the file ``protect`` (the input,
-    whatever the spelling or link), never an existing file unless ``overwrite``, and only into
-    an existing directory. Cheap: call it for every output before the work that fills them.
-    """
-    _check_destination(os.fspath(path), overwrite, None if protect is None else os.fspath(protect))
-
-
-def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
-    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
-    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception"), path, overwrite, protect)
-
-
-def write_text(path, text: str, *, overwrite: bool = False, protect=None) -> None:
-    """Write ``text`` (UTF-8) atomically, with the refusals of :func:`check_output_path`."""
-    data = str(text).encode("utf-8")
-    _atomic(lambda fh: fh.write(data), os.fspath(path), overwrite,
-            None if protect is None else os.fspath(protect))
-
-
-def _atomic(write, path: str, overwrite: bool, protect=None) -> None:
-    """``write(fileobj)`` into a temporary file beside ``path``, then move it into place.
-
-    Whatever happens (a full disk, no permission, an interrupt) the temporary
-    file is removed and an existing ``path`` is left as it was; OS errors
-    become InputError naming ``path``.
-    """
-    _check_destination(path, overwrite, protect)
-    d = os.path.dirname(os.path.abspath(path))
-    try:
-        tmp = tempfile.NamedTemporaryFile(
-            delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-        )
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write in {d} ({exc.strerror or exc})") from None
-    tmp_name = tmp.name
-    try:
-        with tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        # the destination may have appeared since the check: never replace it without overwrite
-        if not overwrite and os.path.lexists(path):
-            raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(exc, InputError):
-            raise
-        if isinstance(exc, (fits.VerifyError, ValueError)):
-            raise InputError(f"{path}: cannot write FITS file ({' '.join(str(exc).split())})") from exc
-        if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        raise
 
 
 def _table_hdu(table, name: str, what: str) -> fits.BinTableHDU:
@@ -820,7 +585,7 @@ def write_frame(
         raise InputError(f"write_frame: fibres has {n} rows for {n_fibre} fibres")
     hdr = _clean_header(header)
     if medium is not None:
-        hdr["WAVEMED"] = ({"air": "AIR", "vacuum": "VACUUM"}[_medium_word(medium, "write_frame medium")],
+        hdr["WAVEMED"] = (_MEDIUM_CARD[_medium_word(medium, "write_frame medium")],
                           "wavelength medium")
     mode = str(wave_hdu)
     hdus = [fits.PrimaryHDU(flux, header=hdr), fits.ImageHDU(var, name="VARIANCE")]
@@ -931,21 +696,7 @@ def write_calibrated_frame(
         raise InputError(
             f"write_calibrated_frame: flux {flux.shape} / var {var.shape} must have the frame's shape {shape}"
         )
-    cw = _host(cal_wave, "cal_wave")
-    cv = _host(cal, "cal")
-    cvv = _host(cal_var, "cal_var")
-    try:
-        cm = np.asarray(cal_measured)
-    except TypeError:
-        from ..backends import to_numpy
-
-        cm = to_numpy(cal_measured)
-    cm = np.array(cm, dtype=bool)
-    if cw.ndim != 1 or cv.shape != cw.shape or cvv.shape != cw.shape or cm.shape != cw.shape:
-        raise InputError(
-            "write_calibrated_frame: cal_wave, cal, cal_var, cal_measured must be 1-D of one length, got "
-            f"{cw.shape}, {cv.shape}, {cvv.shape}, {cm.shape}"
-        )
+    cal_columns = _cal_columns(cal_wave, cal, cal_var, cal_measured)
     items = _keyword_items(keywords)
     if isinstance(history, str):
         history = [history]
@@ -956,39 +707,63 @@ def write_calibrated_frame(
         var = var[:, ::-1]
         wave = wave[::-1]
 
-    in_bunit = frame.header.get("BUNIT")
     phdr = _clean_header(frame.header)
     phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
     for k, value, comment in items:
         phdr[k] = (value, comment)
     for line in history:
-        # one or more HISTORY cards per string: wrapped at spaces where possible
-        # (72 characters per card), never truncated or merged
-        for part in str(line).splitlines() or [""]:
-            chunks = textwrap.wrap(
-                _ascii(part), width=72, break_long_words=True, break_on_hyphens=False
-            ) or [""]
-            for chunk in chunks:
-                phdr.add_history(chunk)
-    prim = fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)
-
+        for chunk in _history_cards(line):
+            phdr.add_history(chunk)
+    hdus = [fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)]
     vhdr = _clean_header(frame.ext_headers.get("VARIANCE"))
     vhdr["BUNIT"] = (VAR_BUNIT, "variance unit")
-    vhdu = fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE")
-    hdus = [prim, vhdu]
-
+    hdus.append(fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE"))
     if frame.wave_source == "WAVELA":
-        whdr = _clean_header(frame.ext_headers.get("WAVELA"))
-        whdr["BUNIT"] = ("Angstrom", "wavelength unit")
-        wdata = np.ascontiguousarray(wave)
-        if frame.wave_ndim == 2:
-            wdata = np.ascontiguousarray(np.broadcast_to(wdata, shape))
-        hdus.append(fits.ImageHDU(wdata, header=whdr, name="WAVELA"))
+        hdus.append(_wavela_hdu(frame, wave))
     # else: the input's WCS keywords are in phdr and still describe the pixel order
-
     hdus.append(_table_hdu(frame.fibres, "FIBRES", "write_calibrated_frame: frame.fibres"))
+    hdus.append(_fluxcal_hdu(*cal_columns, _cal_unit(frame.header.get("BUNIT")), frame.medium))
+    if per_star is not None:
+        hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
 
-    cal_unit = _cal_unit(in_bunit)
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+
+
+def _cal_columns(cal_wave, cal, cal_var, cal_measured):
+    """(wave, cal, cal_var) float64 and measured bool host arrays, 1-D of one length."""
+    cw = _host(cal_wave, "cal_wave")
+    cv = _host(cal, "cal")
+    cvv = _host(cal_var, "cal_var")
+    cm = np.array(_as_numpy(cal_measured), dtype=bool)
+    if cw.ndim != 1 or cv.shape != cw.shape or cvv.shape != cw.shape or cm.shape != cw.shape:
+        raise InputError(
+            "write_calibrated_frame: cal_wave, cal, cal_var, cal_measured must be 1-D of one length, got "
+            f"{cw.shape}, {cv.shape}, {cvv.shape}, {cm.shape}"
+        )
+    return cw, cv, cvv, cm
+
+
+def _history_cards(line) -> list:
+    """One history string as HISTORY card texts: each line wrapped at spaces where possible
+    (72 characters per card), never truncated or merged."""
+    cards = []
+    for part in str(line).splitlines() or [""]:
+        cards += textwrap.wrap(_ascii(part), width=72, break_long_words=True, break_on_hyphens=False) or [""]
+    return cards
+
+
+def _wavela_hdu(frame: Frame, wave: np.ndarray) -> fits.ImageHDU:
+    """The output WAVELA (Å, the input's pixel order), per fibre again when the input's was."""
+    whdr = _clean_header(frame.ext_headers.get("WAVELA"))
+    whdr["BUNIT"] = ("Angstrom", "wavelength unit")
+    wdata = np.ascontiguousarray(wave)
+    if frame.wave_ndim == 2:
+        wdata = np.ascontiguousarray(np.broadcast_to(wdata, (frame.n_fibre, frame.n_pix)))
+    return fits.ImageHDU(wdata, header=whdr, name="WAVELA")
+
+
+def _fluxcal_hdu(cw, cv, cvv, cm, cal_unit: str, medium: str) -> fits.BinTableHDU:
+    """The FLUXCAL table: WAVE [Angstrom], CAL, CAL_VAR, MEASURED, in increasing wavelength."""
     cal_var_unit = (u.Unit(cal_unit, format="fits") ** 2).to_string("fits")
     calhdu = fits.BinTableHDU.from_columns(
         [
@@ -999,15 +774,10 @@ def write_calibrated_frame(
         ],
         name="FLUXCAL",
     )
-    calhdu.header["WAVEMED"] = ({"air": "AIR", "vacuum": "VACUUM"}.get(frame.medium, "AIR"),
-                                "wavelength medium of WAVE")
+    calhdu.header["WAVEMED"] = (_MEDIUM_CARD.get(medium, "AIR"), "wavelength medium of WAVE")
     calhdu.header["COMMENT"] = "CAL: calibrated flux = CAL * input flux; CAL_VAR its variance"
     calhdu.header["COMMENT"] = "MEASURED F: interpolated across telluric or uncovered pixels"
-    hdus.append(calhdu)
-    if per_star is not None:
-        hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
-
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+    return calhdu
 
 
 def read_calibrated_frame(path) -> CalibratedFrame:

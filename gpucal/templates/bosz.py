@@ -1,7 +1,8 @@
 """BOSZ 2024 model spectra: file names, directory index, reader (host NumPy edge module).
 
 Step of the mission: turn the released BOSZ 2024 files into arrays the grid
-preparation (:mod:`gpucal.templates.cache`) resamples, convolves and caches.
+preparation (:mod:`gpucal.templates.prepare`) resamples and convolves and
+:mod:`gpucal.templates.cache` caches.
 
 The release, as this module reads it
     * file names ``bosz2024_<atmos>_t<Teff>_g<±logg>_m<±MH>_a<±alpha>_c<±carbon>
@@ -24,12 +25,12 @@ The release, as this module reads it
 
 Wavelength medium
     BOSZ wavelengths follow the IAU convention (NOTES): air above 2000 Å,
-    vacuum below (``BOSZ_MEDIUM = "air"``). :func:`vacuum_to_air` is the IAU
-    standard formula (Morton 2000, from Birch & Downs 1994) and
-    :func:`air_to_vacuum` its exact inverse (fixed-point iteration of the same
-    formula, so a round trip returns the input to < 1e-9 Å); both leave
-    λ < 2000 Å unchanged. :func:`convert_medium` moves a grid to the frame's
-    medium before it is resampled.
+    vacuum below (``BOSZ_MEDIUM = "air"``). :func:`gpucal.units.vacuum_to_air`
+    is the IAU standard formula (Morton 2000, from Birch & Downs 1994) and
+    :func:`gpucal.units.air_to_vacuum` its exact inverse (fixed-point iteration
+    of the same formula, so a round trip returns the input to < 1e-9 Å); both
+    leave λ < 2000 Å unchanged. :func:`gpucal.units.convert_medium` moves a
+    grid to the frame's medium before it is resampled.
 
 Writers of the same format (:func:`write_bosz_spectrum`, :func:`write_wave_file`,
 :func:`write_demo_bosz_tree`: gpucal's analytic demo models as a BOSZ tree)
@@ -82,7 +83,6 @@ logger = logging.getLogger("gpucal.templates.bosz")
 #: Wavelength medium of BOSZ files: air above 2000 Å, vacuum below (IAU convention).
 BOSZ_MEDIUM = "air"
 FOUR_PI = 4.0 * math.pi
-#: Below this wavelength (Å) "air" wavelengths are vacuum wavelengths (IAU convention).
 
 _NAME_RE = re.compile(
     r"^bosz2024_(?P<atmos>[A-Za-z0-9]+)_t(?P<teff>\d+(?:\.\d+)?)_g(?P<logg>[+-]?\d+\.\d{1,2})"

@@ -1,0 +1,132 @@
+"""Safe files: checksums, destination refusals and atomic writes (host edge module).
+
+Step of the mission: the last thing done to every output. The input frame
+is never opened for writing and can never be the destination (whatever the
+spelling or link); an existing file is replaced only with ``overwrite``;
+data is written to a temporary file in the destination directory, synced,
+and moved into place with ``os.replace``, so a reader never sees a
+half-written file and a failure (full disk, no permission, an interrupt)
+leaves no temporary file and an existing destination as it was. OS and
+astropy write errors become InputError naming the path.
+
+:func:`check_output_path` applies the refusals up front, so a caller can
+check every destination before the work that fills it; :func:`write_text`
+writes side outputs (a JSON summary) the same way FITS frames are written.
+Computes nothing but SHA-256 digests of file bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+from astropy.io import fits
+
+from ..errors import InputError
+
+__all__ = ["file_sha256", "check_output_path", "write_text"]
+
+
+def file_sha256(path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _check_destination(path: str, overwrite: bool, protect=None) -> None:
+    if protect:
+        same = False
+        try:
+            same = os.path.exists(path) and os.path.exists(protect) and os.path.samefile(path, protect)
+        except OSError:
+            same = False
+        if same or os.path.realpath(path) == os.path.realpath(protect):
+            raise InputError(
+                f"{path}: refusing to write over the input frame {protect}; "
+                "input files are never modified, choose another output path"
+            )
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory")
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise InputError(f"{path}: output directory {d} does not exist")
+
+
+def check_output_path(path, *, overwrite: bool = False, protect=None) -> None:
+    """Raise InputError unless ``path`` may be written: never the file ``protect`` (the input,
+    whatever the spelling or link), never an existing file unless ``overwrite``, and only into
+    an existing directory. Cheap: call it for every output before the work that fills them.
+    """
+    _check_destination(os.fspath(path), overwrite, None if protect is None else os.fspath(protect))
+
+
+def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
+    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
+    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception"), path, overwrite, protect)
+
+
+def write_text(path, text: str, *, overwrite: bool = False, protect=None) -> None:
+    """Write ``text`` (UTF-8) atomically, with the refusals of :func:`check_output_path`."""
+    data = str(text).encode("utf-8")
+    _atomic(lambda fh: fh.write(data), os.fspath(path), overwrite,
+            None if protect is None else os.fspath(protect))
+
+
+def _atomic(write, path: str, overwrite: bool, protect=None) -> None:
+    """``write(fileobj)`` into a temporary file beside ``path``, then move it into place.
+
+    Whatever happens (a full disk, no permission, an interrupt) the temporary
+    file is removed and an existing ``path`` is left as it was; OS errors
+    become InputError naming ``path``.
+    """
+    _check_destination(path, overwrite, protect)
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        tmp = tempfile.NamedTemporaryFile(
+            delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write in {d} ({exc.strerror or exc})") from None
+    tmp_name = tmp.name
+    try:
+        with tmp:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        # the destination may have appeared since the check: never replace it without overwrite
+        if not overwrite and os.path.lexists(path):
+            raise InputError(f"{path}: output file exists; use --overwrite (overwrite=True) to replace it")
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        if isinstance(exc, InputError):
+            raise
+        if isinstance(exc, (fits.VerifyError, ValueError)):
+            raise InputError(f"{path}: cannot write FITS file ({' '.join(str(exc).split())})") from exc
+        if isinstance(exc, OSError):
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
