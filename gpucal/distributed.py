@@ -52,8 +52,7 @@ __all__ = [
     "calibrate_frames",
     "write_batch_summary",
     "write_batch_panel",
-    "add_batch_options",
-    "run_calibrate_many",
+    "default_output_path",
 ]
 
 logger = logging.getLogger("gpucal")
@@ -121,14 +120,15 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
 # --------------------------------------------------------------------------- client side
 
 
-def _default_output(path: str) -> str:
-    # Same rule as single-frame `gpucal calibrate`.
+def default_output_path(path: str) -> str:
+    """``<frame>_fluxcal.fits`` next to the frame: the output of a frame given no output path
+    (here and in single-frame ``gpucal calibrate``)."""
     return str(Path(path).with_suffix("")) + "_fluxcal.fits"
 
 
 def _resolve_outputs(paths: list, outputs) -> list:
     if outputs is None:
-        outs = [_default_output(p) for p in paths]
+        outs = [default_output_path(p) for p in paths]
     elif isinstance(outputs, (str, os.PathLike)):
         d = Path(outputs)
         if d.exists() and not d.is_dir():
@@ -405,76 +405,3 @@ def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progr
     if panel_path is not None:
         result.panel_path = str(write_batch_panel(result, panel_path))
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _workers_arg(text):
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}")
-    return n
-
-
-def add_batch_options(parser) -> None:
-    """Add --workers, --scheduler, --batch-summary and --batch-panel to the calibrate sub-parser."""
-    parser.add_argument("--workers", type=_workers_arg, nargs="?", const="auto", default=None, metavar="N",
-                        help="run frames on a local dask cluster of N worker processes "
-                             "(no N: one per core, or one per GPU with dask-cuda); needs gpucal[dist]")
-    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                        help="run frames on an existing dask cluster (tcp://host:8786 or a scheduler JSON file)")
-    parser.add_argument("--batch-summary", default=None, metavar="JSON",
-                        help="write the batch summary (all frames, night stability) here")
-    parser.add_argument("--batch-panel", default=None, metavar="PNG",
-                        help="write the night's panel (vectors, standards used/rejected, RMS) here")
-
-
-def run_calibrate_many(args) -> int:
-    """``gpucal calibrate FRAME [FRAME ...]`` with several frames, --workers or --scheduler.
-
-    With several frames ``--out`` is a directory (``<out>/<stem>_fluxcal.fits``),
-    ``--qc DIR`` gets one sub-directory per frame, and ``--summary`` stands for
-    ``--batch-summary`` when that is not given. ``--photometry`` may hold
-    ``{stem}`` / ``{dir}``. Exit status 0 when every frame was calibrated, 1
-    when any failed (the others are still written).
-    """
-    frames = list(getattr(args, "frames", None) or [args.frame])
-    out = getattr(args, "out", None)
-    if out is None:
-        outputs = None
-    elif len(frames) == 1 and not os.path.isdir(out):
-        outputs = [out]
-    else:
-        outputs = out
-    summary_path = getattr(args, "batch_summary", None) or getattr(args, "summary", None)
-    options = {k: getattr(args, k) for k in (
-        "templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "backend", "combine", "smooth",
-        "metric", "vrange", "min_stars", "max_chi2_dof", "max_memory") if getattr(args, k, None) is not None}
-    result = calibrate_frames(frames, outputs=outputs, workers=getattr(args, "workers", None),
-                              scheduler=getattr(args, "scheduler", None), progress=True,
-                              summary_path=summary_path, panel_path=getattr(args, "batch_panel", None),
-                              qc_dir=getattr(args, "qc", None), **options)
-    for r in result.records:
-        if r.ok:
-            s = r.summary
-            print(f"ok      {r.path} -> {r.out_path}: {s['n_stars_used']} standard(s) used, "
-                  f"{s['n_stars_rejected']} rejected, RMS scatter {s['rms_scatter']}")
-        else:
-            print(f"FAILED  {r.path}: {r.error_type}: {r.error}")
-    s = result.summary
-    ex = s["execution"]
-    where = "serially" if ex["mode"] == "serial" else f"on {ex['n_workers']} worker(s) ({ex['mode']})"
-    print(f"calibrated {s['n_ok']} of {s['n_frames']} frame(s) {where} in {s['wall_s']:.1f} s "
-          f"({s['frames_per_minute']:.1f} frames/min)")
-    for p in (result.summary_path, result.panel_path):
-        if p:
-            print(f"wrote {p}")
-    return 0 if result.n_failed == 0 else 1
