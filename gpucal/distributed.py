@@ -82,9 +82,10 @@ def _worker_templates(spec: str):
     return load_templates(spec)
 
 
-def _worker_info() -> dict:
+def _worker_info(options: dict) -> dict:
+    """The process that ran a task, and the calibrate_frame options it received (templates and out aside)."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "template_loads": _worker_templates.cache_info().misses}
+            "template_loads": _worker_templates.cache_info().misses, "options": dict(options)}
 
 
 def _stem(path: str) -> str:
@@ -107,13 +108,13 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
         return FrameRecord(
             path=path, ok=False, error=str(exc), error_type=type(exc).__name__,
             traceback=None if isinstance(exc, GpucalError) else traceback.format_exc(),
-            elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+            elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
         )
     return FrameRecord(
         path=path, ok=True, out_path=res.out_path, summary=res.summary,
         wave=np.asarray(res.wave, dtype=np.float64), cal=np.asarray(res.cal, dtype=np.float64),
         cal_var=np.asarray(res.cal_var, dtype=np.float64), measured=np.asarray(res.measured, dtype=bool),
-        elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+        elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
     )
 
 
@@ -318,6 +319,65 @@ def _run_cluster(client, jobs, on_done) -> None:
         fut.release()
 
 
+def _plan(paths, outputs, workers, scheduler, qc_dir, calibrate_kwargs):
+    """Check every argument before any work; return (paths, jobs, templates, options, workers).
+
+    ``jobs`` is a list of ``(index, (path, out, templates, options, qc_dir))``,
+    the arguments of :func:`_calibrate_one`; ``options`` are the options every
+    frame shares (photometry aside, resolved per frame).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise InputError("calibrate_frames: no frames given")
+    _check_options(calibrate_kwargs)
+    outs = _resolve_outputs(paths, outputs)
+    workers = _parse_workers(workers)
+    distributed_run = scheduler is not None or workers is not None
+    options = dict(calibrate_kwargs)
+    templates = options.pop("templates", "demo")
+    if isinstance(templates, os.PathLike):
+        templates = os.fspath(templates)
+    if distributed_run and not isinstance(templates, str):
+        raise InputError("on a cluster, templates must be a spec ('demo' or a path) that each worker loads "
+                         f"once, not a {type(templates).__name__}")
+    if distributed_run and "backend" in options and not isinstance(options["backend"], (str, type(None))):
+        options["backend"] = options["backend"].name  # a Backend holds a module: send its name
+    phot = _per_frame_photometry(paths, options.pop("photometry", None))
+    qc = None if qc_dir is None else os.fspath(qc_dir)
+    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
+            for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
+    return paths, jobs, templates, options, workers
+
+
+def _run(jobs, n_frames, workers, scheduler, backend, progress):
+    """Run the jobs serially (``workers`` and ``scheduler`` None) or on a cluster; return
+    (records in input order, execution info, wall seconds)."""
+    records = [None] * n_frames
+    t0 = time.perf_counter()
+    info = {"mode": "serial", "scheduler": None, "n_workers": 1, "cluster_start_s": 0.0}
+    with _progress(n_frames, progress) as bar:
+        n_failed = 0
+
+        def on_done(i, rec):
+            nonlocal n_failed
+            records[i] = rec
+            if not rec.ok:
+                n_failed += 1
+                bar.set_postfix(failed=n_failed, refresh=False)
+                logger.warning("%s failed: %s: %s", rec.path, rec.error_type, rec.error)
+            bar.update(1)
+
+        if scheduler is None and workers is None:
+            _run_serial(jobs, on_done)
+        else:
+            with _client(workers, scheduler, backend) as (client, cinfo):
+                info.update(cinfo, cluster_start_s=time.perf_counter() - t0, n_workers=len(client.nthreads()))
+                _run_cluster(client, jobs, on_done)
+    return records, info, time.perf_counter() - t0
+
+
 def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progress=True,
                      summary_path=None, panel_path=None, qc_dir=None, **calibrate_kwargs) -> BatchResult:
     """Flux-calibrate many frames, serially or as tasks on a dask cluster.
@@ -352,51 +412,8 @@ def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progr
     InputError for bad arguments, BackendError when a cluster is asked for
     and dask.distributed is not installed.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
-        raise InputError("calibrate_frames: no frames given")
-    _check_options(calibrate_kwargs)
-    outs = _resolve_outputs(paths, outputs)
-    workers = _parse_workers(workers)
-    distributed_run = scheduler is not None or workers is not None
-    options = dict(calibrate_kwargs)
-    templates = options.pop("templates", "demo")
-    if isinstance(templates, os.PathLike):
-        templates = os.fspath(templates)
-    if distributed_run and not isinstance(templates, str):
-        raise InputError("on a cluster, templates must be a spec ('demo' or a path) that each worker loads "
-                         f"once, not a {type(templates).__name__}")
-    if distributed_run and "backend" in options and not isinstance(options["backend"], (str, type(None))):
-        options["backend"] = options["backend"].name  # a Backend holds a module: send its name
-    phot = _per_frame_photometry(paths, options.pop("photometry", None))
-    qc = None if qc_dir is None else os.fspath(qc_dir)
-    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
-            for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
-
-    records = [None] * len(paths)
-    t0 = time.perf_counter()
-    info = {"mode": "serial", "scheduler": None, "n_workers": 1, "cluster_start_s": 0.0}
-    with _progress(len(paths), progress) as bar:
-        n_failed = 0
-
-        def on_done(i, rec):
-            nonlocal n_failed
-            records[i] = rec
-            if not rec.ok:
-                n_failed += 1
-                bar.set_postfix(failed=n_failed, refresh=False)
-                logger.warning("%s failed: %s: %s", rec.path, rec.error_type, rec.error)
-            bar.update(1)
-
-        if not distributed_run:
-            _run_serial(jobs, on_done)
-        else:
-            with _client(workers, scheduler, options.get("backend")) as (client, cinfo):
-                info.update(cinfo, cluster_start_s=time.perf_counter() - t0, n_workers=len(client.nthreads()))
-                _run_cluster(client, jobs, on_done)
-    wall = time.perf_counter() - t0
+    paths, jobs, templates, options, workers = _plan(paths, outputs, workers, scheduler, qc_dir, calibrate_kwargs)
+    records, info, wall = _run(jobs, len(paths), workers, scheduler, options.get("backend"), progress)
 
     summary = batch_summary(records, wall, info, templates, options)
     result = BatchResult(records=records, summary=summary)
