@@ -566,7 +566,7 @@ def dask_setup(worker):
 
 def _worker_warnings_to_debug_log(args):
     """Context in which new LocalCluster workers preload this module (see :func:`dask_setup`)."""
-    if getattr(args, "debug", False) or getattr(args, "workers", None) is None:
+    if getattr(args, "debug", False) or getattr(args, "workers", None) in (None, 0, 1):  # 0, 1: serial
         return contextlib.nullcontext()
     try:
         import dask

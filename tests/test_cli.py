@@ -200,7 +200,7 @@ def test_local_workers_route_warnings_to_the_debug_log():
                                       dashboard_address=None) as cluster, distributed.Client(cluster) as client:
             assert list(client.run(eval, where).values()) == ["gpucal.cli._log_warning"]
     # with --debug (or without --workers) the workers are left alone
-    for debug, workers in ((True, 2), (False, None)):
+    for debug, workers in ((True, 2), (False, None), (False, 1)):
         ctx = _worker_warnings_to_debug_log(argparse.Namespace(debug=debug, workers=workers))
         assert isinstance(ctx, contextlib.nullcontext)
 
