@@ -1,21 +1,71 @@
-"""Command line: ``gpucal demo | calibrate | info | templates | bench``.
+"""Command line: ``gpucal demo | calibrate | info | templates | bench`` — every parser and handler.
+
+Step: the top of the house. Parses arguments and calls the library:
+:func:`gpucal.pipeline.calibrate_frame` (one frame),
+:func:`gpucal.distributed.calibrate_frames` (several frames, ``--workers``,
+``--scheduler``), :func:`gpucal.templates.cache.prepare_template_cache`
+(``templates prepare``) and :mod:`gpucal.benchmark` (``bench``). It computes
+nothing itself. One options builder, :func:`calibrate_options`, derived from
+``calibrate_frame``'s signature, turns the parsed options into
+``calibrate_frame`` keyword arguments for the single-frame run, the batch and
+the demo alike, so no option can be dropped on one of the ways.
 
 Errors gpucal raises on purpose (GpucalError) are printed as one line,
 ``gpucal: error: ...``, with exit status 2 and no traceback unless --debug.
+Python warnings go to the debug log (shown with --debug only), also in the
+LocalCluster worker processes that ``--workers`` starts. Heavy libraries
+(numpy, matplotlib, dask) are imported by the handlers, never by ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import logging
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
+from . import __version__
 from .errors import GpucalError, InputError
 
-__all__ = ["main"]
+__all__ = [
+    "main",
+    "build_parser",
+    "calibrate_options",
+    "PER_FRAME",
+    "API_ONLY",
+    "add_batch_options",
+    "run_calibrate_many",
+    "add_templates_parser",
+    "run_templates_command",
+    "add_bench_parser",
+    "run_bench_command",
+]
+
+logger = logging.getLogger("gpucal")
+
+#: calibrate_frame parameters that the commands fill themselves, per frame, never from an option
+#: of the same name (``gpucal demo --out`` is a directory, not the output FITS).
+PER_FRAME = ("frame", "out")
+
+#: calibrate_frame parameters with no command-line option: Python API only, at their defaults on
+#: the command line. A new calibrate_frame parameter must become an option or be listed here
+#: (tests/test_cli.py checks it).
+API_ONLY = {
+    "mask_regions": "wavelength intervals (Å) left out of the fit; the command line uses the telluric bands",
+    "bands": "catalogue bands to use; the command line uses every band the catalogue has",
+    "match_radius": "catalogue cross-match radius (arcsec); the command line uses 1 arcsec",
+    "dtype": "working precision of the scan; the command line uses float32",
+    "max_phot_dev": "largest spread (mag) of a star's band residuals; the command line uses 0.3 mag",
+}
+
+
+# --------------------------------------------------------------------------- argument types
 
 
 def _floats(text):
@@ -48,6 +98,35 @@ def _positive_int(text):
     return value
 
 
+def _range_arg(text):
+    """``MIN:MAX`` (either may be empty: unbounded) or one value ``V`` (= ``V:V``)."""
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            v = float(parts[0])
+            return (v, v)
+        if len(parts) == 2:
+            lo = float(parts[0]) if parts[0].strip() else -math.inf
+            hi = float(parts[1]) if parts[1].strip() else math.inf
+            if lo <= hi:
+                return (lo, hi)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected MIN:MAX (either may be empty) or a value, got {text!r}")
+
+
+def _workers_arg(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with gpucal's one-line errors (``gpucal: error: ...``, exit status 2)."""
 
@@ -72,33 +151,78 @@ def _glue_negative_values(argv):
     return out
 
 
+# --------------------------------------------------------------------------- parsers
+
+
 def _add_common(p):
     p.add_argument("--backend", default=None,
                    help="numpy, cupy, torch, jax or auto (default: $GPUCAL_BACKEND, else auto)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("--debug", action="store_true", help="show tracebacks, debug logging and Python warnings")
+
+
+def _add_scan_options(p):
+    p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
+                   help="radial-velocity scan in km/s (default -500:500:5)")
+    p.add_argument("--max-memory", default=None,
+                   help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
 
 
 def _add_calibration_options(p):
+    """The calibrate_frame options ``demo`` and ``calibrate`` share (dest = the parameter's name)."""
     p.add_argument("--combine", choices=("weighted_mean", "median"), default="weighted_mean")
     p.add_argument("--smooth", type=int, default=0, metavar="N",
                    help="Savitzky-Golay window in pixels for the combined vector (0 = none)")
     p.add_argument("--metric", choices=("chi2", "huber"), default="chi2",
                    help="template score: chi2, or huber (robust re-scoring of the best chi2 candidates)")
-    p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
-                   help="radial-velocity scan in km/s (default -500:500:5)")
+    _add_scan_options(p)
     p.add_argument("--min-stars", type=_positive_int, default=1, help="fewer usable standards is an error (default 1)")
     p.add_argument("--max-chi2-dof", type=float, default=None, help="exclude stars whose best chi2/dof exceeds this")
-    p.add_argument("--max-memory", default=None,
-                   help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
+    p.add_argument("--ebv", type=float, default=None,
+                   help="E(B-V) applied to the templates (F99, R_V=3.1) unless the catalogue has an ebv column")
+    p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
+                   help="scan the whole grid even when colours give a Teff prior")
+    p.add_argument("--fast", action="store_true", help="fast-path scan (velocity from fiducial templates first)")
 
 
-def build_parser():
-    parser = _Parser(prog="gpucal", description="Spectrophotometric flux calibration for fibre spectrographs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_batch_options(parser) -> None:
+    """Add --workers, --scheduler, --batch-summary and --batch-panel to the calibrate sub-parser."""
+    parser.add_argument("--workers", type=_workers_arg, nargs="?", const="auto", default=None, metavar="N",
+                        help="run frames on a local dask cluster of N worker processes "
+                             "(no N: one per core, or one per GPU with dask-cuda); needs gpucal[dist]")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run frames on an existing dask cluster (tcp://host:8786 or a scheduler JSON file)")
+    parser.add_argument("--batch-summary", default=None, metavar="JSON",
+                        help="write the batch summary (all frames, night stability) here")
+    parser.add_argument("--batch-panel", default=None, metavar="PNG",
+                        help="write the night's panel (vectors, standards used/rejected, RMS) here")
 
-    p = sub.add_parser("info", help="backend chosen, why, device and library versions")
+
+def _add_calibrate_parser(sub):
+    p = sub.add_parser("calibrate", help="flux-calibrate a reduced frame")
+    p.add_argument("frames", nargs="+", metavar="FRAME",
+                   help="reduced FITS frame(s); several run as a batch (see --workers)")
+    p.add_argument("--templates", default="demo",
+                   help="template grid: 'demo' (built in), a prepared cache, or a BOSZ 2024 directory")
+    p.add_argument("--photometry", required=True,
+                   help="catalogue CSV (name, ra, dec, g, dg, r, dr, i, di, z, dz); in a batch it may hold "
+                        "{stem} and {dir}, filled in from each frame's path")
+    lsf = p.add_mutually_exclusive_group(required=True)
+    lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
+    lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
+    lsf.add_argument("--resolution", type=float, help="constant resolving power λ/Δλ")
+    p.add_argument("--out", default=None,
+                   help="output FITS (default FRAME_fluxcal.fits); in a batch, a directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--summary", default=None, metavar="JSON",
+                   help="write the JSON summary here; in a batch (several frames, --workers, --scheduler, "
+                        "--batch-*) it is the batch summary, and giving it with --batch-summary is an error")
+    p.add_argument("--qc", default=None, metavar="DIR", help="write QC PNGs into DIR (in a batch: DIR/<stem>/)")
+    add_batch_options(p)
+    _add_calibration_options(p)
     _add_common(p)
 
+
+def _add_demo_parser(sub):
     p = sub.add_parser("demo", help="simulate a frame, calibrate it with the built-in grid, report the error")
     p.add_argument("--out", default="gpucal-demo", help="output directory (default ./gpucal-demo)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,50 +232,110 @@ def build_parser():
     p.set_defaults(smooth=51)
     _add_common(p)
 
-    p = sub.add_parser("calibrate", help="flux-calibrate a reduced frame")
-    p.add_argument("frames", nargs="+", metavar="FRAME",
-                   help="reduced FITS frame(s); several run as a batch (see --workers)")
-    p.add_argument("--templates", default="demo",
-                   help="template grid: 'demo' (built in), a prepared cache, or a BOSZ 2024 directory")
-    p.add_argument("--photometry", required=True, help="catalogue CSV (name, ra, dec, g, dg, r, dr, i, di, z, dz)")
-    lsf = p.add_mutually_exclusive_group(required=True)
-    lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
+
+def add_templates_parser(sub) -> None:
+    """Add ``templates prepare`` to the ``gpucal`` sub-command parsers."""
+    from .templates.cache import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
+
+    p = sub.add_parser("templates", help="template grids: prepare a BOSZ 2024 cache")
+    tsub = p.add_subparsers(dest="templates_command", required=True)
+    q = tsub.add_parser(
+        "prepare", help="read a BOSZ 2024 directory into a memory-mappable cache",
+        description="Read BOSZ 2024 spectra (release layout) in parallel, resample them onto one log-uniform "
+                    "grid covering the frame, the photometric bands and the velocity scan, optionally convolve "
+                    "them to the instrument LSF, and write a float32 .npy + JSON cache. Negative ranges need "
+                    "'=': --mh=-1:0.5.")
+    q.add_argument("src", help="BOSZ directory (bosz2024_wave_r<R>.txt and r<R>/m<±MH>/ folders)")
+    q.add_argument("--out", required=True, help="cache directory to write")
+    for name, what in (("teff", "Teff (K)"), ("logg", "log g"), ("mh", "[M/H]"), ("alpha", "[α/M]"),
+                       ("carbon", "[C/M]"), ("vturb", "microturbulence (km/s)")):
+        q.add_argument(f"--{name}", type=_range_arg, default=None, metavar="MIN:MAX",
+                       help=f"{what} to select: MIN:MAX (inclusive, either may be empty) or one value")
+    q.add_argument("--atmos", default=None, help="atmosphere code(s), comma-separated, in order of preference")
+    q.add_argument("--bosz-resolution", default=None, metavar="R|orig", help="subgrid r<R> (default: the only one)")
+    lsf = q.add_mutually_exclusive_group()
+    lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant): store the grid convolved")
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
-    lsf.add_argument("--resolution", type=float, help="constant resolving power λ/Δλ")
-    p.add_argument("--out", default=None, help="output FITS (default FRAME_fluxcal.fits)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--summary", default=None, help="write the JSON summary here")
-    p.add_argument("--qc", default=None, metavar="DIR", help="write QC PNGs into DIR")
-    p.add_argument("--ebv", type=float, default=None,
-                   help="E(B-V) applied to the templates (F99, R_V=3.1) unless the catalogue has an ebv column")
-    p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
-                   help="scan the whole grid even when colours give a Teff prior")
-    p.add_argument("--fast", action="store_true", help="fast-path scan (velocity from fiducial templates first)")
-    from .distributed import add_batch_options
+    lsf.add_argument("--resolution", type=float, help="instrument resolving power λ/Δλ")
+    q.add_argument("--wave", type=_range_arg, default=None, metavar="MIN:MAX",
+                   help=f"frame wavelength range in Å (default {DEFAULT_FRAME_RANGE[0]:g}:{DEFAULT_FRAME_RANGE[1]:g}); "
+                        "the grid also covers the bands and the velocity scan")
+    q.add_argument("--bands", default=",".join(DEFAULT_BANDS), help="photometric bands to cover (default g,r,i,z)")
+    q.add_argument("--vmax", type=float, default=DEFAULT_VMAX, help="largest |RV| to allow for, km/s (default 500)")
+    q.add_argument("--dlnlam", type=float, default=None, help="working-grid Δlnλ (default: the library's)")
+    q.add_argument("--medium", choices=("air", "vacuum"), default="air", help="wavelength medium of the frame")
+    q.add_argument("--workers", type=int, default=None, help="reader processes (default: the CPUs)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    q.add_argument("--backend", default=None, help="array backend of the convolution")
+    q.add_argument("--debug", action="store_true", help="show tracebacks, debug logging and Python warnings")
 
-    add_batch_options(p)
-    _add_calibration_options(p)
+
+def add_bench_parser(sub):
+    """Add ``gpucal bench`` (the grid scan against the reference loop and a plain matrix product)."""
+    p = sub.add_parser("bench", help="time the grid scan against the reference loop and a plain matrix product")
+    p.add_argument("--stars", type=int, default=32, help="simulated standards (default 32)")
+    p.add_argument("--templates", type=int, default=520,
+                   help="grid size; above 520 the demo grid is tiled with jittered copies (default 520)")
+    p.add_argument("--ref-templates", type=int, default=None,
+                   help="templates the reference loop runs (default all; time extrapolated linearly if fewer)")
+    p.add_argument("--snr", type=float, default=50.0, help="signal-to-noise of the simulated standards")
+    p.add_argument("--memory-check", default=None, metavar="BUDGET",
+                   help="also stream a memory-mapped grid 10x BUDGET (e.g. 256M) and report the peak")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    _add_scan_options(p)
     _add_common(p)
+    return p
 
-    from .templates.cache import add_templates_parser
 
+def build_parser():
+    parser = _Parser(prog="gpucal", description="Spectrophotometric flux calibration for fibre spectrographs.")
+    parser.add_argument("--version", action="version", version=f"gpucal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="backend chosen, why, device and library versions")
+    _add_common(p)
+    _add_demo_parser(sub)
+    _add_calibrate_parser(sub)
     add_templates_parser(sub)
-
-    from .benchmark import add_bench_parser
-
-    p = add_bench_parser(sub)
-    p.add_argument("--vrange", type=_vrange, default=(-500.0, 500.0, 5.0), metavar="VMIN:VMAX:STEP",
-                   help="radial-velocity scan in km/s (default -500:500:5)")
-    p.add_argument("--max-memory", default=None,
-                   help="scan working-set budget: bytes or with K/M/G suffix (default $GPUCAL_MAX_MEMORY, else 1G)")
-    _add_common(p)
+    add_bench_parser(sub)
     return parser
+
+
+# --------------------------------------------------------------------------- the options builder
+
+
+def calibrate_options(args, **given) -> dict:
+    """calibrate_frame keyword arguments from parsed options (an argparse Namespace).
+
+    Every parameter of :func:`gpucal.pipeline.calibrate_frame`'s signature
+    that ``args`` has an attribute for is passed — whatever its name, so a new
+    parameter reaches calibrate_frame as soon as the parser has an option of
+    that dest — except :data:`PER_FRAME` (``frame``, ``out``), which the
+    command fills. An option left at None where the parameter's own default is
+    None is left out (same meaning, and the batch summary records only what
+    was set). ``given`` adds or overrides values (the demo's own grid and
+    catalogue).
+    """
+    from .pipeline import calibrate_frame
+
+    options = {}
+    for name, param in inspect.signature(calibrate_frame).parameters.items():
+        if name in PER_FRAME or not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value is None and param.default is None:
+            continue
+        options[name] = value
+    options.update(given)
+    return options
+
+
+# --------------------------------------------------------------------------- handlers
 
 
 def _info(args):
     import platform
 
-    from . import __version__
     from .backends import get_backend
 
     be = get_backend(args.backend)
@@ -169,32 +353,29 @@ def _info(args):
     return 0
 
 
-def _calibrate(args):
-    if len(args.frames) > 1 or args.workers is not None or args.scheduler is not None:
-        from .distributed import run_calibrate_many
+def _is_batch(args) -> bool:
+    return (len(args.frames) > 1 or args.workers is not None or args.scheduler is not None
+            or args.batch_summary is not None or args.batch_panel is not None)
 
+
+def _calibrate(args):
+    if _is_batch(args):
         return run_calibrate_many(args)
-    args.frame = args.frames[0]
+    from .distributed import default_output_path
+    from .io.frames import check_output_path, write_text
     from .pipeline import calibrate_frame
 
-    from .io.frames import check_output_path, write_text
-
-    out = args.out or str(Path(args.frame).with_suffix("")) + "_fluxcal.fits"
+    frame = args.frames[0]
+    out = args.out or default_output_path(frame)
     # every destination is checked before the calibration, not after it
     if args.summary:
-        check_output_path(args.summary, overwrite=args.overwrite, protect=args.frame)
+        check_output_path(args.summary, overwrite=args.overwrite, protect=frame)
     if args.qc and Path(args.qc).exists() and not Path(args.qc).is_dir():
         raise InputError(f"{args.qc}: --qc must be a directory")
-    res = calibrate_frame(
-        args.frame, templates=args.templates, photometry=args.photometry, fwhm=args.fwhm,
-        fwhm_poly=args.fwhm_poly, resolution=args.resolution, out=out, overwrite=args.overwrite,
-        backend=args.backend, combine=args.combine, smooth=args.smooth, metric=args.metric,
-        vrange=args.vrange, min_stars=args.min_stars, max_chi2_dof=args.max_chi2_dof,
-        max_memory=args.max_memory, ebv=args.ebv, teff_prior=args.teff_prior, fast=args.fast,
-    )
+    res = calibrate_frame(frame, out=out, **calibrate_options(args))
     if args.summary:
         write_text(args.summary, json.dumps(res.summary, indent=2, default=str), overwrite=args.overwrite,
-                   protect=args.frame)
+                   protect=frame)
     if args.qc:
         from .report.qc import write_qc_plots
 
@@ -205,6 +386,82 @@ def _calibrate(args):
     return 0
 
 
+def _batch_summary_path(args):
+    """--batch-summary, or --summary standing for it; both given is refused (one would be ignored)."""
+    summary, batch = getattr(args, "summary", None), getattr(args, "batch_summary", None)
+    if summary is not None and batch is not None:
+        raise InputError("--summary and --batch-summary both given: in a batch --summary is the batch summary; "
+                         "give one of them")
+    return batch if batch is not None else summary
+
+
+def _batch_outputs(frames, out):
+    if out is None:
+        return None
+    if len(frames) == 1 and not os.path.isdir(out):
+        return [out]
+    return out
+
+
+def run_calibrate_many(args) -> int:
+    """``gpucal calibrate FRAME [FRAME ...]`` with several frames, --workers, --scheduler or --batch-*.
+
+    With several frames ``--out`` is a directory (``<out>/<stem>_fluxcal.fits``),
+    ``--qc DIR`` gets one sub-directory per frame, and ``--summary`` stands for
+    ``--batch-summary`` (giving both is an error). ``--photometry`` may hold
+    ``{stem}`` / ``{dir}``. Every calibrate_frame option goes through
+    :func:`calibrate_options`, as for one frame. Exit status 0 when every
+    frame was calibrated, 1 when any failed (the others are still written).
+    """
+    from .distributed import calibrate_frames
+
+    frames = list(getattr(args, "frames", None) or [args.frame])
+    summary_path = _batch_summary_path(args)
+    with _worker_warnings_to_debug_log(args):
+        result = calibrate_frames(frames, outputs=_batch_outputs(frames, getattr(args, "out", None)),
+                                  workers=getattr(args, "workers", None), scheduler=getattr(args, "scheduler", None),
+                                  progress=True, summary_path=summary_path,
+                                  panel_path=getattr(args, "batch_panel", None), qc_dir=getattr(args, "qc", None),
+                                  **calibrate_options(args))
+    for r in result.records:
+        if r.ok:
+            s = r.summary
+            print(f"ok      {r.path} -> {r.out_path}: {s['n_stars_used']} standard(s) used, "
+                  f"{s['n_stars_rejected']} rejected, RMS scatter {s['rms_scatter']}")
+        else:
+            print(f"FAILED  {r.path}: {r.error_type}: {r.error}")
+    s = result.summary
+    ex = s["execution"]
+    where = "serially" if ex["mode"] == "serial" else f"on {ex['n_workers']} worker(s) ({ex['mode']})"
+    print(f"calibrated {s['n_ok']} of {s['n_frames']} frame(s) {where} in {s['wall_s']:.1f} s "
+          f"({s['frames_per_minute']:.1f} frames/min)")
+    for p in (result.summary_path, result.panel_path):
+        if p:
+            print(f"wrote {p}")
+    return 0 if result.n_failed == 0 else 1
+
+
+def _demo_truth(res, sim):
+    """Recovery error of the demo: the calibration against the simulation's true throughput."""
+    import numpy as np
+
+    from .fitting.masks import TELLURIC_DEFAULT
+
+    true_cal = 1.0 / np.asarray(sim.truth["throughput"])
+    outside = np.ones(res.wave.shape, bool)
+    for lo, hi in TELLURIC_DEFAULT:
+        outside &= ~((res.wave >= lo) & (res.wave <= hi))
+    rel = res.cal / true_cal - 1.0
+    rms = float(np.sqrt(np.mean(rel[outside] ** 2)))
+    truth = {
+        "throughput_rms_error_outside_telluric": rms,
+        "max_abs_error_outside_telluric": float(np.max(np.abs(rel[outside]))),
+        "true_rv_kms": np.asarray(sim.truth["rv"]).tolist(),
+        "true_params": np.asarray(sim.truth["params"]).tolist(),
+    }
+    return true_cal, truth
+
+
 def _demo(args):
     """Simulate a frame with known throughput, calibrate it, and report the recovery error."""
     import time
@@ -212,7 +469,6 @@ def _demo(args):
     import numpy as np
 
     from .io.frames import write_frame
-    from .fitting.masks import TELLURIC_DEFAULT
     from .pipeline import calibrate_frame
     from .report.qc import format_summary, write_qc_plots, write_summary
     from .simulate import simulate_frame, write_catalogue_csv
@@ -224,25 +480,11 @@ def _demo(args):
     frame_path, cat_path = out / "demo_frame.fits", out / "demo_catalogue.csv"
     write_frame(frame_path, sim.flux, sim.var, sim.wave, sim.fibres, overwrite=True)
     write_catalogue_csv(sim.catalogue, cat_path)
-    fwhm = float(sim.truth["fwhm"])
-    res = calibrate_frame(
-        str(frame_path), templates="demo", photometry=str(cat_path), fwhm=fwhm,
-        out=out / "calibrated.fits", overwrite=True, backend=args.backend, combine=args.combine,
-        smooth=args.smooth, metric=args.metric, vrange=args.vrange, min_stars=args.min_stars,
-        max_chi2_dof=args.max_chi2_dof, max_memory=args.max_memory,
-    )
-    true_cal = 1.0 / np.asarray(sim.truth["throughput"])
-    outside = np.ones(res.wave.shape, bool)
-    for lo, hi in TELLURIC_DEFAULT:
-        outside &= ~((res.wave >= lo) & (res.wave <= hi))
-    rel = res.cal / true_cal - 1.0
-    rms = float(np.sqrt(np.mean(rel[outside] ** 2)))
-    res.summary["demo_truth"] = {
-        "throughput_rms_error_outside_telluric": rms,
-        "max_abs_error_outside_telluric": float(np.max(np.abs(rel[outside]))),
-        "true_rv_kms": np.asarray(sim.truth["rv"]).tolist(),
-        "true_params": np.asarray(sim.truth["params"]).tolist(),
-    }
+    options = calibrate_options(args, templates="demo", photometry=str(cat_path), fwhm=float(sim.truth["fwhm"]),
+                                overwrite=True)
+    res = calibrate_frame(str(frame_path), out=out / "calibrated.fits", **options)
+    true_cal, res.summary["demo_truth"] = _demo_truth(res, sim)
+    rms = res.summary["demo_truth"]["throughput_rms_error_outside_telluric"]
     write_summary(res.summary, out / "summary.json")
     if not args.no_plots:
         prog = np.asarray(sim.truth["program_fibres"], dtype=int)
@@ -258,33 +500,106 @@ def _demo(args):
     return 0
 
 
-def _templates(args):
-    from .templates.cache import run_templates_command
+def run_templates_command(args) -> int:
+    """Run ``gpucal templates prepare`` from parsed arguments; prints a one-line summary."""
+    import time
 
-    return run_templates_command(args)
+    from .templates.cache import prepare_template_cache
+
+    if args.templates_command != "prepare":
+        raise GpucalError(f"unknown templates command {args.templates_command!r}")
+    bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())
+    atmos = None if args.atmos is None else [a.strip() for a in args.atmos.split(",") if a.strip()]
+    t0 = time.perf_counter()
+    grid = prepare_template_cache(
+        args.src, args.out, overwrite=args.overwrite, teff=args.teff, logg=args.logg, mh=args.mh, alpha=args.alpha,
+        carbon=args.carbon, vturb=args.vturb, atmos=atmos, bosz_resolution=args.bosz_resolution, wave=args.wave,
+        bands=bands, vmax=args.vmax, dlnlam=args.dlnlam, medium=args.medium, fwhm=args.fwhm,
+        fwhm_poly=args.fwhm_poly, resolution=args.resolution, workers=args.workers,
+        progress=False if args.no_progress else None, backend=args.backend,
+    )
+    g = grid.meta["grid"]
+    print(f"wrote {grid.meta['cache_path']}: {grid.n_templates} templates, {g['wave_min']:.1f}-{g['wave_max']:.1f} Å "
+          f"({g['n_wave']} pixels, dlnlam {g['dlnlam']:.3g}, {g['medium']}), resolution_fwhm "
+          f"{grid.resolution_fwhm!r}, inputs sha256 {grid.meta['inputs_sha256'][:16]}, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
 
 
-def _bench(args):
-    from .benchmark import run_bench_command
+def run_bench_command(args) -> int:
+    """Run ``gpucal bench`` from parsed arguments; prints the table, writes JSON if asked."""
+    from .benchmark import format_report, run_scan_benchmark
 
-    return run_bench_command(args)
+    for name in ("stars", "templates", "ref_templates"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    out = None
+    if args.out is not None:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    result = run_scan_benchmark(backend=args.backend or os.environ.get("GPUCAL_BACKEND") or "auto",
+                                n_star=args.stars, n_templates=args.templates, ref_templates=args.ref_templates,
+                                vrange=args.vrange, max_memory=args.max_memory, snr=args.snr,
+                                memory_check=args.memory_check)
+    print(format_report(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- warnings, logging, main
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None):
+    """A ``warnings.showwarning`` that writes to gpucal's debug log instead of stderr."""
+    logger.debug("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+
+def dask_setup(worker):
+    """dask preload hook: a LocalCluster worker that ``--workers`` starts (without --debug) imports this
+    module and routes its Python warnings to its debug log, as :func:`main` does in this process."""
+    warnings.showwarning = _log_warning
+
+
+def _worker_warnings_to_debug_log(args):
+    """Context in which new LocalCluster workers preload this module (see :func:`dask_setup`)."""
+    if getattr(args, "debug", False) or getattr(args, "workers", None) in (None, 0, 1):  # 0, 1: serial
+        return contextlib.nullcontext()
+    try:
+        import dask
+    except ImportError:  # calibrate_frames says what to install
+        return contextlib.nullcontext()
+    preload = list(dask.config.get("distributed.worker.preload", default=None) or [])
+    return dask.config.set({"distributed.worker.preload": [*preload, "gpucal.cli"]})
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="gpucal: %(levelname)s: %(message)s")
+    # Third-party chatter stays at warning level unless --debug.
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="gpucal: %(levelname)s: %(message)s")
-    # Third-party chatter stays at warning level unless --debug.
-    for name in ("matplotlib", "PIL"):
-        logging.getLogger(name).setLevel(logging.DEBUG if args.debug else logging.WARNING)
-    try:
-        return {"info": _info, "calibrate": _calibrate, "demo": _demo, "templates": _templates, "bench": _bench}[args.command](args)
-    except GpucalError as exc:
-        if args.debug:
-            raise
-        print(f"gpucal: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    _configure_logging(args.debug)
+    handler = {"info": _info, "calibrate": _calibrate, "demo": _demo, "templates": run_templates_command,
+               "bench": run_bench_command}[args.command]
+    # Python warnings (a numpy RuntimeWarning, a library's deprecation) go to the debug log:
+    # without --debug the user sees gpucal's own messages only.
+    with warnings.catch_warnings():
+        warnings.showwarning = _log_warning
+        try:
+            return handler(args)
+        except GpucalError as exc:
+            if args.debug:
+                raise
+            print(f"gpucal: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

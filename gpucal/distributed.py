@@ -1,10 +1,10 @@
-"""Many frames: one calibrate_frame() per frame, as dask.distributed tasks, and the night report.
+"""Many frames: one calibrate_frame() per frame, as dask.distributed tasks.
 
 Step: N reduced FITS frames in -> N calibrated frames out (written by the
-workers), plus a batch summary (JSON) and a PNG panel that shows, for every
-frame, its combined calibration vector Cal(λ) (erg/s/cm²/Å per count, on the
-frame's wavelength grid in Å), the number of standards used and rejected and
-the RMS scatter between them, so a night's stability is visible at a glance.
+workers), and one FrameRecord per frame (host data: the frame's summary dict
+and its combined calibration vector Cal(λ), erg/s/cm²/Å per count on the
+frame's wavelength grid in Å). The night report built from the records — a
+batch summary (JSON) and a PNG panel — lives in :mod:`gpucal.report.night`.
 
 Execution
 ---------
@@ -31,13 +31,10 @@ frames go on.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import importlib.util
 import inspect
-import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -47,16 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .containers import FrameRecord, BatchResult
 from .errors import BackendError, GpucalError, InputError
+from .report.night import batch_summary, write_batch_panel, write_batch_summary
 
 __all__ = [
     "calibrate_frames",
     "write_batch_summary",
     "write_batch_panel",
-    "add_batch_options",
-    "run_calibrate_many",
+    "default_output_path",
 ]
 
 logger = logging.getLogger("gpucal")
@@ -86,9 +82,10 @@ def _worker_templates(spec: str):
     return load_templates(spec)
 
 
-def _worker_info() -> dict:
+def _worker_info(options: dict) -> dict:
+    """The process that ran a task, and the calibrate_frame options it received (templates and out aside)."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "template_loads": _worker_templates.cache_info().misses}
+            "template_loads": _worker_templates.cache_info().misses, "options": dict(options)}
 
 
 def _stem(path: str) -> str:
@@ -111,27 +108,28 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
         return FrameRecord(
             path=path, ok=False, error=str(exc), error_type=type(exc).__name__,
             traceback=None if isinstance(exc, GpucalError) else traceback.format_exc(),
-            elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+            elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
         )
     return FrameRecord(
         path=path, ok=True, out_path=res.out_path, summary=res.summary,
         wave=np.asarray(res.wave, dtype=np.float64), cal=np.asarray(res.cal, dtype=np.float64),
         cal_var=np.asarray(res.cal_var, dtype=np.float64), measured=np.asarray(res.measured, dtype=bool),
-        elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(),
+        elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
     )
 
 
 # --------------------------------------------------------------------------- client side
 
 
-def _default_output(path: str) -> str:
-    # Same rule as single-frame `gpucal calibrate`.
+def default_output_path(path: str) -> str:
+    """``<frame>_fluxcal.fits`` next to the frame: the output of a frame given no output path
+    (here and in single-frame ``gpucal calibrate``)."""
     return str(Path(path).with_suffix("")) + "_fluxcal.fits"
 
 
 def _resolve_outputs(paths: list, outputs) -> list:
     if outputs is None:
-        outs = [_default_output(p) for p in paths]
+        outs = [default_output_path(p) for p in paths]
     elif isinstance(outputs, (str, os.PathLike)):
         d = Path(outputs)
         if d.exists() and not d.is_dir():
@@ -321,6 +319,65 @@ def _run_cluster(client, jobs, on_done) -> None:
         fut.release()
 
 
+def _plan(paths, outputs, workers, scheduler, qc_dir, calibrate_kwargs):
+    """Check every argument before any work; return (paths, jobs, templates, options, workers).
+
+    ``jobs`` is a list of ``(index, (path, out, templates, options, qc_dir))``,
+    the arguments of :func:`_calibrate_one`; ``options`` are the options every
+    frame shares (photometry aside, resolved per frame).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise InputError("calibrate_frames: no frames given")
+    _check_options(calibrate_kwargs)
+    outs = _resolve_outputs(paths, outputs)
+    workers = _parse_workers(workers)
+    distributed_run = scheduler is not None or workers is not None
+    options = dict(calibrate_kwargs)
+    templates = options.pop("templates", "demo")
+    if isinstance(templates, os.PathLike):
+        templates = os.fspath(templates)
+    if distributed_run and not isinstance(templates, str):
+        raise InputError("on a cluster, templates must be a spec ('demo' or a path) that each worker loads "
+                         f"once, not a {type(templates).__name__}")
+    if distributed_run and "backend" in options and not isinstance(options["backend"], (str, type(None))):
+        options["backend"] = options["backend"].name  # a Backend holds a module: send its name
+    phot = _per_frame_photometry(paths, options.pop("photometry", None))
+    qc = None if qc_dir is None else os.fspath(qc_dir)
+    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
+            for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
+    return paths, jobs, templates, options, workers
+
+
+def _run(jobs, n_frames, workers, scheduler, backend, progress):
+    """Run the jobs serially (``workers`` and ``scheduler`` None) or on a cluster; return
+    (records in input order, execution info, wall seconds)."""
+    records = [None] * n_frames
+    t0 = time.perf_counter()
+    info = {"mode": "serial", "scheduler": None, "n_workers": 1, "cluster_start_s": 0.0}
+    with _progress(n_frames, progress) as bar:
+        n_failed = 0
+
+        def on_done(i, rec):
+            nonlocal n_failed
+            records[i] = rec
+            if not rec.ok:
+                n_failed += 1
+                bar.set_postfix(failed=n_failed, refresh=False)
+                logger.warning("%s failed: %s: %s", rec.path, rec.error_type, rec.error)
+            bar.update(1)
+
+        if scheduler is None and workers is None:
+            _run_serial(jobs, on_done)
+        else:
+            with _client(workers, scheduler, backend) as (client, cinfo):
+                info.update(cinfo, cluster_start_s=time.perf_counter() - t0, n_workers=len(client.nthreads()))
+                _run_cluster(client, jobs, on_done)
+    return records, info, time.perf_counter() - t0
+
+
 def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progress=True,
                      summary_path=None, panel_path=None, qc_dir=None, **calibrate_kwargs) -> BatchResult:
     """Flux-calibrate many frames, serially or as tasks on a dask cluster.
@@ -355,329 +412,13 @@ def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progr
     InputError for bad arguments, BackendError when a cluster is asked for
     and dask.distributed is not installed.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
-        raise InputError("calibrate_frames: no frames given")
-    _check_options(calibrate_kwargs)
-    outs = _resolve_outputs(paths, outputs)
-    workers = _parse_workers(workers)
-    distributed_run = scheduler is not None or workers is not None
-    options = dict(calibrate_kwargs)
-    templates = options.pop("templates", "demo")
-    if isinstance(templates, os.PathLike):
-        templates = os.fspath(templates)
-    if distributed_run and not isinstance(templates, str):
-        raise InputError("on a cluster, templates must be a spec ('demo' or a path) that each worker loads "
-                         f"once, not a {type(templates).__name__}")
-    if distributed_run and "backend" in options and not isinstance(options["backend"], (str, type(None))):
-        options["backend"] = options["backend"].name  # a Backend holds a module: send its name
-    phot = _per_frame_photometry(paths, options.pop("photometry", None))
-    qc = None if qc_dir is None else os.fspath(qc_dir)
-    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
-            for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
+    paths, jobs, templates, options, workers = _plan(paths, outputs, workers, scheduler, qc_dir, calibrate_kwargs)
+    records, info, wall = _run(jobs, len(paths), workers, scheduler, options.get("backend"), progress)
 
-    records = [None] * len(paths)
-    t0 = time.perf_counter()
-    info = {"mode": "serial", "scheduler": None, "n_workers": 1, "cluster_start_s": 0.0}
-    with _progress(len(paths), progress) as bar:
-        n_failed = 0
-
-        def on_done(i, rec):
-            nonlocal n_failed
-            records[i] = rec
-            if not rec.ok:
-                n_failed += 1
-                bar.set_postfix(failed=n_failed, refresh=False)
-                logger.warning("%s failed: %s: %s", rec.path, rec.error_type, rec.error)
-            bar.update(1)
-
-        if not distributed_run:
-            _run_serial(jobs, on_done)
-        else:
-            with _client(workers, scheduler, options.get("backend")) as (client, cinfo):
-                info.update(cinfo, cluster_start_s=time.perf_counter() - t0, n_workers=len(client.nthreads()))
-                _run_cluster(client, jobs, on_done)
-    wall = time.perf_counter() - t0
-
-    summary = _batch_summary(records, wall, info, templates, options)
+    summary = batch_summary(records, wall, info, templates, options)
     result = BatchResult(records=records, summary=summary)
     if summary_path is not None:
         result.summary_path = str(write_batch_summary(result, summary_path))
     if panel_path is not None:
         result.panel_path = str(write_batch_panel(result, panel_path))
     return result
-
-
-# --------------------------------------------------------------------------- the night report
-
-
-def _finite_or_none(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _jsonable(obj):
-    """Host scalars only, non-finite floats as null (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _finite_or_none(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
-
-
-def _night_ratios(records):
-    """Each calibrated frame's combined vector over the night's median vector.
-
-    Vectors are put on the wavelength grid of the first calibrated frame
-    (linear interpolation; NaN outside a frame's range) and only measured,
-    positive pixels count. Returns (wave, ratios (n_ok, n_pix), levels (n_ok,),
-    shape_rms (n_ok,)): ``level`` is the median fractional offset from the
-    night (> 0: more flux per count, i.e. less transmission), ``shape_rms``
-    the RMS of the ratio once that level is divided out.
-    """
-    ok = [r for r in records if r.ok]
-    if not ok:
-        return None, np.empty((0, 0)), np.empty(0), np.empty(0)
-    wave = ok[0].wave
-    rows = []
-    for r in ok:
-        y = np.where(r.measured & np.isfinite(r.cal) & (r.cal > 0), r.cal, np.nan)
-        if r.wave.shape != wave.shape or not np.array_equal(r.wave, wave):
-            y = np.interp(wave, r.wave, y, left=np.nan, right=np.nan)
-        rows.append(y)
-    vec = np.vstack(rows)
-    with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
-        ref = np.nanmedian(vec, axis=0)
-        ratio = vec / ref
-        level = np.nanmedian(ratio, axis=1)
-        shape = np.sqrt(np.nanmean((ratio / level[:, None] - 1.0) ** 2, axis=1))
-    return wave, ratio, level - 1.0, shape
-
-
-@contextlib.contextmanager
-def _quiet_nan():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
-        yield
-
-
-def _batch_summary(records, wall, info, templates, options) -> dict:
-    _, _, levels, shapes = _night_ratios(records)
-    night = iter(zip(levels, shapes))
-    frames = []
-    for r in records:
-        row = {"path": r.path, "ok": r.ok, "out_path": r.out_path, "error": r.error, "error_type": r.error_type,
-               "elapsed_s": r.elapsed_s, "cpu_s": r.cpu_s, "worker": r.worker}
-        if r.ok:
-            s = r.summary
-            level, shape = next(night)
-            row.update(n_standards=s["n_standards"], n_stars_used=s["n_stars_used"],
-                       n_stars_rejected=s["n_stars_rejected"], rms_scatter=s["rms_scatter"],
-                       level_vs_night=level, shape_rms_vs_night=shape, backend=s["backend"], summary=s)
-        elif r.traceback:
-            row["traceback"] = r.traceback
-        frames.append(row)
-    n_ok = sum(r.ok for r in records)
-    rms = [r.summary["rms_scatter"] for r in records if r.ok and r.summary["rms_scatter"] is not None]
-    summary = {
-        "gpucal_version": __version__,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "n_frames": len(records), "n_ok": n_ok, "n_failed": len(records) - n_ok,
-        "wall_s": wall, "frames_per_minute": 60.0 * len(records) / wall if wall > 0 else None,
-        "execution": info,
-        "options": dict(options, templates=templates),
-        "night": {
-            "reference": "per-pixel median of the calibrated frames' combined vectors (measured pixels only)",
-            "median_rms_scatter": float(np.median(rms)) if rms else None,
-            "level_vs_night_std": float(np.nanstd(levels)) if len(levels) else None,
-            "level_vs_night_range": [float(np.nanmin(levels)), float(np.nanmax(levels))] if len(levels) else None,
-            "max_shape_rms_vs_night": float(np.nanmax(shapes)) if len(shapes) else None,
-        },
-        "frames": frames,
-    }
-    return _jsonable(summary)
-
-
-def write_batch_summary(result: BatchResult, path) -> Path:
-    """Write ``result.summary`` as JSON; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.summary, indent=2, allow_nan=False))
-    return path
-
-
-def _labels(records) -> list:
-    return [_stem(r.path) for r in records]
-
-
-def write_batch_panel(result: BatchResult, path) -> Path:
-    """Write the night's PNG panel; return the path.
-
-    Top left: every calibrated frame's combined vector (interpolated stretches
-    left out). Top right: each vector over the night's median, in %. Bottom
-    left: standards used and rejected per frame (failed frames marked).
-    Bottom right: RMS scatter between standards and the frame's level offset
-    from the night, in %.
-    """
-    from .report.qc import _plt
-
-    plt = _plt()
-    records = result.records
-    ok = [r for r in records if r.ok]
-    wave, ratio, levels, _ = _night_ratios(records)
-    labels = _labels(records)
-    x = np.arange(len(records))
-    cmap = plt.get_cmap("viridis")
-    colour = {id(r): cmap(k / max(len(ok) - 1, 1)) for k, r in enumerate(ok)}
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 8.5))
-    ax = axes[0, 0]
-    for r in ok:
-        ax.plot(r.wave, np.where(r.measured, r.cal, np.nan), lw=0.7, color=colour[id(r)], label=_stem(r.path))
-    finite = np.concatenate([r.cal[np.isfinite(r.cal)] for r in ok]) if ok else np.empty(0)
-    if finite.size:
-        ax.set_ylim(0, 1.5 * np.percentile(finite, 99))
-    ax.set_xlabel("wavelength (Å)")
-    ax.set_ylabel("Cal (erg/s/cm²/Å per count)")
-    ax.set_title(f"combined vectors: {len(ok)} of {len(records)} frames calibrated")
-    if 0 < len(ok) <= 12:
-        ax.legend(fontsize=7, ncol=2)
-
-    ax = axes[0, 1]
-    for r, row in zip(ok, ratio):
-        ax.plot(wave, 100.0 * (row - 1.0), lw=0.6, color=colour[id(r)])
-    ax.axhline(0, color="k", lw=0.8)
-    if ratio.size and np.isfinite(ratio).any():
-        lim = max(1.0, 1.2 * float(np.nanpercentile(np.abs(100.0 * (ratio - 1.0)), 99)))
-        ax.set_ylim(-lim, lim)
-    ax.set_xlabel("wavelength (Å)")
-    ax.set_ylabel("frame / night median − 1 (%)")
-    ax.set_title("stability: each vector over the night's median")
-
-    ax = axes[1, 0]
-    used = np.array([r.summary["n_stars_used"] if r.ok else 0 for r in records])
-    rej = np.array([r.summary["n_stars_rejected"] if r.ok else 0 for r in records])
-    ax.bar(x, used, color="tab:green", label="used")
-    ax.bar(x, rej, bottom=used, color="tab:orange", label="rejected")
-    for i, r in enumerate(records):
-        if not r.ok:
-            ax.text(i, 0.1, r.error_type or "failed", rotation=90, ha="center", va="bottom", fontsize=7,
-                    color="tab:red")
-    ax.set_ylabel("standards")
-    ax.set_title(f"standards per frame ({result.n_failed} frame(s) failed, shaded)")
-    ax.legend(fontsize=8)
-
-    ax = axes[1, 1]
-    rms = np.array([np.nan if not r.ok or r.summary["rms_scatter"] is None else 100.0 * r.summary["rms_scatter"]
-                    for r in records])
-    lev = np.full(len(records), np.nan)
-    lev[[i for i, r in enumerate(records) if r.ok]] = 100.0 * levels
-    ax.plot(x, rms, "o-", color="tab:blue", label="RMS scatter between standards")
-    ax.plot(x, lev, "s--", color="tab:purple", label="level vs night median")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_ylabel("%")
-    ax.set_title("RMS scatter and level per frame (failed frames shaded)")
-    ax.legend(fontsize=8)
-
-    step = max(1, len(records) // 40)
-    for ax in axes[1]:
-        for i, r in enumerate(records):
-            if not r.ok:
-                ax.axvspan(i - 0.45, i + 0.45, color="tab:red", alpha=0.25, lw=0)
-        ax.set_xticks(x[::step])
-        ax.set_xticklabels(labels[::step], rotation=60, ha="right", fontsize=7)
-        ax.set_xlim(-0.6, len(records) - 0.4)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _workers_arg(text):
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {text!r}")
-    return n
-
-
-def add_batch_options(parser) -> None:
-    """Add --workers, --scheduler, --batch-summary and --batch-panel to the calibrate sub-parser."""
-    parser.add_argument("--workers", type=_workers_arg, nargs="?", const="auto", default=None, metavar="N",
-                        help="run frames on a local dask cluster of N worker processes "
-                             "(no N: one per core, or one per GPU with dask-cuda); needs gpucal[dist]")
-    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                        help="run frames on an existing dask cluster (tcp://host:8786 or a scheduler JSON file)")
-    parser.add_argument("--batch-summary", default=None, metavar="JSON",
-                        help="write the batch summary (all frames, night stability) here")
-    parser.add_argument("--batch-panel", default=None, metavar="PNG",
-                        help="write the night's panel (vectors, standards used/rejected, RMS) here")
-
-
-def run_calibrate_many(args) -> int:
-    """``gpucal calibrate FRAME [FRAME ...]`` with several frames, --workers or --scheduler.
-
-    With several frames ``--out`` is a directory (``<out>/<stem>_fluxcal.fits``),
-    ``--qc DIR`` gets one sub-directory per frame, and ``--summary`` stands for
-    ``--batch-summary`` when that is not given. ``--photometry`` may hold
-    ``{stem}`` / ``{dir}``. Exit status 0 when every frame was calibrated, 1
-    when any failed (the others are still written).
-    """
-    frames = list(getattr(args, "frames", None) or [args.frame])
-    out = getattr(args, "out", None)
-    if out is None:
-        outputs = None
-    elif len(frames) == 1 and not os.path.isdir(out):
-        outputs = [out]
-    else:
-        outputs = out
-    summary_path = getattr(args, "batch_summary", None) or getattr(args, "summary", None)
-    options = {k: getattr(args, k) for k in (
-        "templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "backend", "combine", "smooth",
-        "metric", "vrange", "min_stars", "max_chi2_dof", "max_memory") if getattr(args, k, None) is not None}
-    result = calibrate_frames(frames, outputs=outputs, workers=getattr(args, "workers", None),
-                              scheduler=getattr(args, "scheduler", None), progress=True,
-                              summary_path=summary_path, panel_path=getattr(args, "batch_panel", None),
-                              qc_dir=getattr(args, "qc", None), **options)
-    for r in result.records:
-        if r.ok:
-            s = r.summary
-            print(f"ok      {r.path} -> {r.out_path}: {s['n_stars_used']} standard(s) used, "
-                  f"{s['n_stars_rejected']} rejected, RMS scatter {s['rms_scatter']}")
-        else:
-            print(f"FAILED  {r.path}: {r.error_type}: {r.error}")
-    s = result.summary
-    ex = s["execution"]
-    where = "serially" if ex["mode"] == "serial" else f"on {ex['n_workers']} worker(s) ({ex['mode']})"
-    print(f"calibrated {s['n_ok']} of {s['n_frames']} frame(s) {where} in {s['wall_s']:.1f} s "
-          f"({s['frames_per_minute']:.1f} frames/min)")
-    for p in (result.summary_path, result.panel_path):
-        if p:
-            print(f"wrote {p}")
-    return 0 if result.n_failed == 0 else 1

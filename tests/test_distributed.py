@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpucal.distributed import _ONE_THREAD_ENV, calibrate_frames, run_calibrate_many
+from gpucal.cli import run_calibrate_many
+from gpucal.distributed import _ONE_THREAD_ENV, calibrate_frames
 from gpucal.errors import BackendError, InputError
 from gpucal.io import read_calibrated_frame, write_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
@@ -159,7 +160,7 @@ def test_arguments_are_checked_before_any_work(night):
 
 
 def test_run_calibrate_many_command_line(night, capsys):
-    from gpucal.distributed import add_batch_options
+    from gpucal.cli import add_batch_options
 
     d, paths = night
     parser = argparse.ArgumentParser()
