@@ -23,7 +23,6 @@ host-side harness code: it times, it does not calibrate.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -43,7 +42,7 @@ from .templates.demo import demo_grid
 from .simulate import simulate_frame
 from .fitting.lsf import convolve_to_instrument
 
-__all__ = ["run_scan_benchmark", "format_report", "add_bench_parser", "run_bench_command"]
+__all__ = ["run_scan_benchmark", "format_report"]
 
 # The F/G-star subgrid of the reference NOTES: Teff 5000-8000 K step 250, logg 3.5-5.0,
 # [M/H] -1.0..+1.0, [α/M] 0 and +0.25: 13 x 4 x 5 x 2 = 520 nodes.

@@ -362,7 +362,7 @@ def _calibrate(args):
     if _is_batch(args):
         return run_calibrate_many(args)
     from .distributed import default_output_path
-    from .io.frames import check_output_path, write_text
+    from .io import check_output_path, write_text
     from .pipeline import calibrate_frame
 
     frame = args.frames[0]
@@ -468,7 +468,7 @@ def _demo(args):
 
     import numpy as np
 
-    from .io.frames import write_frame
+    from .io import write_frame
     from .pipeline import calibrate_frame
     from .report.qc import format_summary, write_qc_plots, write_summary
     from .simulate import simulate_frame, write_catalogue_csv

@@ -86,8 +86,6 @@ from astropy.table import Table
 from ..containers import Frame, CalibratedFrame
 from ..errors import InputError, NoStandardsError
 from .files import _atomic_write, _check_destination
-# re-exported from their old place until every caller imports them from gpucal.io
-from .files import check_output_path, file_sha256, write_text  # noqa: F401
 from .guard import _open
 
 logger = logging.getLogger("gpucal")

@@ -38,18 +38,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-import time
 
 import numpy as np
 
 from ..containers import TemplateGrid
-from ..errors import GpucalError, InputError, StaleCacheError
+from ..errors import InputError, StaleCacheError
 from .bosz import BoszIndex, parse_bosz_name
 from .keys import CACHE_FORMAT, CACHE_VERSION, _sha256_file, _sha256_text
-from .prepare import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX, prepare_bosz_grid
+from .prepare import prepare_bosz_grid
 
 __all__ = [
     "write_template_cache",
@@ -58,8 +56,6 @@ __all__ = [
     "load_or_prepare_bosz",
     "open_templates",
     "default_cache_dir",
-    "add_templates_parser",
-    "run_templates_command",
 ]
 
 logger = logging.getLogger("gpucal.templates.cache")
