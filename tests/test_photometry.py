@@ -12,7 +12,7 @@ from conftest import assert_close
 from gpucal.backends import to_numpy
 from gpucal.containers import Photometry
 from gpucal.errors import CoverageError, InputError
-from gpucal.photometry.synphot import (
+from gpucal.photometry import (
     BAND_ALIASES,
     REFCAT2_BANDS,
     ColourTeffRelation,

@@ -1,1 +1,80 @@
-"""photometry room."""
+"""The photometry room: put observed standards and model spectra on one photometric scale.
+
+Modules (other rooms import from this package, not from them):
+
+* ``synphot`` — filter curves, the band matrix, batched synthetic maggies and magnitudes;
+* ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
+"""
+
+from ..containers import ColourTeffRelation, Photometry
+from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
+from .synphot import (
+    BAND_ALIASES,
+    PRIOR_COLOURS,
+    REFCAT2_BANDS,
+    band_matrix,
+    band_system,
+    coverage_message,
+    default_colour_relations,
+    fibres_ebv,
+    fit_colour_teff,
+    load_filters,
+    match_ebv,
+    match_photometry,
+    photometric_consistency,
+    photometry_from_fibres,
+    read_catalogue,
+    resolve_band,
+    synthetic_maggies,
+    synthetic_mags,
+    system_offsets,
+    teff_disagreement,
+    teff_from_colour,
+    teff_prior_mask,
+    vega_offsets,
+    vega_reference,
+    vega_spectrum,
+)
+
+__all__ = [
+    # bands
+    "BAND_ALIASES",
+    "REFCAT2_BANDS",
+    "resolve_band",
+    "band_system",
+    "load_filters",
+    "band_matrix",
+    # synthetic photometry
+    "coverage_message",
+    "synthetic_maggies",
+    "synthetic_mags",
+    # Vega
+    "vega_spectrum",
+    "vega_reference",
+    "vega_offsets",
+    "system_offsets",
+    # catalogues
+    "read_catalogue",
+    "match_photometry",
+    "match_ebv",
+    "photometry_from_fibres",
+    "fibres_ebv",
+    # colour priors
+    "ColourTeffRelation",
+    "PRIOR_COLOURS",
+    "fit_colour_teff",
+    "default_colour_relations",
+    "teff_from_colour",
+    "teff_prior_mask",
+    "teff_disagreement",
+    # consistency
+    "photometric_consistency",
+    # extinction
+    "DEFAULT_LAW",
+    "DEFAULT_RV",
+    "extinction_law",
+    "extinction_curve",
+    "redden",
+    # containers the room fills (defined in gpucal.containers)
+    "Photometry",
+]
