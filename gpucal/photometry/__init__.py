@@ -2,29 +2,25 @@
 
 Modules (other rooms import from this package, not from them):
 
-* ``synphot`` — filter curves, the band matrix, batched synthetic maggies and magnitudes;
+* ``bands`` — band names and aliases, AB/Vega systems, speclite filter curves, the band matrix;
+* ``synphot`` — batched synthetic maggies and magnitudes (one matrix product);
 * ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
 """
 
 from ..containers import ColourTeffRelation, Photometry
+from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
 from .synphot import (
-    BAND_ALIASES,
     PRIOR_COLOURS,
-    REFCAT2_BANDS,
-    band_matrix,
-    band_system,
     coverage_message,
     default_colour_relations,
     fibres_ebv,
     fit_colour_teff,
-    load_filters,
     match_ebv,
     match_photometry,
     photometric_consistency,
     photometry_from_fibres,
     read_catalogue,
-    resolve_band,
     synthetic_maggies,
     synthetic_mags,
     system_offsets,
