@@ -4,6 +4,7 @@ Modules (other rooms import from this package, not from them):
 
 * ``bands`` — band names and aliases, AB/Vega systems, speclite filter curves, the band matrix;
 * ``synphot`` — batched synthetic maggies and magnitudes (one matrix product);
+* ``vega`` — CALSPEC Vega spectra, each band's m_Vega − m_AB;
 * ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
 """
 
@@ -23,14 +24,11 @@ from .synphot import (
     read_catalogue,
     synthetic_maggies,
     synthetic_mags,
-    system_offsets,
     teff_disagreement,
     teff_from_colour,
     teff_prior_mask,
-    vega_offsets,
-    vega_reference,
-    vega_spectrum,
 )
+from .vega import system_offsets, vega_offsets, vega_reference, vega_spectrum
 
 __all__ = [
     # bands
