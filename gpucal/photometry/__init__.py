@@ -5,23 +5,20 @@ Modules (other rooms import from this package, not from them):
 * ``bands`` — band names and aliases, AB/Vega systems, speclite filter curves, the band matrix;
 * ``synphot`` — batched synthetic maggies and magnitudes (one matrix product);
 * ``vega`` — CALSPEC Vega spectra, each band's m_Vega − m_AB;
+* ``catalogue`` — the edge: read catalogue CSVs and FIBRES magnitudes, match them to the standards;
 * ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
 """
 
 from ..containers import ColourTeffRelation, Photometry
 from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band
+from .catalogue import fibres_ebv, match_ebv, match_photometry, photometry_from_fibres, read_catalogue
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
 from .synphot import (
     PRIOR_COLOURS,
     coverage_message,
     default_colour_relations,
-    fibres_ebv,
     fit_colour_teff,
-    match_ebv,
-    match_photometry,
     photometric_consistency,
-    photometry_from_fibres,
-    read_catalogue,
     synthetic_maggies,
     synthetic_mags,
     teff_disagreement,
