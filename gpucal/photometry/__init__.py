@@ -6,19 +6,20 @@ Modules (other rooms import from this package, not from them):
 * ``synphot`` — batched synthetic maggies and magnitudes (one matrix product);
 * ``vega`` — CALSPEC Vega spectra, each band's m_Vega − m_AB;
 * ``catalogue`` — the edge: read catalogue CSVs and FIBRES magnitudes, match them to the standards;
+* ``consistency`` — stars whose bands disagree after the scale fit;
 * ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
 """
 
 from ..containers import ColourTeffRelation, Photometry
 from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band
 from .catalogue import fibres_ebv, match_ebv, match_photometry, photometry_from_fibres, read_catalogue
+from .consistency import photometric_consistency
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
 from .synphot import (
     PRIOR_COLOURS,
     coverage_message,
     default_colour_relations,
     fit_colour_teff,
-    photometric_consistency,
     synthetic_maggies,
     synthetic_mags,
     teff_disagreement,
