@@ -6,6 +6,7 @@ Modules (other rooms import from this package, not from them):
 * ``synphot`` — batched synthetic maggies and magnitudes (one matrix product);
 * ``vega`` — CALSPEC Vega spectra, each band's m_Vega − m_AB;
 * ``catalogue`` — the edge: read catalogue CSVs and FIBRES magnitudes, match them to the standards;
+* ``priors`` — Teff(colour) relations fitted to a template grid, the Teff prior and its check;
 * ``consistency`` — stars whose bands disagree after the scale fit;
 * ``extinction`` — interstellar extinction of model spectra (dust_extinction laws).
 """
@@ -16,12 +17,15 @@ from .catalogue import fibres_ebv, match_ebv, match_photometry, photometry_from_
 from .consistency import photometric_consistency
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
 from .synphot import (
-    PRIOR_COLOURS,
     coverage_message,
-    default_colour_relations,
-    fit_colour_teff,
     synthetic_maggies,
     synthetic_mags,
+)
+from .priors import (
+    PRIOR_COLOURS,
+    default_colour_relations,
+    fit_colour_relations,
+    fit_colour_teff,
     teff_disagreement,
     teff_from_colour,
     teff_prior_mask,
@@ -55,6 +59,7 @@ __all__ = [
     "ColourTeffRelation",
     "PRIOR_COLOURS",
     "fit_colour_teff",
+    "fit_colour_relations",
     "default_colour_relations",
     "teff_from_colour",
     "teff_prior_mask",
