@@ -26,10 +26,7 @@ import functools
 import glob
 import os
 
-import astropy.constants
-import astropy.units as u
 import numpy as np
-import speclite.filters
 
 from ..backends import to_numpy
 from ..errors import InputError
@@ -77,15 +74,14 @@ _VEGA_GROUPS = ("gaiadr2", "gaiadr3", "twomass", "bessell")
 
 _SYSTEMS = {"ab": "AB", "vega": "Vega"}
 
-# h*c in erg*Å, computed exactly as speclite does, so that our photon weights
-# and speclite's AB zeropoints (which include 1/hc) cancel to the last bit.
-_HC_ERG_AA = (astropy.constants.h * astropy.constants.c).to(u.erg * u.AA).value
 
 
 # ------------------------------------------------------------ names, systems
 
 
 def _speclite_names():
+    import speclite.filters  # speclite and astropy load on first use, not at import
+
     data = os.path.join(os.path.dirname(speclite.filters.__file__), "data", "filters")
     return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(data, "*.ecsv")))
 
@@ -102,6 +98,8 @@ def _resolve(name: str) -> str:
     folded = [k for k in known if k.lower() == name.lower()]
     if len(folded) == 1:
         return folded[0]
+    import speclite.filters
+
     aliases = ", ".join(f"{k}->{v}" for k, v in BAND_ALIASES.items())
     groups = ", ".join(speclite.filters.filter_group_names)
     raise InputError(
@@ -167,6 +165,8 @@ def band_systems(bands: tuple, system) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _load_filter(resolved: str):
+    import speclite.filters
+
     try:
         return speclite.filters.load_filter(resolved)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -191,6 +191,16 @@ def host_wave(wave) -> np.ndarray:
     if not np.all(np.isfinite(w)) or not np.all(np.diff(w) > 0):
         raise InputError("wavelength grid must be finite and strictly increasing (Å)")
     return w
+
+
+@functools.lru_cache(maxsize=None)
+def _hc_erg_aa() -> float:
+    """h*c in erg*Å, computed exactly as speclite does, so that our photon weights
+    and speclite's AB zeropoints (which include 1/hc) cancel to the last bit."""
+    import astropy.constants
+    import astropy.units as u
+
+    return (astropy.constants.h * astropy.constants.c).to(u.erg * u.AA).value
 
 
 def _band_column(w: np.ndarray, fw: np.ndarray, fr: np.ndarray, zeropoint: float) -> np.ndarray:
@@ -231,7 +241,7 @@ def _band_column(w: np.ndarray, fw: np.ndarray, fr: np.ndarray, zeropoint: float
     trap[:-1] += 0.5 * dq
     trap[1:] += 0.5 * dq
     weight = np.empty_like(q)
-    weight[order] = trap * q / _HC_ERG_AA
+    weight[order] = trap * q / _hc_erg_aa()
 
     col = np.zeros(n)
     col[start:stop] = weight[:m] * np.interp(ws, fw, fr, left=0.0, right=0.0)

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 
-import astropy.units as u
 import numpy as np
 
 from ..containers import Photometry
@@ -289,6 +288,7 @@ def _radius(radius_arcsec) -> float:
 
 def _match_rows(catalogue, names, ra, dec, radius_arcsec):
     """Catalogue row per star (-1 = unmatched) and how it matched: name first, then position."""
+    import astropy.units as u
     from astropy.coordinates import SkyCoord
 
     radius_arcsec = _radius(radius_arcsec)
