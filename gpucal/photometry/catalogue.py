@@ -370,25 +370,30 @@ def match_photometry(catalogue, names, ra, dec, *, bands=("g", "r", "i", "z"), r
     if absent:
         logger.warning("%s holds no photometry for band(s) %s; treated as missing", source, ", ".join(absent))
 
-    n_star, n_band = len(names), len(resolved)
-    mag = np.full((n_star, n_band), np.nan)
-    err = np.full((n_star, n_band), np.nan)
-    valid = np.zeros((n_star, n_band), dtype=bool)
+    phot = _missing_photometry(names, resolved)
     hit = row >= 0
     for b, rb in enumerate(resolved):
         m, e, v = _catalogue_band(catalogue, rb)
-        mag[hit, b] = m[row[hit]]
-        err[hit, b] = e[row[hit]]
-        valid[hit, b] = v[row[hit]]
-    phot = Photometry(
+        phot.mag[hit, b] = m[row[hit]]
+        phot.err[hit, b] = e[row[hit]]
+        phot.valid[hit, b] = v[row[hit]]
+    return phot, info
+
+
+def _missing_photometry(names: tuple, resolved: tuple) -> Photometry:
+    """Photometry of ``names`` in the bands ``resolved`` with every value missing, to be filled in.
+
+    ``mag``, ``err`` (n_star, n_band) NaN, ``valid`` False; ``system`` each band's catalogue system.
+    """
+    shape = (len(names), len(resolved))
+    return Photometry(
         names=names,
         bands=resolved,
-        mag=mag,
-        err=err,
-        valid=valid,
+        mag=np.full(shape, np.nan),
+        err=np.full(shape, np.nan),
+        valid=np.zeros(shape, dtype=bool),
         system=tuple(band_system(b) for b in resolved),
     )
-    return phot, info
 
 
 def _ebv_values(values, default, source) -> np.ndarray:
@@ -477,22 +482,13 @@ def photometry_from_fibres(fibres, bands=("g", "r", "i", "z"), *, default_err=No
         names = tuple(_name_strings(table, name_col))
     else:
         names = ("",) * n
-    mag = np.full((n, len(bands)), np.nan)
-    err = np.full((n, len(bands)), np.nan)
-    valid = np.zeros((n, len(bands)), dtype=bool)
+    phot = _missing_photometry(names, resolved)
     absent = []
     for b, band in enumerate(bands):
         m, e, v, col = _band_arrays(table, band, source="FIBRES table", default_err=default_err)
-        mag[:, b], err[:, b], valid[:, b] = m, e, v
+        phot.mag[:, b], phot.err[:, b], phot.valid[:, b] = m, e, v
         if col is None:
             absent.append(resolved[b])
     if absent:
         logger.warning("FIBRES table: no magnitudes for band(s) %s", ", ".join(absent))
-    return Photometry(
-        names=names,
-        bands=resolved,
-        mag=mag,
-        err=err,
-        valid=valid,
-        system=tuple(band_system(b) for b in resolved),
-    )
+    return phot
