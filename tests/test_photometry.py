@@ -226,7 +226,7 @@ def catalogue_path(tmp_path):
 
 
 def test_read_catalogue_sentinels(catalogue_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gpucal.photometry.synphot"):
+    with caplog.at_level(logging.WARNING, logger="gpucal.photometry"):
         cat = read_catalogue(catalogue_path, bands=("g", "r", "i", "z", "BP"))
     assert list(cat["name"]) == ["star1", "star2", "star3", "star4"]
     valid = np.stack([cat[f"{b}_valid"] for b in ("panstarrs-g", "panstarrs-r", "panstarrs-i", "gaiadr3-BP")], 1)
