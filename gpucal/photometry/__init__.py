@@ -16,11 +16,6 @@ from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_f
 from .catalogue import fibres_ebv, match_ebv, match_photometry, photometry_from_fibres, read_catalogue
 from .consistency import photometric_consistency
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
-from .synphot import (
-    coverage_message,
-    synthetic_maggies,
-    synthetic_mags,
-)
 from .priors import (
     PRIOR_COLOURS,
     default_colour_relations,
@@ -30,6 +25,7 @@ from .priors import (
     teff_from_colour,
     teff_prior_mask,
 )
+from .synphot import coverage_message, synthetic_maggies, synthetic_mags
 from .vega import system_offsets, vega_offsets, vega_reference, vega_spectrum
 
 __all__ = [
