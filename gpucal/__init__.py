@@ -41,7 +41,7 @@ _API = {
     "calibration_vectors": "gpucal.calibration",
     "combine_calibration_vectors": "gpucal.calibration",
     "apply_flux_calibration": "gpucal.calibration",
-    "synthetic_mags": "gpucal.photometry.synphot",
+    "synthetic_mags": "gpucal.photometry",
     "get_backend": "gpucal.backends",
 }
 

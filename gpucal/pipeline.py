@@ -27,18 +27,17 @@ from .calibration import (
 )
 from .calibration.verdicts import MIN_GOOD_FRACTION, duplicate_of, star_verdicts, verdict_reasons
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
-from .errors import CalibrationError, CoverageError, GpucalError, InputError, PhotometryError
+from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting.masks import TELLURIC_DEFAULT
 from .fitting.scan import match_templates, prepare_grid, refined_templates
 from .io import read_frame, write_calibrated_frame
-from .photometry.extinction import redden
-from .photometry.synphot import (
-    PRIOR_COLOURS,
-    fit_colour_teff,
+from .photometry import (
+    fit_colour_relations,
     match_ebv,
     match_photometry,
     photometric_consistency,
     read_catalogue,
+    redden,
     teff_disagreement,
     teff_from_colour,
     teff_prior_mask,
@@ -85,13 +84,7 @@ _RELATIONS = weakref.WeakKeyDictionary()
 def _colour_relations(grid: TemplateGrid) -> tuple:
     """The grid's colour-Teff relations, fitted once per grid (the colours it supports)."""
     if grid not in _RELATIONS:
-        relations = []
-        for colour in PRIOR_COLOURS:
-            try:
-                relations.append(fit_colour_teff(grid, colour))
-            except GpucalError:
-                continue  # the grid does not cover that colour's bands, or it carries no Teff signal
-        _RELATIONS[grid] = tuple(relations)
+        _RELATIONS[grid] = fit_colour_relations(grid)
     return _RELATIONS[grid]
 
 

@@ -8,7 +8,7 @@ from conftest import assert_close
 from gpucal.backends import to_numpy
 from gpucal.errors import InputError
 from gpucal.photometry.extinction import extinction_curve, extinction_law, redden
-from gpucal.photometry.synphot import synthetic_mags
+from gpucal.photometry import synthetic_mags
 
 WAVE = np.exp(np.arange(np.log(3000.0), np.log(25000.0), 1.0 / 5000))
 

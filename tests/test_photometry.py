@@ -10,10 +10,11 @@ import speclite.filters
 
 from conftest import assert_close
 from gpucal.backends import to_numpy
-from gpucal.containers import Photometry
+from gpucal.containers import Photometry, TemplateGrid
 from gpucal.errors import CoverageError, InputError
-from gpucal.photometry.synphot import (
+from gpucal.photometry import (
     BAND_ALIASES,
+    PRIOR_COLOURS,
     REFCAT2_BANDS,
     ColourTeffRelation,
     band_matrix,
@@ -21,6 +22,7 @@ from gpucal.photometry.synphot import (
     coverage_message,
     default_colour_relations,
     fibres_ebv,
+    fit_colour_relations,
     fit_colour_teff,
     load_filters,
     match_ebv,
@@ -224,7 +226,7 @@ def catalogue_path(tmp_path):
 
 
 def test_read_catalogue_sentinels(catalogue_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gpucal.photometry.synphot"):
+    with caplog.at_level(logging.WARNING, logger="gpucal.photometry"):
         cat = read_catalogue(catalogue_path, bands=("g", "r", "i", "z", "BP"))
     assert list(cat["name"]) == ["star1", "star2", "star3", "star4"]
     valid = np.stack([cat[f"{b}_valid"] for b in ("panstarrs-g", "panstarrs-r", "panstarrs-i", "gaiadr3-BP")], 1)
@@ -552,16 +554,16 @@ def test_teff_from_colour_recovers_off_grid_stars(grid):
     truth = np.array([4800.0, 6130.0, 7420.0])
     flux = np.stack([demo_template(t, 4.2, -0.3, 0.0, grid.wave) for t in truth])
     phot = _phot_of(grid.wave, flux, ("g", "r", "i", "BP", "RP"), err=0.01)
-    teff, err = teff_from_colour(phot)  # BP-RP first
+    teff, err = teff_from_colour(phot, grid=grid)  # BP-RP first
     assert np.all(np.abs(teff - truth) < 3 * err) and np.all(err < 150)
     # Without BP/RP the next colour, g-i, is used.
     phot.valid[:, 3] = False
-    teff_gi, err_gi = teff_from_colour(phot)
+    teff_gi, err_gi = teff_from_colour(phot, grid=grid)
     assert np.all(np.abs(teff_gi - truth) < 3 * err_gi)
     assert not np.array_equal(teff_gi, teff)
     # No colour at all: no prior.
     phot.valid[1, :] = False
-    teff, err = teff_from_colour(phot)
+    teff, err = teff_from_colour(phot, grid=grid)
     assert np.isnan(teff[1]) and np.isnan(err[1]) and np.isfinite(teff[[0, 2]]).all()
 
 
@@ -572,14 +574,14 @@ def test_teff_from_colour_dereddens(grid):
     truth = np.array([5500.0, 6500.0])
     flux = redden(grid.wave, np.stack([demo_template(t, 4.5, 0.0, 0.0, grid.wave) for t in truth]), [0.3, 0.3])
     phot = _phot_of(grid.wave, flux, ("BP", "RP"), err=0.005)
-    naive, _ = teff_from_colour(phot)
+    naive, _ = teff_from_colour(phot, grid=grid)
     assert np.all(naive < truth - 500)  # reddening makes the star look much cooler
-    teff, err = teff_from_colour(phot, ebv=np.array([0.3, 0.3]))
+    teff, err = teff_from_colour(phot, ebv=np.array([0.3, 0.3]), grid=grid)
     assert np.all(np.abs(teff - truth) < 3 * err)
 
 
 def test_teff_from_colour_outside_range_widens_error(grid):
-    rel = default_colour_relations()[0]
+    rel = default_colour_relations(grid=grid)[0]
     bands = rel.bands
     lo, hi = rel.colour_range
     mag = np.array([[hi + 0.0, 0.0], [hi + 0.5, 0.0]])
@@ -591,6 +593,60 @@ def test_teff_from_colour_outside_range_widens_error(grid):
                      valid=np.ones((1, 2), bool), system=("AB", "AB"))
     with pytest.raises(InputError, match="systems"):
         teff_from_colour(bad, relations=(rel,))
+
+
+def test_fit_colour_relations_is_the_prior_loop(grid):
+    """Every PRIOR_COLOURS relation the grid supports, in order, equal to fitting each one."""
+    from gpucal.errors import GpucalError
+
+    expected = []
+    for colour in PRIOR_COLOURS:
+        try:
+            expected.append(fit_colour_teff(grid, colour))
+        except GpucalError:
+            continue
+    relations = fit_colour_relations(grid)
+    assert relations == tuple(expected) and len(relations) == len(PRIOR_COLOURS)
+    assert [r.bands for r in relations] == [tuple(resolve_band(b) for b in c) for c in PRIOR_COLOURS]
+    # A grid short of BP and RP (3800-9000 Å): g-i and g-r only, the same numbers.
+    keep = (grid.wave > 3800.0) & (grid.wave < 9000.0)
+    short = TemplateGrid(params=grid.params, wave=grid.wave[keep], flux=grid.flux[:, keep], meta=dict(grid.meta))
+    relations = fit_colour_relations(short)
+    assert [r.bands for r in relations] == [("panstarrs-g", "panstarrs-i"), ("panstarrs-g", "panstarrs-r")]
+    assert relations == (fit_colour_teff(short, ("g", "i")), fit_colour_teff(short, ("g", "r")))
+    # No Teff signal (one Teff): no relation, no error.
+    one = grid.params[:, 0] == grid.params[0, 0]
+    flat = TemplateGrid(params=grid.params[one], wave=grid.wave, flux=grid.flux[one])
+    assert fit_colour_relations(flat) == ()
+
+
+def test_default_relations_need_a_grid(grid):
+    with pytest.raises(InputError, match="grid"):
+        default_colour_relations()
+    phot = _phot_of(grid.wave, grid.flux[:2], ("g", "r"))
+    with pytest.raises(InputError, match="grid"):
+        teff_from_colour(phot)
+    # Only the colours the photometry has; fitted once per grid object.
+    (rel,) = default_colour_relations(phot, grid=grid)
+    assert rel == fit_colour_teff(grid, ("g", "r"))
+    assert default_colour_relations(phot, grid=grid)[0] is rel
+
+
+def test_photometry_does_not_import_templates():
+    """The photometry room takes grids as arguments; no module of it imports gpucal.templates."""
+    import ast
+    import pathlib
+
+    import gpucal.photometry
+
+    room = pathlib.Path(gpucal.photometry.__file__).parent
+    for path in sorted(room.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+                assert "templates" not in name.split("."), f"{path.name} imports {name}"
+            elif isinstance(node, ast.Import):
+                assert not any("templates" in a.name.split(".") for a in node.names), path.name
 
 
 def test_teff_prior_mask(backend, grid):

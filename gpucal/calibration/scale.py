@@ -17,7 +17,7 @@ import math
 
 from ..backends import array_namespace, backend_of, to_backend
 from ..containers import Photometry, PhotometricScale
-from ..photometry.synphot import synthetic_maggies, system_offsets
+from ..photometry import synthetic_maggies, system_offsets
 
 __all__ = ["scale_template_to_photometry", "LN10_04"]
 

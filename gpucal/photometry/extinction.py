@@ -23,6 +23,7 @@ import numpy as np
 
 from ..backends import array_namespace, backend_of, to_backend, to_numpy
 from ..errors import InputError
+from ._host import host_float
 
 __all__ = ["DEFAULT_LAW", "DEFAULT_RV", "extinction_law", "extinction_curve", "redden"]
 
@@ -127,7 +128,7 @@ def redden(wave, flux, ebv, *, law: str = DEFAULT_LAW, r_v: float = DEFAULT_RV):
     """
     if flux.ndim != 2:
         raise InputError(f"flux must be 2-D (n_star, n_w), got shape {tuple(flux.shape)}")
-    ebv_host = np.asarray(ebv if isinstance(ebv, (list, tuple, float, int)) else to_numpy(ebv), dtype=np.float64)
+    ebv_host = host_float(ebv)
     if ebv_host.ndim != 1 or ebv_host.shape[0] != int(flux.shape[0]):
         raise InputError(f"ebv must have one value per spectrum ({int(flux.shape[0])}), got shape {ebv_host.shape}")
     curve = extinction_curve(wave, to_backend(ebv_host, backend_of(flux)), law=law, r_v=r_v)

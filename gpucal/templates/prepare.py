@@ -102,7 +102,7 @@ def needed_wave_range(wave=None, *, bands=DEFAULT_BANDS, vmax=DEFAULT_VMAX, fwhm
     if not (0 < lo < hi and math.isfinite(hi)):
         raise InputError(f"wavelength window needs 0 < min < max Å, got {wave!r}")
     if bands:
-        from ..photometry.synphot import load_filters
+        from ..photometry import load_filters
 
         for f in load_filters(tuple(bands)):
             lo, hi = min(lo, float(f.wavelength[0])), max(hi, float(f.wavelength[-1]))
