@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from .backends import get_backend, interp, to_numpy
-from .containers import SpectraBatch
-from .units import C_KMS
-from .fitting.scan import PreparedGrid, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
+from .containers import PreparedGrid, SpectraBatch
+from .fitting import convolve_to_instrument, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
 from .templates.demo import demo_grid, simulate_frame
-from .fitting.lsf import convolve_to_instrument
+from .units import C_KMS
 
 __all__ = ["run_scan_benchmark", "format_report", "add_bench_parser", "run_bench_command"]
 

@@ -103,7 +103,7 @@ def test_one_bad_pixel_in_one_of_three_stars_does_not_move_the_combination(backe
 
 def test_matcher_drops_hot_pixels_but_not_windows_between_deep_lines():
     """Metal-rich cool stars at S/N 1000 (two-pixel windows between undersampled lines): nothing dropped."""
-    from gpucal.fitting.scan import normalise_observed
+    from gpucal.fitting import normalise_observed
     from gpucal.fitting.masks import TELLURIC_DEFAULT, region_mask
     from gpucal.templates.demo import simulate_frame
     from gpucal.benchmark import standards

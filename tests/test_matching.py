@@ -7,19 +7,10 @@ import pytest
 
 from conftest import assert_close
 from gpucal.backends import get_backend, to_numpy
-from gpucal.containers import SpectraBatch
+from gpucal.containers import PreparedGrid, SpectraBatch
 from gpucal.errors import InputError
-from gpucal.fitting.scan import (
-    PreparedGrid,
-    _phase_plan,
-    _scan_exhaustive,
-    _shifted_phases,
-    grid_neighbours,
-    match_templates,
-    normalise_observed,
-    prepare_grid,
-    velocity_grid,
-)
+from gpucal.fitting import grid_neighbours, match_templates, normalise_observed, prepare_grid, velocity_grid
+from gpucal.fitting.scan import _phase_plan, _scan_exhaustive, _shifted_phases
 from gpucal.templates.demo import demo_grid, simulate_frame
 
 FWHM = 2.0

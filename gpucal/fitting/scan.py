@@ -39,157 +39,18 @@ from typing import Any
 from array_api_compat import device as _device
 
 from ..backends import array_namespace, backend_of, interp, to_backend, to_numpy
-from ..containers import MatchResult, PreparedGrid, SpectraBatch, TemplateGrid
-from .continuum import fit_continuum
-from ..errors import CoverageError, InputError
-from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
-from ..units import C_KMS, FWHM_TO_SIGMA, doppler_factor
-from .lsf import convolve_to_instrument, instrument_fwhm
+from ..containers import MatchResult, PreparedGrid, SpectraBatch
+from ..errors import InputError
+from ..units import C_KMS, doppler_factor
+from .masks import TELLURIC_DEFAULT
+from .prepare import gather_templates, grid_neighbours, normalise_observed, template_blocks, velocity_grid
+from .prepare import prepare_grid  # noqa: F401  (pipeline.py imports it from here until it takes it from gpucal.fitting)
 
 __all__ = [
-    "prepare_grid",
-    "working_grid",
-    "normalise_observed",
-    "velocity_grid",
     "match_templates",
-    "grid_neighbours",
-    "refined_templates",
     "memory_budget",
+    "refined_templates",
 ]
-
-def velocity_grid(vmin: float, vmax: float, step: float, *, like):
-    """Trial velocities from vmin to vmax (km/s, inclusive) in steps of ``step``, on ``like``'s device.
-
-    The steps are uniform in rapidity, v_k = c·tanh(k·Δ) with Δ = atanh(step / c),
-    so the Doppler factor is exactly 1 + z_k = exp(k·Δ): every trial shift is
-    a whole number of the same sub-pixel step on the log-λ working grid (see
-    :func:`working_grid`). Below 1000 km/s the grid is uniform in velocity to
-    a few parts in 10⁶ of the step. Zero is on the grid when vmin ≤ 0 ≤ vmax.
-    """
-    if not (step > 0 and vmax > vmin):
-        raise InputError(f"velocity range needs vmin < vmax and step > 0, got {vmin}:{vmax}:{step}")
-    if max(abs(vmin), abs(vmax)) >= 0.1 * C_KMS:
-        raise InputError(f"velocity range {vmin}:{vmax} km/s is beyond what a stellar RV scan supports")
-    xp = array_namespace(like)
-    delta = math.atanh(step / C_KMS)
-    k0 = math.ceil(math.atanh(vmin / C_KMS) / delta - 1e-6)
-    k1 = math.floor(math.atanh(vmax / C_KMS) / delta + 1e-6)
-    k = xp.arange(k0, k1 + 1, dtype=xp.float64, device=_device(like))
-    return C_KMS * xp.tanh(k * delta)
-
-
-def working_grid(wave_obs, vstep: float | None = None):
-    """Log-uniform grid over the frame's range, sampled like the frame's median pixel.
-
-    With ``vstep`` (km/s) the step is rounded to a whole number P of velocity
-    steps, Δlnλ = P·atanh(vstep / c), so that a velocity trial of
-    :func:`velocity_grid` is a whole-pixel lag plus one of P sub-pixel
-    phases: the scan then interpolates the data at P phases instead of at
-    every trial velocity.
-    """
-    xp = array_namespace(wave_obs)
-    n = wave_obs.shape[0]
-    lo, hi = float(wave_obs[0]), float(wave_obs[n - 1])
-    # Median of Δλ/λ: the working grid keeps about the frame's number of pixels.
-    rel = xp.log(wave_obs[1:] / wave_obs[:-1])
-    dln = float(xp.sort(rel)[(n - 1) // 2])
-    if vstep is not None:
-        delta = math.atanh(vstep / C_KMS)
-        dln = max(1, round(dln / delta)) * delta
-    nq = int(math.floor(math.log(hi / lo) / dln)) + 1
-    return lo * xp.exp(dln * xp.arange(nq, dtype=xp.float64, device=_device(wave_obs)))
-
-
-def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, resolution=None,
-                 dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT,
-                 block_size: int = 2048, out=None, neighbours: bool = True,
-                 vstep: float | None = 5.0) -> PreparedGrid:
-    """Convolve the grid to the instrument LSF, resample onto the working grid, normalise.
-
-    The grid may live on the host (even memory-mapped): it is processed in
-    blocks of ``block_size`` templates on ``wave_obs``'s backend. With ``out``
-    (a writable host array of shape (n_t, n_q), e.g. a memory-mapped .npy
-    file sized with :func:`working_grid`) each block is written there and the
-    result is streamed back by the scan; otherwise it stays on the backend.
-    ``vstep`` (km/s) aligns the working grid with the velocity scan's step
-    (:func:`working_grid`); scans with another step still work, by
-    interpolating the data at every trial velocity. The grid must cover the frame's wavelength range plus six LSF σ on each
-    side; otherwise CoverageError says which range is missing.
-    """
-    be = backend_of(wave_obs)
-    xp = be.xp
-    dtype = xp.float32 if dtype is None else dtype
-    wq = working_grid(wave_obs, vstep)
-    nq = wq.shape[0]
-    lo, hi = float(wq[0]), float(wq[nq - 1])
-    fw_edge = instrument_fwhm(xp.asarray([lo, hi], dtype=xp.float64, device=_device(wq)),
-                              fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
-    pad = 6.0 * FWHM_TO_SIGMA * float(xp.max(fw_edge))
-    gw = to_backend(grid.wave, be, dtype=xp.float64)
-    nw = gw.shape[0]
-    glo, ghi = float(gw[0]), float(gw[nw - 1])
-    if glo > lo - pad or ghi < hi + pad:
-        missing = []
-        if glo > lo - pad:
-            missing.append(f"{lo - pad:.1f}-{glo:.1f} Å")
-        if ghi < hi + pad:
-            missing.append(f"{ghi:.1f}-{hi + pad:.1f} Å")
-        raise CoverageError(
-            f"template grid ({glo:.1f}-{ghi:.1f} Å) does not cover the frame "
-            f"({lo:.1f}-{hi:.1f} Å plus {pad:.1f} Å for the LSF); missing {', '.join(missing)}"
-        )
-    inside = (gw >= lo - pad) & (gw <= hi + pad)
-    i0 = int(xp.argmax(xp.astype(inside, xp.int32)))
-    i1 = i0 + int(xp.sum(xp.astype(inside, xp.int32)))
-    cw = gw[i0:i1]
-    weights = xp.astype(region_mask(wq, good_regions), xp.float64)[None, :]
-    n_t = int(grid.flux.shape[0])
-    blocks = []
-    for b0 in range(0, n_t, block_size):
-        b1 = min(n_t, b0 + block_size)  # strict array API: no out-of-range slice stops
-        flux = to_backend(grid.flux[b0:b1, i0:i1], be, dtype=xp.float64)
-        conv = convolve_to_instrument(cw, flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
-                                      resolution=resolution, template_fwhm=grid.resolution_fwhm)
-        tq = interp(wq, cw, conv)
-        cont = fit_continuum(wq, tq, xp.broadcast_to(weights, tq.shape), degree=continuum_degree)
-        norm = xp.astype(tq / cont, dtype)
-        if out is not None:
-            out[b0:b1, :] = to_numpy(norm)
-        else:
-            blocks.append(norm)
-    norm_flux = out if out is not None else xp.concat(blocks, axis=0)
-    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else list(fwhm_poly), "resolution": resolution}
-    params = to_backend(grid.params, be, dtype=xp.float64)
-    nb = grid_neighbours(params) if neighbours and n_t > 1 else None
-    return PreparedGrid(params=params, wave=wq, norm_flux=norm_flux, lsf=lsf, neighbours=nb)
-
-
-def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, continuum_degree: int = 7):
-    """Continuum-normalised flux and its inverse variance, (n_star, n_pix) each.
-
-    Bad pixels (mask False, NaN flux, non-positive or non-finite variance),
-    the ``good_regions``-excluded bands and single pixels far above their
-    neighbours (hot pixels, cosmic rays: :func:`gpucal.masks.local_outliers`)
-    get zero weight and zero flux; an inverse variance far above its
-    neighbours' is capped (:func:`gpucal.masks.cap_local_weights`).
-    """
-    xp = array_namespace(spectra.flux)
-    f, v = spectra.flux, spectra.var
-    good = spectra.mask & xp.isfinite(f) & xp.isfinite(v) & (v > 0)
-    good = good & region_mask(spectra.wave, good_regions)[None, :]
-    w = xp.where(good, 1.0 / xp.where(good, v, 1.0), 0.0)
-    ff = xp.where(good, f, 1.0)
-    cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)
-    dn = xp.where(good, ff / cont, 0.0)
-    wn = w * cont * cont
-    # A hot pixel or cosmic ray would pull every template's χ² by itself, and so would a pixel
-    # with a wrongly tiny variance. In a normalised absorption spectrum no real pixel stands far
-    # above both its neighbours and 1.5 x the continuum (two-pixel windows between deep lines can
-    # stand well above their neighbours, but not above the continuum).
-    good = good & ~(local_outliers(dn, wn, good, nsigma=8.0, side="high") & (dn > 1.5))
-    wn = cap_local_weights(wn, good)
-    return xp.where(good, dn, 0.0), wn, good
-
 
 
 def memory_budget(max_memory=None) -> float:
@@ -214,36 +75,6 @@ def memory_budget(max_memory=None) -> float:
     if not out > 0:
         raise InputError(f"memory budget must be positive, got {value!r}")
     return out
-
-
-def grid_neighbours(params):
-    """Neighbour of every node along each parameter axis: (n_t, 4, 2) int, -1 where none.
-
-    [t, j, 0] is the node one step below t along parameter j (all other
-    parameters equal), [t, j, 1] one step above. Computed once per grid from
-    its (small) parameter table, on the host, and returned on ``params``'s device.
-    """
-    xp = array_namespace(params)
-    rows = [tuple(r) for r in to_numpy(params).tolist()]
-    index = {r: i for i, r in enumerate(rows)}
-    n_par = len(rows[0]) if rows else 0
-    axes = [sorted({r[j] for r in rows}) for j in range(n_par)]
-    pos = [{v: k for k, v in enumerate(a)} for a in axes]
-    out = []
-    for r in rows:
-        entry = []
-        for j in range(n_par):
-            k = pos[j][r[j]]
-            pair = []
-            for dk in (-1, 1):
-                kk = k + dk
-                if 0 <= kk < len(axes[j]):
-                    pair.append(index.get(r[:j] + (axes[j][kk],) + r[j + 1:], -1))
-                else:
-                    pair.append(-1)
-            entry.append(pair)
-        out.append(entry)
-    return xp.asarray(out, dtype=xp.int64, device=_device(params))
 
 
 def _phase_plan(wq, velocities):
@@ -388,13 +219,6 @@ def _chi2_from_sums(a, b, c):
     q /= xp.where(b > 0, b, xp.nan)
     chi2 = xp.astype(c, q.dtype) - q
     return xp.where(xp.isnan(chi2), xp.inf, chi2)
-
-
-def _block_source(norm_flux, be):
-    """Slice -> backend array; a host (memory-mapped) grid is streamed block by block."""
-    def get(b0, b1):
-        return to_backend(norm_flux[b0:b1, :], be)
-    return get
 
 
 def _min_over_lags(products, sh: _Shifted):
@@ -593,12 +417,12 @@ def refined_templates(flux, match: MatchResult):
     """
     be = backend_of(match.index)
     xp = be.xp
-    t0 = xp.astype(_gather(flux, be, match.index), xp.float64)
+    t0 = xp.astype(gather_templates(flux, be, match.index), xp.float64)
     toward, frac = match.meta.get("blend_index"), match.meta.get("blend_frac")
     if toward is None:
         return t0
     n_star, n_par = toward.shape
-    tn = xp.astype(_gather(flux, be, xp.reshape(toward, (-1,))), xp.float64)
+    tn = xp.astype(gather_templates(flux, be, xp.reshape(toward, (-1,))), xp.float64)
     tn = xp.reshape(tn, (n_star, n_par, t0.shape[1]))
     return t0 + xp.sum(xp.astype(frac, xp.float64)[:, :, None] * (tn - t0[:, None, :]), axis=1)
 
@@ -668,12 +492,12 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
                 f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
             )
         block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
-    get_block = _block_source(prepared.norm_flux, be)
+    get_block = template_blocks(prepared.norm_flux, be)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
 
     if fast:
         fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
-        fid_m = _gather(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
+        fid_m = gather_templates(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
         cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
         tf = xp.argmin(cf, axis=0)[None, :]
         kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
@@ -691,7 +515,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     if need_candidates:
         cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
         flat = xp.reshape(cand, (-1,))
-        cand_m = xp.reshape(_gather(prepared.norm_flux, be, flat), (n_star, k, nq))
+        cand_m = xp.reshape(gather_templates(prepared.norm_flux, be, flat), (n_star, k, nq))
         cbest, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
         if metric == "huber":
             cv = xp.take(velocities, xp.reshape(ck, (-1,)), axis=0)
@@ -705,7 +529,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     else:
         tbest = xp.argmin(chi2_t, axis=0)
         kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
-    best_m = _gather(prepared.norm_flux, be, tbest)
+    best_m = gather_templates(prepared.norm_flux, be, tbest)
     three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
     c3 = _chi2_at_lags(sh, best_m, three)
     del sh
@@ -721,7 +545,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     if refine and n_t > 1:
         neighbours = prepared.neighbours if prepared.neighbours is not None else grid_neighbours(params_b)
         params, params_err, toward, frac = _refine_parameters(
-            spectra.wave, dn, wn, good, prepared.wave, lambda idx: _gather(prepared.norm_flux, be, idx),
+            spectra.wave, dn, wn, good, prepared.wave, lambda idx: gather_templates(prepared.norm_flux, be, idx),
             tbest, rv, neighbours, params_b, red)
         meta["blend_index"], meta["blend_frac"] = toward, frac
     else:
@@ -729,19 +553,6 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         params_err = xp.full(params.shape, xp.nan, dtype=xp.float64, device=dev)
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
-
-
-def _gather(norm_flux, be, idx):
-    """Rows ``idx`` of a (possibly host, memory-mapped) template array, on the backend."""
-    xp = be.xp
-    try:
-        same = array_namespace(norm_flux) is xp
-    except TypeError:
-        same = False
-    if same:
-        return xp.take(norm_flux, idx, axis=0)
-    rows = to_numpy(idx)
-    return to_backend(norm_flux[rows, ...], be)
 
 
 def _chi2_on_pixels(wave_obs, dn, wn, good, wave_q, m, rv):
