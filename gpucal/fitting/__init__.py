@@ -40,7 +40,8 @@ from .prepare import (
     velocity_grid,
     working_grid,
 )
-from .scan import match_templates, memory_budget, refined_templates
+from .refine import refined_templates
+from .scan import match_templates, memory_budget
 from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
 
 __all__ = [
