@@ -98,13 +98,43 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
     result is streamed back by the scan; otherwise it stays on the backend.
     ``vstep`` (km/s) aligns the working grid with the velocity scan's step
     (:func:`working_grid`); scans with another step still work, by
-    interpolating the data at every trial velocity. The grid must cover the frame's wavelength range plus six LSF σ on each
-    side; otherwise CoverageError says which range is missing.
+    interpolating the data at every trial velocity. The grid must cover the
+    frame's wavelength range plus six LSF σ on each side; otherwise
+    CoverageError says which range is missing.
     """
     be = backend_of(wave_obs)
     xp = be.xp
     dtype = xp.float32 if dtype is None else dtype
     wq = working_grid(wave_obs, vstep)
+    cw, i0, i1 = _grid_window(grid, wq, be, fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
+    weights = xp.astype(region_mask(wq, good_regions), xp.float64)[None, :]
+    n_t = int(grid.flux.shape[0])
+    blocks = []
+    for b0 in range(0, n_t, block_size):
+        b1 = min(n_t, b0 + block_size)  # strict array API: no out-of-range slice stops
+        flux = to_backend(grid.flux[b0:b1, i0:i1], be, dtype=xp.float64)
+        conv = convolve_to_instrument(cw, flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
+                                      resolution=resolution, template_fwhm=grid.resolution_fwhm)
+        tq = interp(wq, cw, conv)
+        cont = fit_continuum(wq, tq, xp.broadcast_to(weights, tq.shape), degree=continuum_degree)
+        norm = xp.astype(tq / cont, dtype)
+        if out is not None:
+            out[b0:b1, :] = to_numpy(norm)
+        else:
+            blocks.append(norm)
+    norm_flux = out if out is not None else xp.concat(blocks, axis=0)
+    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else list(fwhm_poly), "resolution": resolution}
+    params = to_backend(grid.params, be, dtype=xp.float64)
+    nb = grid_neighbours(params) if neighbours and n_t > 1 else None
+    return PreparedGrid(params=params, wave=wq, norm_flux=norm_flux, lsf=lsf, neighbours=nb)
+
+
+def _grid_window(grid: TemplateGrid, wq, be, *, fwhm, fwhm_poly, resolution):
+    """The grid's wavelengths the working grid ``wq`` needs, six LSF σ beyond each end, and their index range [i0, i1).
+
+    CoverageError, naming the missing ranges, where the grid stops short.
+    """
+    xp = be.xp
     nq = wq.shape[0]
     lo, hi = float(wq[0]), float(wq[nq - 1])
     fw_edge = instrument_fwhm(xp.asarray([lo, hi], dtype=xp.float64, device=_device(wq)),
@@ -126,27 +156,7 @@ def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, res
     inside = (gw >= lo - pad) & (gw <= hi + pad)
     i0 = int(xp.argmax(xp.astype(inside, xp.int32)))
     i1 = i0 + int(xp.sum(xp.astype(inside, xp.int32)))
-    cw = gw[i0:i1]
-    weights = xp.astype(region_mask(wq, good_regions), xp.float64)[None, :]
-    n_t = int(grid.flux.shape[0])
-    blocks = []
-    for b0 in range(0, n_t, block_size):
-        b1 = min(n_t, b0 + block_size)  # strict array API: no out-of-range slice stops
-        flux = to_backend(grid.flux[b0:b1, i0:i1], be, dtype=xp.float64)
-        conv = convolve_to_instrument(cw, flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
-                                      resolution=resolution, template_fwhm=grid.resolution_fwhm)
-        tq = interp(wq, cw, conv)
-        cont = fit_continuum(wq, tq, xp.broadcast_to(weights, tq.shape), degree=continuum_degree)
-        norm = xp.astype(tq / cont, dtype)
-        if out is not None:
-            out[b0:b1, :] = to_numpy(norm)
-        else:
-            blocks.append(norm)
-    norm_flux = out if out is not None else xp.concat(blocks, axis=0)
-    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else list(fwhm_poly), "resolution": resolution}
-    params = to_backend(grid.params, be, dtype=xp.float64)
-    nb = grid_neighbours(params) if neighbours and n_t > 1 else None
-    return PreparedGrid(params=params, wave=wq, norm_flux=norm_flux, lsf=lsf, neighbours=nb)
+    return gw[i0:i1], i0, i1
 
 
 def grid_neighbours(params):
@@ -184,9 +194,9 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
 
     Bad pixels (mask False, NaN flux, non-positive or non-finite variance),
     the ``good_regions``-excluded bands and single pixels far above their
-    neighbours (hot pixels, cosmic rays: :func:`gpucal.masks.local_outliers`)
+    neighbours (hot pixels, cosmic rays: :func:`gpucal.fitting.masks.local_outliers`)
     get zero weight and zero flux; an inverse variance far above its
-    neighbours' is capped (:func:`gpucal.masks.cap_local_weights`).
+    neighbours' is capped (:func:`gpucal.fitting.masks.cap_local_weights`).
     """
     xp = array_namespace(spectra.flux)
     f, v = spectra.flux, spectra.var

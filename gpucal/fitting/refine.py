@@ -4,9 +4,11 @@ Step of the mission after the scan (:mod:`gpucal.fitting.scan`), which
 gives each star its best node t and velocity v. Here, on the frame's own
 pixels (the working grid shifted by v and interpolated back):
 
+* :func:`shifted_model` — templates on the working grid, shifted by v and
+  read at the frame's pixels (also used by the Huber re-scoring);
 * :func:`chi2_on_pixels` — the χ² (free amplitude) of a template, so that
   χ²/dof is an honest goodness of fit;
-* :func:`refine_parameters` — one weighted Gauss–Newton step in
+* :func:`node_parameters` / :func:`refine_parameters` — one weighted Gauss–Newton step in
   (Teff, logg, [M/H], [α/M]) from the node toward its grid neighbours
   (:func:`gpucal.fitting.prepare.grid_neighbours`), with 1-σ errors from the
   curvature and the blend weights it implies;
@@ -23,20 +25,29 @@ from __future__ import annotations
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp
-from ..containers import MatchResult
+from ..backends import array_namespace, backend_of, interp, to_backend
+from ..containers import MatchResult, PreparedGrid
 from ..units import doppler_factor
-from .prepare import gather_templates
+from .prepare import gather_templates, grid_neighbours
 
-__all__ = ["chi2_on_pixels", "refine_parameters", "refined_templates"]
+__all__ = ["shifted_model", "chi2_on_pixels", "node_parameters", "refine_parameters", "refined_templates"]
+
+
+def shifted_model(wave_obs, wave_q, m, v):
+    """Templates ``m`` (..., n_q) on the working grid ``wave_q``, shifted by ``v`` and read at the frame's pixels.
+
+    ``v`` (km/s) broadcasts against ``m.shape[:-1]``. Returns (..., n_pix)
+    float64, NaN where a shifted pixel falls outside the working grid.
+    """
+    xp = array_namespace(m)
+    x = wave_obs / doppler_factor(v)[..., None]
+    return interp(x, wave_q, xp.astype(m, xp.float64), left=xp.nan, right=xp.nan)
 
 
 def chi2_on_pixels(wave_obs, dn, wn, good, wave_q, m, rv):
     """χ² (free amplitude) of templates ``m`` (n_star, n_q) shifted by ``rv``, on the frame pixels."""
     xp = array_namespace(dn)
-    m = xp.astype(m, xp.float64)
-    x = wave_obs[None, :] / doppler_factor(rv)[:, None]
-    model = interp(x, wave_q, m, left=xp.nan, right=xp.nan)
+    model = shifted_model(wave_obs, wave_q, m, rv)
     use = good & xp.isfinite(model)
     w = xp.where(use, wn, 0.0)
     model = xp.where(use, model, 0.0)
@@ -46,6 +57,27 @@ def chi2_on_pixels(wave_obs, dn, wn, good, wave_q, m, rv):
     chi2 = xp.sum(w * r * r, axis=1)
     dof = xp.sum(xp.astype(use, xp.int64), axis=1) - 2  # amplitude and velocity
     return chi2, dof
+
+
+def node_parameters(wave_obs, dn, wn, good, prepared: PreparedGrid, tbest, rv, red, *, refine: bool = True):
+    """Each star's grid parameters: refined around its best node, or the node's own.
+
+    With ``refine`` (and more than one node) :func:`refine_parameters`;
+    otherwise the node's parameters with NaN errors. Returns params
+    (n_star, 4), errors (n_star, 4) and the blend for :func:`refined_templates`
+    as a dict (``blend_index``, ``blend_frac``; empty without refinement).
+    """
+    be = backend_of(tbest)
+    xp = be.xp
+    params = to_backend(prepared.params, be, dtype=xp.float64)
+    if refine and int(prepared.norm_flux.shape[0]) > 1:
+        neighbours = prepared.neighbours if prepared.neighbours is not None else grid_neighbours(params)
+        p, err, toward, frac = refine_parameters(
+            wave_obs, dn, wn, good, prepared.wave, lambda idx: gather_templates(prepared.norm_flux, be, idx),
+            tbest, rv, neighbours, params, red)
+        return p, err, {"blend_index": toward, "blend_frac": frac}
+    p = xp.take(params, tbest, axis=0)
+    return p, xp.full(p.shape, xp.nan, dtype=xp.float64, device=_device(p)), {}
 
 
 def refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, rv, neighbours, params, red):
@@ -60,23 +92,22 @@ def refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, rv
     approximation of χ² around the node that the linear blend of
     :func:`refined_templates` reproduces.
 
-    Returns refined params (n_star, 4), errors (n_star, 4), and blend
-    indices / fractions (n_star, 4) for :func:`refined_templates`.
+    ``get_rows(idx)`` gives template rows on the backend; ``neighbours``
+    (n_t, 4, 2) is :func:`gpucal.fitting.prepare.grid_neighbours`'s table,
+    ``params`` (n_t, 4), ``red`` (n_star,) the node's χ²/dof. Returns refined
+    params (n_star, 4), errors (n_star, 4), and blend indices / fractions
+    (n_star, 4) for :func:`refined_templates`.
     """
     xp = array_namespace(dn)
-    dev = _device(dn)
     n_star = tbest.shape[0]
     n_par = params.shape[1]
     nb = xp.take(neighbours, tbest, axis=0)  # (n_star, n_par, 2)
     lo_i, hi_i = nb[:, :, 0], nb[:, :, 1]
-    has_lo, has_hi = lo_i >= 0, hi_i >= 0
-    lo_s = xp.where(has_lo, lo_i, tbest[:, None])
-    hi_s = xp.where(has_hi, hi_i, tbest[:, None])
+    lo_s = xp.where(lo_i >= 0, lo_i, tbest[:, None])
+    hi_s = xp.where(hi_i >= 0, hi_i, tbest[:, None])
     rows = xp.concat([tbest[:, None], lo_s, hi_s], axis=1)  # (n_star, 1 + 2 n_par)
-    n_rows = rows.shape[1]
-    m = xp.reshape(xp.astype(get_rows(xp.reshape(rows, (-1,))), xp.float64), (n_star, n_rows, -1))
-    x = wave_obs[None, None, :] / doppler_factor(rv)[:, None, None]
-    model = interp(x, prepared_wave, m, left=xp.nan, right=xp.nan)  # (n_star, n_rows, n_pix)
+    m = xp.reshape(get_rows(xp.reshape(rows, (-1,))), (n_star, rows.shape[1], -1))
+    model = shifted_model(wave_obs, prepared_wave, m, rv[:, None])  # (n_star, 1 + 2 n_par, n_pix)
     use = good & xp.all(xp.isfinite(model), axis=1)
     model = xp.where(use[:, None, :], model, 0.0)
     p0 = xp.take(params, tbest, axis=0)
@@ -85,36 +116,44 @@ def refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, rv
     x_lo, x_hi = xp.linalg.diagonal(x_lo), xp.linalg.diagonal(x_hi)
     span = x_hi - x_lo
     active = span > 0
-    t0 = model[:, 0, :]
     deriv = (model[:, 1 + n_par:, :] - model[:, 1:1 + n_par, :]) / xp.where(active, span, 1.0)[:, :, None]
     deriv = xp.where(active[:, :, None], deriv, 0.0)
-    design = xp.concat([t0[:, None, :], deriv], axis=1)  # (n_star, 1 + n_par, n_pix)
-    w = xp.where(use, wn, 0.0)
-    normal = (design * w[:, None, :]) @ xp.permute_dims(design, (0, 2, 1))
-    rhs = xp.sum(design * (w * dn)[:, None, :], axis=2)
-    # Axes with no neighbours (a single value, e.g. [α/M] = 0) get a unit row: their step is 0.
-    fixed = xp.concat([xp.zeros((n_star, 1), dtype=xp.bool, device=dev), ~active], axis=1)
-    eye = xp.eye(1 + n_par, dtype=xp.float64, device=dev)
-    fixed_f = xp.astype(fixed, xp.float64)
-    keep = 1.0 - fixed_f
-    normal = normal * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * fixed_f[:, None, :]
-    # A relative ridge keeps the solve defined when one pixel carries all the weight (a tiny
-    # variance) or none does (every pixel bad: unit system, zero step); the star is judged later.
-    scale = xp.sum(xp.linalg.diagonal(normal), axis=1) / (1 + n_par)
-    normal = normal + xp.where(scale > 0, 1e-12 * scale, 1.0)[:, None, None] * eye[None, :, :]
-    rhs = rhs * keep
-    coef = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
-    cov = xp.linalg.inv(normal)
+    design = xp.concat([model[:, 0, :][:, None, :], deriv], axis=1)  # (n_star, 1 + n_par, n_pix)
+    coef, cov = _weighted_step(design, xp.where(use, wn, 0.0), dn, active)
     amp = coef[:, 0]
     safe_amp = xp.where(amp != 0, amp, 1.0)
-    dx = coef[:, 1:] / safe_amp[:, None]
-    dx = xp.clip(dx, x_lo - p0, x_hi - p0)
+    dx = xp.clip(coef[:, 1:] / safe_amp[:, None], x_lo - p0, x_hi - p0)
     var = xp.linalg.diagonal(cov)[:, 1:] / (safe_amp * safe_amp)[:, None]
     err = xp.where(active, xp.sqrt(xp.maximum(var, 0.0) * xp.maximum(red, 1.0)[:, None]), xp.nan)
     toward = xp.where(dx >= 0, hi_s, lo_s)
     step = xp.where(dx >= 0, x_hi - p0, p0 - x_lo)
     frac = xp.where(active & (step > 0), xp.abs(dx) / xp.where(step > 0, step, 1.0), 0.0)
     return p0 + dx, err, toward, frac
+
+
+def _weighted_step(design, w, dn, active):
+    """Weighted least squares of ``dn`` on the rows of ``design`` (n_star, 1 + n_par, n_pix): coefficients and covariance.
+
+    Parameter axes that are not ``active`` (no neighbours: a single value,
+    e.g. [α/M] = 0) get a unit row, so their step is 0. Returns coef
+    (n_star, 1 + n_par) and the inverse normal matrix (n_star, 1 + n_par, 1 + n_par).
+    """
+    xp = array_namespace(design)
+    dev = _device(design)
+    n_star, k = design.shape[0], design.shape[1]
+    normal = (design * w[:, None, :]) @ xp.permute_dims(design, (0, 2, 1))
+    rhs = xp.sum(design * (w * dn)[:, None, :], axis=2)
+    fixed = xp.concat([xp.zeros((n_star, 1), dtype=xp.bool, device=dev), ~active], axis=1)
+    eye = xp.eye(k, dtype=xp.float64, device=dev)
+    fixed_f = xp.astype(fixed, xp.float64)
+    keep = 1.0 - fixed_f
+    normal = normal * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * fixed_f[:, None, :]
+    # A relative ridge keeps the solve defined when one pixel carries all the weight (a tiny
+    # variance) or none does (every pixel bad: unit system, zero step); the star is judged later.
+    scale = xp.sum(xp.linalg.diagonal(normal), axis=1) / k
+    normal = normal + xp.where(scale > 0, 1e-12 * scale, 1.0)[:, None, None] * eye[None, :, :]
+    rhs = rhs * keep
+    return xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0], xp.linalg.inv(normal)
 
 
 def refined_templates(flux, match: MatchResult):

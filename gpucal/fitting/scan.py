@@ -1,9 +1,10 @@
-"""Template matching: every (star, template, velocity) scored at once.
+"""The grid scan: every (star, template, velocity) scored at once.
 
-Step 1 of the mission. The observed standards and the LSF-convolved template
-grid are continuum-normalised the same way (:mod:`gpucal.continuum`), then for
-every star s, template t and trial velocity v the χ² of the template with a
-free amplitude is
+Step of the mission after preparation (:mod:`gpucal.fitting.prepare`: the
+standards and the LSF-convolved template grid continuum-normalised the same
+way) and before refinement (:mod:`gpucal.fitting.refine`). For every star
+s, template t and trial velocity v the χ² of the template with a free
+amplitude is
 
     χ²(s,t,v) = Σ_q W D² − (Σ_q W D m_t)² / Σ_q W m_t²,
 
@@ -12,39 +13,47 @@ D, W are the star's normalised flux and inverse variance evaluated at
 λ_q (1+z_v), i.e. the data shifted into the template's rest frame. The
 working grid's pixel is a whole number P of velocity steps, so trial v is a
 whole-pixel lag r plus one of P sub-pixel phases: the data are interpolated
-once per phase, and the trials at lag r are a strided window of those rows.
-The two sums are then matrix products, (n_star·P, n_q) @ (n_q, n_templates)
-per lag, for the lags the velocity range spans (about 16 working pixels for
-±500 km/s) and per block of templates: the whole scan is a few GEMMs, streamed over blocks of
-templates so memory stays bounded, with a running minimum kept on the device.
-The products and the χ² combination run in the templates' dtype (float32
-by default); Σ W D² is summed in float64.
+once per phase (:func:`_phase_plan`, :class:`_Shifted`), and the trials at
+lag r are a strided window of those rows. The two sums are then matrix
+products, (n_star·P, n_q) @ (n_q, n_templates) per lag, for the lags the
+velocity range spans (about 16 working pixels for ±500 km/s) and per block
+of templates: the whole scan is a few GEMMs, streamed over blocks of
+templates so memory stays within :func:`memory_budget`, with a running
+minimum kept on the device. The products and the χ² combination run in the
+templates' dtype (float32 by default); Σ W D² is summed in float64.
 
-The best velocity is refined by a parabola through the three χ² values
-around the best lag, which works at every lag (negative and near-zero
-velocities too); its 1-σ error comes from the curvature (Δχ² = 1, inflated by
-χ²/dof when that exceeds 1). The best node's χ² is then recomputed on the
-frame's own pixels, so χ²/dof is an honest goodness of fit.
+The fast path finds each star's velocity from a few fiducial templates and
+scans the grid there; with it, or with the Huber metric, each star's top-k
+χ² candidates are scanned over every velocity again (and re-scored by a
+Huber loss on the frame's pixels). The best velocity is refined by a
+parabola through the three float64 χ² values around the best lag, which
+works at every lag (negative and near-zero velocities too); its 1-σ error
+comes from the curvature (Δχ² = 1, inflated by χ²/dof when that exceeds 1).
+:func:`match_templates` then hands the best node to the refinement, which
+recomputes its χ² on the frame's own pixels (an honest χ²/dof) and steps
+in the grid parameters.
 
-Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); templates (n_t, n_w).
-Velocities in km/s (relativistic Doppler), positive = receding.
+Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); prepared templates
+(n_t, n_q); χ² tables (n_t, n_star). Velocities in km/s (relativistic
+Doppler), positive = receding.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp, to_backend, to_numpy
+from ..backends import array_namespace, backend_of, interp, to_numpy
 from ..containers import MatchResult, PreparedGrid, SpectraBatch
 from ..errors import InputError
 from ..units import C_KMS, doppler_factor
 from .masks import TELLURIC_DEFAULT
-from .prepare import gather_templates, grid_neighbours, normalise_observed, template_blocks, velocity_grid
-from .refine import chi2_on_pixels, refine_parameters
+from .prepare import gather_templates, normalise_observed, template_blocks, velocity_grid
+from .refine import chi2_on_pixels, node_parameters, shifted_model
 
 # pipeline.py imports these two from here until it takes them from gpucal.fitting (issue 13); then drop them.
 from .prepare import prepare_grid  # noqa: F401
@@ -58,8 +67,6 @@ def memory_budget(max_memory=None) -> float:
 
     Accepts numbers of bytes or strings with a K/M/G suffix ("512M", "2G").
     """
-    import os
-
     value = max_memory if max_memory is not None else os.environ.get("GPUCAL_MAX_MEMORY")
     if value is None or value == "":
         return float(2**30)
@@ -251,27 +258,34 @@ def _min_over_lags(products, sh: _Shifted):
 def _scan_exhaustive(get_block, n_t, sh: _Shifted, block_size):
     """χ² minimum over velocity for every (template, star), and the velocity index where it falls: (n_t, n_star) each.
 
-    Per block of templates and per lag: two GEMMs, (n_star·P, n_q) @ (n_q, n_b),
-    the data's lag window a strided view (no copy).
+    ``get_block(b0, b1)`` gives templates b0..b1 on the backend; one block is
+    held at a time (:func:`_block_minimum`).
     """
     xp = array_namespace(sh.wd)
-    nq = sh.nq
-    n_star, n_ph = sh.d.shape[0], sh.d.shape[1]
     best, lag = [], []
     for b0 in range(0, n_t, block_size):
-        m = get_block(b0, min(n_t, b0 + block_size))
-        mt = xp.permute_dims(m, (1, 0))
-        m2t = xp.permute_dims(m * m, (1, 0))
-        shape = (n_star, n_ph, m.shape[0])
-
-        def products(r):
-            return (xp.reshape(sh.wd[:, r:r + nq] @ mt, shape), xp.reshape(sh.ww[:, r:r + nq] @ m2t, shape))
-
-        val, v = _min_over_lags(products, sh)
-        del m, mt, m2t
+        val, v = _block_minimum(get_block(b0, min(n_t, b0 + block_size)), sh)
         best.append(val)
         lag.append(v)
     return xp.permute_dims(xp.concat(best, axis=1), (1, 0)), xp.permute_dims(xp.concat(lag, axis=1), (1, 0))
+
+
+def _block_minimum(m, sh: _Shifted):
+    """χ² minimum over velocity of a block of templates ``m`` (n_b, n_q) for every star, and where: (n_star, n_b) each.
+
+    Per lag two GEMMs, (n_star·P, n_q) @ (n_q, n_b), the data's lag window a
+    strided view (no copy). The block and its transposes are freed on return.
+    """
+    xp = array_namespace(sh.wd)
+    nq = sh.nq
+    mt = xp.permute_dims(m, (1, 0))
+    m2t = xp.permute_dims(m * m, (1, 0))
+    shape = (sh.d.shape[0], sh.d.shape[1], m.shape[0])
+
+    def products(r):
+        return (xp.reshape(sh.wd[:, r:r + nq] @ mt, shape), xp.reshape(sh.ww[:, r:r + nq] @ m2t, shape))
+
+    return _min_over_lags(products, sh)
 
 
 def _candidates_best(cand_m, sh: _Shifted):
@@ -319,8 +333,7 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
 def _huber_scores(wave_obs, dn, wn, good, prepared_wave, cand_m, cand_v, delta, niter=8):
     """Huber loss of candidate templates (n_star, k, n_q) at velocities (n_star, k), on frame pixels."""
     xp = array_namespace(dn)
-    x = wave_obs[None, None, :] / doppler_factor(cand_v)[:, :, None]
-    model = interp(x, prepared_wave, xp.astype(cand_m, xp.float64), left=xp.nan, right=xp.nan)
+    model = shifted_model(wave_obs, prepared_wave, cand_m, cand_v)
     use = good[:, None, :] & xp.isfinite(model)
     model = xp.where(use, model, 0.0)
     w = xp.where(use, wn[:, None, :], 0.0)
@@ -373,93 +386,117 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         raise InputError(f"unknown metric {metric!r}; use chi2 or huber")
     be = backend_of(spectra.flux)
     xp = be.xp
-    dev = _device(spectra.flux)
     if velocities is None:
         velocities = velocity_grid(*vrange, like=spectra.wave)
     n_vel = velocities.shape[0]
     dv = float(velocities[1] - velocities[0]) if n_vel > 1 else 0.0
     n_t = int(prepared.norm_flux.shape[0])
     dtype = xp.float32 if str(prepared.norm_flux.dtype).endswith("float32") else xp.float64
-    itemsize = 4 if dtype == xp.float32 else 8
     dn, wn, good = normalise_observed(spectra, good_regions=good_regions, continuum_degree=continuum_degree)
-    n_star = dn.shape[0]
-    nq = int(prepared.wave.shape[0])
+    observed = (spectra.wave, dn, wn, good)
     budget = memory_budget(max_memory)
     plan = _phase_plan(prepared.wave, velocities)
-    n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
-    cells = n_star * n_ph * length
-    # Fixed: the shifted data (D, W and W·D in the scan dtype) with the
-    # interpolation's temporaries while they are built (positions, indices,
-    # weights, the good fraction, the float64 sums), and the per-template
-    # results (generously: 48 bytes a cell). Per template: its row and its
-    # square, and per lag the two products with the χ² temporaries.
-    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
-    per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if block_size is None:
-        if fixed + per_template > budget:
-            raise InputError(
-                f"memory budget {budget / 2**20:.0f} MiB is below the {(fixed + per_template) / 2**20:.0f} MiB "
-                f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
-            )
-        block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
-    get_block = template_blocks(prepared.norm_flux, be)
+        block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
+                                 4 if dtype == xp.float32 else 8, budget)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
-
-    if fast:
-        fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
-        fid_m = gather_templates(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
-        cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
-        tf = xp.argmin(cf, axis=0)[None, :]
-        kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
-        # The whole grid at each star's own fiducial velocity: one column per star.
-        chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
-    else:
-        chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, sh, block_size)
+    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
     if prior is not None:
-        allowed = xp.permute_dims(prior, (1, 0))
-        any_allowed = xp.any(allowed, axis=0)
-        chi2_t = xp.where(allowed | ~any_allowed[None, :], chi2_t, xp.inf)
-
-    k = min(top_k, n_t)
-    need_candidates = fast or metric == "huber"
-    if need_candidates:
-        cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
-        flat = xp.reshape(cand, (-1,))
-        cand_m = xp.reshape(gather_templates(prepared.norm_flux, be, flat), (n_star, k, nq))
-        cbest, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
-        if metric == "huber":
-            cv = xp.take(velocities, xp.reshape(ck, (-1,)), axis=0)
-            score = _huber_scores(spectra.wave, dn, wn, good, prepared.wave, cand_m,
-                                  xp.reshape(cv, (n_star, k)), huber_delta)
-        else:
-            score = cbest
-        j = xp.argmin(score, axis=1)[:, None]  # (n_star, 1)
-        tbest = xp.take_along_axis(cand, j, axis=1)[:, 0]
-        kbest = xp.take_along_axis(ck, j, axis=1)[:, 0]
+        chi2_t = _apply_prior(chi2_t, prior)
+    if fast or metric == "huber":
+        tbest, kbest = _best_of_candidates(chi2_t, sh, prepared, be, observed, velocities,
+                                           top_k=top_k, metric=metric, huber_delta=huber_delta)
     else:
         tbest = xp.argmin(chi2_t, axis=0)
         kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
     best_m = gather_templates(prepared.norm_flux, be, tbest)
-    three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
-    c3 = _chi2_at_lags(sh, best_m, three)
+    rv, rv_err, interior = _velocity_parabola(sh, best_m, kbest, velocities, dv)
     del sh
-    ca, cb, cc = c3[:, 0], c3[:, 1], c3[:, 2]
-    rv, rv_err, interior = _parabola(ca, cb, cc, kbest, n_vel, velocities, dv)
-
-    chi2_pix, dof = chi2_on_pixels(spectra.wave, dn, wn, good, prepared.wave, best_m, rv)
+    chi2_pix, dof = chi2_on_pixels(*observed, prepared.wave, best_m, rv)
     red = chi2_pix / xp.astype(xp.maximum(dof, 1), xp.float64)
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
-    params_b = to_backend(prepared.params, be, dtype=xp.float64)
+    params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
     meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
-            "block_size": block_size, "metric": metric, "fast": fast}
-    if refine and n_t > 1:
-        neighbours = prepared.neighbours if prepared.neighbours is not None else grid_neighbours(params_b)
-        params, params_err, toward, frac = refine_parameters(
-            spectra.wave, dn, wn, good, prepared.wave, lambda idx: gather_templates(prepared.norm_flux, be, idx),
-            tbest, rv, neighbours, params_b, red)
-        meta["blend_index"], meta["blend_frac"] = toward, frac
-    else:
-        params = xp.take(params_b, tbest, axis=0)
-        params_err = xp.full(params.shape, xp.nan, dtype=xp.float64, device=dev)
+            "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
+
+
+def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget) -> int:
+    """Templates per GEMM block that keep every array the scan holds within ``budget`` bytes.
+
+    Fixed: the shifted data (D, W and W·D in the scan dtype) with the
+    interpolation's temporaries while they are built (positions, indices,
+    weights, the good fraction, the float64 sums), and the per-template
+    results (generously: 48 bytes a cell). Per template: its row and its
+    square, and per lag the two products with the χ² temporaries.
+    """
+    n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
+    cells = n_star * n_ph * length
+    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
+    per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
+    if fixed + per_template > budget:
+        raise InputError(
+            f"memory budget {budget / 2**20:.0f} MiB is below the {(fixed + per_template) / 2**20:.0f} MiB "
+            f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
+        )
+    return max(1, min(n_t, int((budget - fixed) // per_template)))
+
+
+def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int):
+    """χ² of every template for every star, minimised over velocity, and at which velocity index: (n_t, n_star) each.
+
+    Exhaustive: every (template, velocity). ``fast``: each star's velocity
+    from ``n_fiducial`` templates spread over the grid, then the whole grid
+    at that one velocity (one column per star); the velocity indices are then None.
+    """
+    xp = be.xp
+    n_t = int(prepared.norm_flux.shape[0])
+    get_block = template_blocks(prepared.norm_flux, be)
+    if not fast:
+        return _scan_exhaustive(get_block, n_t, sh, block_size)
+    fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
+    fid_m = gather_templates(prepared.norm_flux, be,
+                             xp.asarray(sorted(set(fid)), dtype=xp.int64, device=_device(sh.d)))
+    cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
+    tf = xp.argmin(cf, axis=0)[None, :]
+    kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
+    chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
+    return chi2_t, None
+
+
+def _apply_prior(chi2_t, prior):
+    """χ² (n_t, n_star) set to +inf where ``prior`` (n_star, n_t) forbids a node, unless it forbids all of a star's."""
+    xp = array_namespace(chi2_t)
+    allowed = xp.permute_dims(prior, (1, 0))
+    any_allowed = xp.any(allowed, axis=0)
+    return xp.where(allowed | ~any_allowed[None, :], chi2_t, xp.inf)
+
+
+def _best_of_candidates(chi2_t, sh: _Shifted, prepared: PreparedGrid, be, observed, velocities, *,
+                        top_k: int, metric: str, huber_delta: float):
+    """Each star's ``top_k`` χ² candidates scanned over every velocity, then the best by χ² or Huber.
+
+    ``observed`` is (wave_obs, dn, wn, good). Returns the best node and its
+    velocity index, (n_star,) each.
+    """
+    xp = be.xp
+    n_star, nq = sh.d.shape[0], sh.nq
+    k = min(top_k, int(chi2_t.shape[0]))
+    cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
+    cand_m = xp.reshape(gather_templates(prepared.norm_flux, be, xp.reshape(cand, (-1,))), (n_star, k, nq))
+    score, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
+    if metric == "huber":
+        cv = xp.reshape(xp.take(velocities, xp.reshape(ck, (-1,)), axis=0), (n_star, k))
+        score = _huber_scores(*observed, prepared.wave, cand_m, cv, huber_delta)
+    j = xp.argmin(score, axis=1)[:, None]  # (n_star, 1)
+    return xp.take_along_axis(cand, j, axis=1)[:, 0], xp.take_along_axis(ck, j, axis=1)[:, 0]
+
+
+def _velocity_parabola(sh: _Shifted, best_m, kbest, velocities, dv):
+    """Velocity (n_star,) km/s and its 1-σ error from float64 χ² at the best lag and its two neighbours; and whether interior."""
+    xp = array_namespace(best_m)
+    n_vel = velocities.shape[0]
+    lags = xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=_device(kbest))
+    c3 = _chi2_at_lags(sh, best_m, xp.clip(kbest[:, None] + lags[None, :], 0, n_vel - 1))
+    return _parabola(c3[:, 0], c3[:, 1], c3[:, 2], kbest, n_vel, velocities, dv)
