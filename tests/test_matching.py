@@ -210,3 +210,14 @@ def test_velocity_grid_is_uniform_and_contains_zero():
     v = to_numpy(velocity_grid(-500.0, 500.0, 5.0, like=be.asarray(np.zeros(1))))
     assert v.size == 201 and v[100] == 0.0
     np.testing.assert_allclose(np.diff(v), 5.0, rtol=1e-5)
+
+
+def test_fitting_package_exports_the_room():
+    """Every name of gpucal.fitting.__all__ imports, including those scan.py held before the split."""
+    import gpucal.fitting as fitting
+
+    for name in fitting.__all__:
+        assert getattr(fitting, name) is not None, name
+    before = {"prepare_grid", "working_grid", "normalise_observed", "velocity_grid", "match_templates",
+              "grid_neighbours", "refined_templates", "memory_budget", "TELLURIC_DEFAULT"}
+    assert before <= set(fitting.__all__)

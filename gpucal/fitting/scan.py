@@ -360,14 +360,15 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     Parameters
     ----------
     spectra : standards on the frame's grid (backend arrays).
-    prepared : :func:`prepare_grid` output; its ``norm_flux`` may be a host
+    prepared : :func:`~gpucal.fitting.prepare.prepare_grid` output; its ``norm_flux`` may be a host
         (memory-mapped) array, streamed to the backend block by block.
     velocities : (n_vel,) uniform km/s grid, or None for ``vrange`` = (vmin, vmax, step).
     metric : ``"chi2"``, or ``"huber"``: the ``top_k`` χ² candidates per star
         are re-scored by a Huber loss (IRLS for the amplitude, threshold
         ``huber_delta`` in σ), so a few bad pixels cannot pick the template.
-    refine : per-axis parabolas in (Teff, logg, [M/H], [α/M]) around the best
-        node; the blend weights for :func:`refined_templates` go in ``meta``.
+    refine : one Gauss–Newton step in (Teff, logg, [M/H], [α/M]) from the best
+        node toward its grid neighbours (:mod:`gpucal.fitting.refine`); the
+        blend weights for :func:`~gpucal.fitting.refine.refined_templates` go in ``meta``.
     fast : velocity first from ``n_fiducial`` templates spread over the grid,
         then the whole grid at each star's velocity, then every lag for each
         star's ``top_k`` candidates.
