@@ -205,8 +205,10 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
     w = xp.where(good, 1.0 / xp.where(good, v, 1.0), 0.0)
     ff = xp.where(good, f, 1.0)
     cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)
-    dn = xp.where(good, ff / cont, 0.0)
-    wn = w * cont * cont
+    # Over bad pixels a fit run wild (0 or inf after exp) must not divide or multiply: 1 and 0 there.
+    dn = xp.where(good, ff / xp.where(good, cont, 1.0), 0.0)
+    cont_w = xp.where(w > 0, cont, 0.0)
+    wn = w * cont_w * cont_w
     # A hot pixel or cosmic ray would pull every template's χ² by itself, and so would a pixel
     # with a wrongly tiny variance. In a normalised absorption spectrum no real pixel stands far
     # above both its neighbours and 1.5 x the continuum (two-pixel windows between deep lines can

@@ -320,8 +320,11 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
     """Vertex and 1-σ (Δχ² = 1) of the parabola through χ² at lags k-1, k, k+1."""
     xp = array_namespace(cb)
     interior = (k > 0) & (k < n_vel - 1)
+    # χ² is +inf for a star with no usable pixel: keep inf − inf (and its warning) out of the arithmetic.
+    finite = xp.isfinite(ca) & xp.isfinite(cb) & xp.isfinite(cc)
+    ca, cb, cc = (xp.where(finite, c, 0.0) for c in (ca, cb, cc))
     curv = ca - 2.0 * cb + cc
-    ok = interior & (curv > 0) & xp.isfinite(curv)
+    ok = interior & finite & (curv > 0) & xp.isfinite(curv)
     safe = xp.where(ok, curv, 1.0)
     offset = xp.clip(xp.where(ok, 0.5 * (ca - cc) / safe, 0.0), -1.0, 1.0)
     v = xp.take(velocities, k, axis=0) + offset * dv
