@@ -8,7 +8,7 @@ In ONE process on the same inputs:
   parabola), then the template shifted to that velocity, continuum-normalised
   on the frame's pixels and scored by χ² with a free amplitude — on the same
   prepared (convolved, resampled) grid, in host NumPy;
-* gpucal's scan, exhaustive and fast path (:func:`gpucal.matching.match_templates`),
+* gpucal's scan, exhaustive and fast path (:func:`gpucal.fitting.match_templates`),
   on the chosen backend;
 * a plain matrix product of the scan's size, (n_t, n_q) @ (n_q, n_star·n_vel)
   in float32, as the hardware yardstick;
@@ -24,7 +24,6 @@ host-side harness code: it times, it does not calibrate.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import socket
 import tempfile
@@ -34,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import get_backend, interp, to_numpy
-from .containers import SpectraBatch
-from .units import C_KMS
-from .fitting.scan import PreparedGrid, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
-from .templates.demo import demo_grid
+from .backends import device_name, get_backend, interp, memory_pool_bytes, synchronize, to_numpy
+from .containers import PreparedGrid, SpectraBatch
+from .fitting import convolve_to_instrument, match_templates, memory_budget, normalise_observed, prepare_grid, velocity_grid
 from .simulate import simulate_frame
-from .fitting.lsf import convolve_to_instrument
+from .templates.demo import demo_grid
+from .units import C_KMS
 
 __all__ = ["run_scan_benchmark", "format_report"]
 
@@ -180,56 +178,37 @@ def fine_ccf_velocities(wave_obs, dn, good, wq, norm, index, velocities, oversam
                                    norm[index[s]], wq)[0] for s in range(dn.shape[0])])
 
 
-def _sync(be):
-    if be.name == "cupy":
-        import cupy
-
-        cupy.cuda.Device().synchronize()
-
-
 def _timed(fn, be, repeat=3):
     """Best of ``repeat`` wall-clock runs after one warm-up, device synchronised."""
     fn()
-    _sync(be)
+    synchronize(be)
     times = []
     out = None
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
-        _sync(be)
+        synchronize(be)
         times.append(time.perf_counter() - t0)
     return min(times), out
 
 
 def _peak_memory(fn, be):
-    """Peak bytes ``fn`` allocates: tracemalloc on NumPy, the memory pool's growth on CuPy, else None."""
-    if be.name not in ("numpy", "cupy"):
-        fn()
-        _sync(be)
-        return None  # tracemalloc sees NumPy's allocations only
-    if be.name == "cupy":
-        import cupy
-
-        pool = cupy.get_default_memory_pool()
-        pool.free_all_blocks()
-        base = pool.total_bytes()
-        fn()
-        _sync(be)
-        return pool.total_bytes() - base  # what the pool grew to hold: an upper bound of the peak
+    """Peak bytes ``fn`` allocates, and its result: the device memory pool's growth, tracemalloc on NumPy, else None."""
+    base = memory_pool_bytes(be, release_unused=True)
+    if base is not None:
+        out = fn()
+        synchronize(be)
+        return memory_pool_bytes(be) - base, out  # what the pool grew to hold: an upper bound of the peak
+    if be.name != "numpy":
+        out = fn()
+        synchronize(be)
+        return None, out  # tracemalloc sees NumPy's allocations only
     tracemalloc.start()
     try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
+        out = fn()
+        return tracemalloc.get_traced_memory()[1], out
     finally:
         tracemalloc.stop()
-
-
-def _device_name(be):
-    if be.name == "cupy":
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _velocity_stats(a, b):
@@ -237,47 +216,53 @@ def _velocity_stats(a, b):
     return {"max": float(np.max(d)), "rms": float(np.sqrt(np.mean(d ** 2))), "within_1kms": float(np.mean(d <= 1.0))}
 
 
+def _write_tiled_memmap(path, base, n_t):
+    """A float32 .npy of ``n_t`` rows repeating ``base`` (n_b, n_q), written block by block."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_t, base.shape[1]))
+    for k in range(-(-n_t // base.shape[0])):
+        rows = min(base.shape[0], n_t - k * base.shape[0])
+        mm[k * base.shape[0]:k * base.shape[0] + rows] = base[:rows]
+    mm.flush()
+
+
+def _streamed_scan(spec, prep, vel, be, budget, path, n_t):
+    """The exhaustive scan of the memory-mapped grid at ``path``: (peak bytes, seconds, result).
+
+    The memory map is opened and closed here, so the file can be removed after.
+    """
+    grid = np.load(path, mmap_mode="r")
+    streamed = PreparedGrid(params=be.asarray(_tiled_params(prep, n_t)), wave=prep.wave, norm_flux=grid, lsf=prep.lsf)
+    t0 = time.perf_counter()
+    peak, res = _peak_memory(
+        lambda: match_templates(spec, streamed, velocities=vel, refine=False, max_memory=budget), be)
+    return peak, time.perf_counter() - t0, res
+
+
 def _memory_check(spec, prep, vel, be, budget):
     """The exhaustive scan streaming a memory-mapped grid 10x ``budget``: peak bytes, block size, same answer."""
     base = to_numpy(prep.norm_flux).astype(np.float32)
     n_t = int(math.ceil(10 * budget / base[0].nbytes))
-    reps = -(-n_t // base.shape[0])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grid.npy"
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_t, base.shape[1]))
-        for k in range(reps):
-            rows = min(base.shape[0], n_t - k * base.shape[0])
-            mm[k * base.shape[0]:k * base.shape[0] + rows] = base[:rows]
-        mm.flush()
-        del mm
-        grid = np.load(path, mmap_mode="r")
-        streamed = PreparedGrid(params=be.asarray(_tiled_params(prep, n_t)), wave=prep.wave, norm_flux=grid, lsf=prep.lsf)
-        holder = {}
-
-        def run():
-            holder["r"] = match_templates(spec, streamed, velocities=vel, refine=False, max_memory=budget)
-
-        t0 = time.perf_counter()
-        peak = _peak_memory(run, be)
-        seconds = time.perf_counter() - t0
-        res = holder["r"]
-        out = {"budget_bytes": int(budget), "grid_bytes": int(grid.nbytes), "templates": n_t,
-               "block_size": int(res.meta["block_size"]), "peak_bytes": None if peak is None else int(peak),
-               "peak_under_budget": None if peak is None else bool(peak < budget), "seconds": seconds,
-               "index_mod_base": to_numpy(res.index) % base.shape[0]}
-        del grid, streamed
-    return out
+        _write_tiled_memmap(path, base, n_t)
+        peak, seconds, res = _streamed_scan(spec, prep, vel, be, budget, path, n_t)
+    return {"budget_bytes": int(budget), "grid_bytes": int(n_t * base[0].nbytes), "templates": n_t,
+            "block_size": int(res.meta["block_size"]), "peak_bytes": None if peak is None else int(peak),
+            "peak_under_budget": None if peak is None else bool(peak < budget), "seconds": seconds,
+            "index_mod_base": to_numpy(res.index) % base.shape[0]}
 
 
-def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templates=None,
-                       vrange=(-500.0, 500.0, 5.0), max_memory=None, snr=50.0, memory_check=None, seed=0):
-    """Run the benchmark; returns the result dict (see the module docstring).
+def _plain_matmul(be, n_t, nq, n_cols):
+    """Seconds and GFLOP/s of a float32 (n_t, n_q) @ (n_q, n_cols) product on ``be``: the hardware yardstick."""
+    rng = np.random.default_rng(0)
+    a = be.asarray(rng.standard_normal((n_t, nq)).astype(np.float32))
+    b = be.asarray(rng.standard_normal((nq, n_cols)).astype(np.float32))
+    seconds, _ = _timed(lambda: a @ b, be)
+    return seconds, 2.0 * n_t * nq * n_cols / seconds / 1e9
 
-    ``ref_templates``: templates the reference loop runs (default all; its
-    time is extrapolated linearly when fewer). ``memory_check``: a budget in
-    bytes (or "256M") for the streamed run, or None to skip it.
-    """
-    be = get_backend(backend)
+
+def _scan_inputs(be, n_star, n_templates, vrange, snr, seed):
+    """The benchmark's frame, prepared grid (tiled to ``n_templates``), standards and trial velocities on ``be``."""
     grid, sim, true_idx, true_rv = build_inputs(n_star, snr=snr, seed=seed, vrange=vrange, n_nodes=n_templates)
     wave = be.asarray(sim.wave)
     fwhm = float(sim.truth["fwhm"])
@@ -285,29 +270,19 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
     n_base = int(prep.norm_flux.shape[0])
     if n_templates != n_base:
         prep = tile_grid(prep, n_templates, be)
-    spec = standards(sim, be)
-    vel = velocity_grid(*vrange, like=wave)
-    n_t, nq = int(prep.norm_flux.shape[0]), int(prep.wave.shape[0])
-    n_vel = int(vel.shape[0])
-    flops = 4.0 * n_t * nq * n_star * n_vel  # two products of 2·n_t·n_q·(n_star·n_vel) flops
+    inputs = {"grid": grid, "sim": sim, "fwhm": fwhm, "true_idx": true_idx, "true_rv": true_rv, "n_base": n_base}
+    return inputs, prep, standards(sim, be), velocity_grid(*vrange, like=wave)
 
-    def exhaustive():
-        return match_templates(spec, prep, velocities=vel, refine=False, max_memory=max_memory)
 
-    def fast():
-        return match_templates(spec, prep, velocities=vel, refine=False, fast=True, max_memory=max_memory)
+def _reference(inputs, spec, prep, vel, ref_templates):
+    """The reference loop on the host over the first ``ref_templates`` nodes (default all).
 
-    t_ex, r_ex = _timed(exhaustive, be)
-    t_fast, r_fast = _timed(fast, be)
-    mem_ex = _peak_memory(exhaustive, be)
-    rng = np.random.default_rng(0)
-    a = be.asarray(rng.standard_normal((n_t, nq)).astype(np.float32))
-    b = be.asarray(rng.standard_normal((nq, n_star * n_vel)).astype(np.float32))
-    t_mm, _ = _timed(lambda: a @ b, be)
-    del a, b
-    gf_mm = 2.0 * n_t * nq * n_star * n_vel / t_mm / 1e9
-
-    # The reference loop on the host, on the same prepared grid and normalised data.
+    Returns its seconds (extrapolated linearly to every node), each star's
+    template index and velocity, the velocity with a 4x finer correlation,
+    and the number of nodes it ran.
+    """
+    grid, sim, fwhm = inputs["grid"], inputs["sim"], inputs["fwhm"]
+    n_t = int(prep.norm_flux.shape[0])
     dn, wn, good = (to_numpy(v) for v in normalise_observed(spec))
     n_ref = min(ref_templates or n_t, n_t)
     wq = to_numpy(prep.wave)
@@ -318,7 +293,13 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
     ref_idx, ref_v = reference_loop(np.asarray(sim.wave), dn, wn, good, wq, norm_host, conv, to_numpy(vel))
     t_ref = (time.perf_counter() - t0) * n_t / n_ref
     ref_fine_v = fine_ccf_velocities(np.asarray(sim.wave), dn, good, wq, norm_host, ref_idx, to_numpy(vel))
+    return {"seconds": t_ref, "index": ref_idx, "rv": ref_v, "fine_rv": ref_fine_v, "n_run": n_ref}
 
+
+def _agreement(inputs, r_ex, r_fast, ref, n_t):
+    """Agreement of the exhaustive and fast scans with each other, the truth and (when it ran every node) the reference."""
+    ref_idx, ref_v, ref_fine_v = ref["index"], ref["rv"], ref["fine_rv"]
+    n_base, true_idx, true_rv = inputs["n_base"], inputs["true_idx"], inputs["true_rv"]
     # A tiled grid holds jittered copies of the base grid: compare base nodes, not copies.
     ex_idx, ex_v = to_numpy(r_ex.index) % n_base, to_numpy(r_ex.rv)
     fa_idx, fa_v = to_numpy(r_fast.index) % n_base, to_numpy(r_fast.rv)
@@ -326,7 +307,7 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
              "fast_vs_exhaustive_dv_kms": _velocity_stats(fa_v, ex_v),
              "exhaustive_vs_truth_dv_kms": _velocity_stats(ex_v, true_rv),
              "exhaustive_same_template_as_truth": float(np.mean(ex_idx == true_idx))}
-    if n_ref >= min(n_t, n_base):  # the reference ran every distinct node the scan saw
+    if ref["n_run"] >= min(n_t, n_base):  # the reference ran every distinct node the scan saw
         agree.update({
             "exhaustive_vs_reference_same_template": float(np.mean(ex_idx == ref_idx)),
             "fast_vs_reference_same_template": float(np.mean(fa_idx == ref_idx)),
@@ -338,11 +319,36 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
             "reference_fine_ccf_vs_truth_dv_kms": _velocity_stats(ref_fine_v, true_rv),
             "reference_same_template_as_truth": float(np.mean(ref_idx == true_idx)),
         })
+    return agree
+
+
+def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templates=None,
+                       vrange=(-500.0, 500.0, 5.0), max_memory=None, snr=50.0, memory_check=None, seed=0):
+    """Run the benchmark; returns the result dict (see the module docstring).
+
+    ``ref_templates``: templates the reference loop runs (default all; its
+    time is extrapolated linearly when fewer). ``memory_check``: a budget in
+    bytes (or "256M") for the streamed run, or None to skip it.
+    """
+    be = get_backend(backend)
+    inputs, prep, spec, vel = _scan_inputs(be, n_star, n_templates, vrange, snr, seed)
+    n_t, nq, n_vel = int(prep.norm_flux.shape[0]), int(prep.wave.shape[0]), int(vel.shape[0])
+    flops = 4.0 * n_t * nq * n_star * n_vel  # two products of 2·n_t·n_q·(n_star·n_vel) flops
+
+    def scan(fast):
+        return match_templates(spec, prep, velocities=vel, refine=False, fast=fast, max_memory=max_memory)
+
+    t_ex, r_ex = _timed(lambda: scan(False), be)
+    t_fast, r_fast = _timed(lambda: scan(True), be)
+    mem_ex, _ = _peak_memory(lambda: scan(False), be)
+    t_mm, gf_mm = _plain_matmul(be, n_t, nq, n_star * n_vel)
+    ref = _reference(inputs, spec, prep, vel, ref_templates)
+    t_ref, n_ref = ref["seconds"], ref["n_run"]
     result = {
-        "machine": socket.gethostname(), "backend": be.name, "device": _device_name(be),
+        "machine": socket.gethostname(), "backend": be.name, "device": device_name(be),
         "python": platform.python_version(), "numpy": np.__version__,
         "sizes": {"templates": n_t, "velocities": n_vel, "stars": n_star, "working_pixels": nq,
-                  "frame_pixels": int(sim.wave.size), "snr": snr, "vrange_kms": list(vrange)},
+                  "frame_pixels": int(inputs["sim"].wave.size), "snr": snr, "vrange_kms": list(vrange)},
         "seconds": {"reference_loop": t_ref, "reference_loop_measured_templates": n_ref,
                     "scan_exhaustive": t_ex, "scan_fast": t_fast, "plain_matmul": t_mm},
         "speedup_vs_reference": {"exhaustive": t_ref / t_ex, "fast": t_ref / t_fast},
@@ -350,13 +356,13 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
         "fraction_of_plain_matmul": {"exhaustive": flops / t_ex / 1e9 / gf_mm},
         "memory": {"budget_bytes": int(memory_budget(max_memory)), "block_size": int(r_ex.meta["block_size"]),
                    "peak_bytes_exhaustive": None if mem_ex is None else int(mem_ex)},
-        "agreement": agree,
+        "agreement": _agreement(inputs, r_ex, r_fast, ref, n_t),
         "notes": "reference time extrapolated linearly from the measured templates" if n_ref < n_t else "",
     }
     if memory_check is not None:
         mc = _memory_check(spec, prep, vel, be, memory_budget(memory_check))
         same = mc.pop("index_mod_base")
-        mc["same_templates_as_in_memory_scan"] = float(np.mean(same == ex_idx))
+        mc["same_templates_as_in_memory_scan"] = float(np.mean(same == to_numpy(r_ex.index) % inputs["n_base"]))
         result["memory_check"] = mc
     return result
 

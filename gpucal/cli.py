@@ -235,7 +235,7 @@ def _add_demo_parser(sub):
 
 def add_templates_parser(sub) -> None:
     """Add ``templates prepare`` to the ``gpucal`` sub-command parsers."""
-    from .templates.cache import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
+    from .templates import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
 
     p = sub.add_parser("templates", help="template grids: prepare a BOSZ 2024 cache")
     tsub = p.add_subparsers(dest="templates_command", required=True)
@@ -445,7 +445,7 @@ def _demo_truth(res, sim):
     """Recovery error of the demo: the calibration against the simulation's true throughput."""
     import numpy as np
 
-    from .fitting.masks import TELLURIC_DEFAULT
+    from .fitting import TELLURIC_DEFAULT
 
     true_cal = 1.0 / np.asarray(sim.truth["throughput"])
     outside = np.ones(res.wave.shape, bool)
@@ -504,7 +504,7 @@ def run_templates_command(args) -> int:
     """Run ``gpucal templates prepare`` from parsed arguments; prints a one-line summary."""
     import time
 
-    from .templates.cache import prepare_template_cache
+    from .templates import prepare_template_cache
 
     if args.templates_command != "prepare":
         raise GpucalError(f"unknown templates command {args.templates_command!r}")

@@ -28,8 +28,7 @@ from .calibration import (
 from .calibration.verdicts import MIN_GOOD_FRACTION, duplicate_of, star_verdicts, verdict_reasons
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting.masks import TELLURIC_DEFAULT
-from .fitting.scan import match_templates, prepare_grid, refined_templates
+from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fit_colour_relations,

@@ -20,19 +20,14 @@ import math
 import numpy as np
 
 from .containers import DemoFrame
+from .fitting.tellurics import TELLURIC_BANDS
 from .templates.demo import demo_model, demo_wave
 from .units import FWHM_PER_SIGMA, doppler_factor
 
 __all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission"]
 
-# Telluric band edges (Å) and peak depths (A and B bands deep).
-DEFAULT_TELLURIC_BANDS = (
-    (6860.0, 6960.0, 0.35),  # O2 B band
-    (7150.0, 7340.0, 0.15),  # H2O
-    (7590.0, 7700.0, 0.40),  # O2 A band
-    (8100.0, 8360.0, 0.12),  # H2O
-    (8920.0, 9200.0, 0.25),  # H2O
-)
+#: Telluric band edges (Å) and peak depths the simulator absorbs: the one table in fitting/tellurics.py.
+DEFAULT_TELLURIC_BANDS = TELLURIC_BANDS
 
 
 def telluric_transmission(wave, bands=DEFAULT_TELLURIC_BANDS) -> np.ndarray:

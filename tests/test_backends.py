@@ -6,8 +6,6 @@ The oracles are deliberately naive (per-row / per-pixel Python loops) so they
 share no code with the vectorised implementations.
 """
 
-import math
-
 import numpy as np
 import pytest
 import scipy.signal
@@ -15,8 +13,6 @@ import scipy.signal
 from conftest import assert_close
 from gpucal.backends import (
     batched_lstsq,
-    fft_correlate,
-    gaussian_filter_variable,
     interp,
     masked_median,
     savgol_filter,
@@ -130,43 +126,6 @@ def test_masked_median_nan_is_masked_and_even_counts(backend):
     assert_close(out, [3.0, 3.0], backend=backend)
 
 
-# --------------------------------------------------------------------------- gaussian_filter_variable
-
-
-def _gauss_oracle(flux, sigma, h):
-    n = flux.shape[-1]
-    out = np.empty(flux.shape)
-    for i in range(n):
-        j = np.arange(max(0, i - h), min(n, i + h + 1))
-        k = np.exp(-((j - i) ** 2) / (2 * sigma[i] ** 2)) if sigma[i] > 0 else (j == i).astype(float)
-        out[..., i] = flux[..., j].astype(float) @ k / k.sum()
-    return out
-
-
-def test_gaussian_filter_variable_large_stack(backend, dtype):
-    rng = np.random.default_rng(4)
-    n = 4000
-    flux = rng.normal(size=(64, n)).astype(dtype)
-    sigma = np.linspace(0.5, 3.0, n).astype(dtype)
-    sigma[100:110] = 0.0
-    h = math.ceil(4.0 * float(sigma.max()))
-    ref = _gauss_oracle(flux, sigma.astype(float), h)
-    out = gaussian_filter_variable(put(backend, flux), put(backend, sigma))
-    assert dtype_of(out) == np.dtype(dtype)
-    assert_close(out, ref, rtol=RTOL[dtype], atol=10 * RTOL[dtype], backend=backend)
-    assert_close(out[:, 100:110], flux[:, 100:110], rtol=RTOL[dtype], backend=backend)
-
-
-def test_gaussian_filter_variable_half_width_and_edges(backend):
-    rng = np.random.default_rng(5)
-    flux = rng.normal(size=(2, 3, 50))
-    sigma = rng.uniform(0.0, 4.0, 50)
-    out = gaussian_filter_variable(put(backend, flux), put(backend, sigma), half_width=6)
-    assert_close(out, _gauss_oracle(flux, sigma, 6), rtol=1e-10, atol=1e-12, backend=backend)
-    const = gaussian_filter_variable(put(backend, np.full((2, 50), 3.0)), put(backend, sigma), half_width=6)
-    assert_close(const, np.full((2, 50), 3.0), rtol=1e-12, backend=backend)
-
-
 # --------------------------------------------------------------------------- savgol_filter
 
 
@@ -233,33 +192,6 @@ def test_savgol_axis0_and_errors(backend):
     for kw in ({"window": 6, "polyorder": 2}, {"window": 5, "polyorder": 5}, {"window": 41, "polyorder": 2}):
         with pytest.raises(InputError):
             savgol_filter(put(backend, y), put(backend, mask), axis=0, **kw)
-
-
-# --------------------------------------------------------------------------- fft_correlate
-
-
-def test_fft_correlate_matches_scipy(backend, dtype):
-    rng = np.random.default_rng(9)
-    a = rng.normal(size=(5, 200)).astype(dtype)
-    b = rng.normal(size=(5, 37)).astype(dtype)
-    out = fft_correlate(put(backend, a), put(backend, b))
-    ref = np.array([scipy.signal.correlate(a[i].astype(float), b[i].astype(float), mode="full") for i in range(5)])
-    assert out.shape == (5, 236)
-    assert dtype_of(out) == np.dtype(dtype)
-    assert_close(out, ref, rtol=0, atol=1e-3 if dtype == "float32" else 1e-10, backend=backend)
-
-
-def test_fft_correlate_broadcasts_and_axis(backend):
-    rng = np.random.default_rng(10)
-    a = rng.normal(size=(3, 1, 64))
-    b = rng.normal(size=(4, 15))
-    out = fft_correlate(put(backend, a), put(backend, b))
-    ref = np.array([[scipy.signal.correlate(a[i, 0], b[j]) for j in range(4)] for i in range(3)])
-    assert out.shape == (3, 4, 78)
-    assert_close(out, ref, rtol=0, atol=1e-10, backend=backend)
-    out0 = fft_correlate(put(backend, a[:, 0].T), put(backend, b[:3].T), axis=0)
-    ref0 = np.array([scipy.signal.correlate(a[i, 0], b[i]) for i in range(3)]).T
-    assert_close(out0, ref0, rtol=0, atol=1e-10, backend=backend)
 
 
 # --------------------------------------------------------------------------- batched_lstsq

@@ -14,7 +14,7 @@ from gpucal.benchmark import (
     standards,
 )
 from gpucal.cli import main
-from gpucal.fitting.scan import match_templates, normalise_observed, prepare_grid, velocity_grid
+from gpucal.fitting import match_templates, normalise_observed, prepare_grid, velocity_grid
 from gpucal.containers import TemplateGrid
 
 

@@ -30,7 +30,8 @@ from gpucal.distributed import _ONE_THREAD_ENV
 from gpucal.errors import CalibrationError
 from gpucal.io.frames import read_calibrated_frame, write_frame
 from gpucal.templates.cache import write_template_cache
-from gpucal.templates.demo import demo_grid, simulate_frame, write_catalogue_csv
+from gpucal.simulate import simulate_frame, write_catalogue_csv
+from gpucal.templates.demo import demo_grid
 
 #: Every calibrate_frame option of `gpucal calibrate` at a value that is not its default:
 #: dest -> (argv, the value calibrate_frame must receive). The LSF options exclude each other (LSF).

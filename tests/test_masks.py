@@ -103,7 +103,7 @@ def test_one_bad_pixel_in_one_of_three_stars_does_not_move_the_combination(backe
 
 def test_matcher_drops_hot_pixels_but_not_windows_between_deep_lines():
     """Metal-rich cool stars at S/N 1000 (two-pixel windows between undersampled lines): nothing dropped."""
-    from gpucal.fitting.scan import normalise_observed
+    from gpucal.fitting import normalise_observed
     from gpucal.fitting.masks import TELLURIC_DEFAULT, region_mask
     from gpucal.simulate import simulate_frame
     from gpucal.benchmark import standards
@@ -119,3 +119,12 @@ def test_matcher_drops_hot_pixels_but_not_windows_between_deep_lines():
     sim.flux[rows[1], [700, 1500]] *= 3.0  # a cosmic ray and a hot pixel
     _, _, good = normalise_observed(standards(sim, be))
     np.testing.assert_array_equal(np.argwhere(inside & ~to_numpy(good)), [[1, 700], [1, 1500]])
+
+
+def test_telluric_bands_defined_once():
+    """The mask's default regions are the edges of the one telluric table (gpucal.fitting.tellurics)."""
+    from gpucal.fitting import masks, tellurics
+
+    assert masks.TELLURIC_DEFAULT is tellurics.TELLURIC_DEFAULT
+    assert tellurics.TELLURIC_DEFAULT == tuple((lo, hi) for lo, hi, _ in tellurics.TELLURIC_BANDS)
+    assert all(lo < hi and 0 < depth < 1 for lo, hi, depth in tellurics.TELLURIC_BANDS)

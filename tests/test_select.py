@@ -1,9 +1,20 @@
-"""Backend selection (get_backend, GPUCAL_BACKEND) and host/device round trips."""
+"""Backend selection (get_backend, GPUCAL_BACKEND), the native delegate, host/device round trips, run-time helpers."""
 
 import numpy as np
 import pytest
 
-from gpucal.backends import Backend, _select, backend_of, get_backend, to_backend, to_numpy
+from gpucal.backends import (
+    Backend,
+    _select,
+    backend_of,
+    device_name,
+    get_backend,
+    memory_pool_bytes,
+    native_namespace,
+    synchronize,
+    to_backend,
+    to_numpy,
+)
 from gpucal.errors import BackendError
 
 
@@ -94,3 +105,24 @@ def test_backend_is_immutable():
     with pytest.raises(Exception):
         b.name = "cupy"
     assert isinstance(b, Backend)
+
+
+def test_native_namespace_picks_the_delegate(backend):
+    """numpy on NumPy, cupy on CuPy, None (portable fallback) on every other namespace."""
+    native = native_namespace(backend.xp)
+    want = {"numpy": "numpy", "cupy": "cupy"}.get(backend.name)
+    assert (None if native is None else native.__name__) == want
+
+
+def test_runtime_helpers_on_every_backend(backend):
+    """synchronize, memory_pool_bytes and device_name take a Backend or an array; a pool only on CuPy."""
+    arr = backend.asarray(np.arange(4.0))
+    for obj in (backend, arr):
+        assert synchronize(obj) is None
+        assert isinstance(device_name(obj), str) and device_name(obj)
+    if backend.name != "cupy":
+        assert memory_pool_bytes(backend) is None and memory_pool_bytes(arr, release_unused=True) is None
+        return
+    held = memory_pool_bytes(backend, release_unused=True)
+    big = backend.asarray(np.zeros(2**20))  # 8 MiB
+    assert memory_pool_bytes(arr) >= held + big.nbytes

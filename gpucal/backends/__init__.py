@@ -4,10 +4,13 @@ gpucal's numerical code is written once against the Python array API and
 runs on whatever namespace its inputs live in. This package is the only
 numerical code that names numpy, cupy, scipy or cupyx:
 
-* backend selection and host/device transfers (``_select``);
-* operations the array API standard lacks (``_ops``), each delegated to
-  scipy (NumPy) or cupyx.scipy (CuPy) where they exist and agree, with a
-  portable fallback written in the standard (``_agnostic``).
+* backend selection, host/device transfers and the one choice of native
+  delegate per namespace (``_select``: :func:`native_namespace`);
+* operations the array API standard lacks (``_ops``), each delegated to the
+  native library (numpy on NumPy, cupy on CuPy) where it has the operation
+  and agrees, with a portable fallback written in the standard (``_agnostic``);
+* the device at run time (``_runtime``): synchronisation, memory-pool size,
+  device name, for code that times or sizes work.
 
 It lives at ``gpucal.backends`` rather than a top-level ``backends`` package,
 which would collide with an unrelated PyPI distribution.
@@ -19,18 +22,18 @@ from ._select import (
     array_namespace,
     backend_of,
     get_backend,
+    native_namespace,
     to_backend,
     to_numpy,
 )
 from ._ops import (
     batched_lstsq,
-    fft_correlate,
-    gaussian_filter_variable,
     interp,
     masked_median,
     savgol_filter,
     sigma_clip,
 )
+from ._runtime import device_name, memory_pool_bytes, synchronize
 
 __all__ = [
     "BACKEND_NAMES",
@@ -38,13 +41,15 @@ __all__ = [
     "array_namespace",
     "backend_of",
     "get_backend",
+    "native_namespace",
     "to_backend",
     "to_numpy",
     "interp",
     "masked_median",
-    "gaussian_filter_variable",
     "savgol_filter",
-    "fft_correlate",
     "batched_lstsq",
     "sigma_clip",
+    "synchronize",
+    "memory_pool_bytes",
+    "device_name",
 ]

@@ -4,15 +4,11 @@ Every function here takes arrays of one namespace, infers it with
 ``array_namespace``, creates new arrays on the device of its inputs and never
 converts to NumPy, calls ``float()``/``bool()`` on an array, or branches on
 array values, so it runs unchanged (and without host synchronisation) on
-NumPy, CuPy, torch, JAX and array-api-strict. The one documented exception is
-``gaussian_filter_variable`` without ``half_width``, which reads ``max(σ)``
-once to size its kernel.
+NumPy, CuPy, torch, JAX and array-api-strict.
 
 Arguments are validated by the public wrappers in ``_ops``; these functions
 assume shapes that satisfy the contracts documented there.
 """
-
-import math
 
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
@@ -20,9 +16,7 @@ from array_api_compat import device as _device
 __all__ = [
     "interp",
     "masked_median",
-    "gaussian_filter_variable",
     "savgol_filter",
-    "fft_correlate",
     "batched_lstsq",
     "sigma_clip",
 ]
@@ -106,34 +100,6 @@ def masked_median(x, mask, *, axis=-1):
     return _masked_median(xp, x, good, axis, keepdims=False)
 
 
-def gaussian_filter_variable(flux, sigma_pix, *, truncate=4.0, half_width=None):
-    """Variable-σ Gaussian filter by a loop over kernel offsets (see ``_ops.gaussian_filter_variable``)."""
-    xp = array_namespace(flux, sigma_pix)
-    dtype = _float_dtype(xp, flux)
-    dev = _device(flux)
-    flux = xp.astype(flux, dtype, copy=False)
-    sigma = xp.astype(sigma_pix, dtype, copy=False)
-    n = flux.shape[-1]
-    if half_width is None:
-        # the only host synchronisation in this module: the kernel size is a Python int
-        half_width = int(math.ceil(truncate * float(xp.max(sigma))))
-    h = min(max(int(half_width), 0), n - 1)
-    positive = sigma > 0
-    # σ = 0 means the identity: a unit weight at offset 0 and none elsewhere
-    neg_inv_2s2 = -0.5 / xp.where(positive, sigma, xp.ones_like(sigma)) ** 2
-    pad = xp.zeros(flux.shape[:-1] + (h,), dtype=dtype, device=dev)
-    padded = xp.concat([pad, flux, pad], axis=-1)
-    idx = xp.arange(n, device=dev)
-    num = xp.zeros(broadcast_shapes(flux.shape, sigma.shape), dtype=dtype, device=dev)
-    den = xp.zeros(sigma.shape, dtype=dtype, device=dev)
-    for d in range(-h, h + 1):
-        inside = xp.astype((idx + d >= 0) & (idx + d < n), dtype)
-        k = xp.where(positive, xp.exp(neg_inv_2s2 * float(d * d)), 1.0 if d == 0 else 0.0) * inside
-        num = num + k * padded[..., h + d : h + d + n]
-        den = den + k
-    return num / den
-
-
 def _solve_small(xp, M, r, ok):
     """Solve stacked small systems M c = r (r: (..., K)); identity where ``ok`` is False."""
     K = M.shape[-1]
@@ -204,36 +170,6 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     mask_out = good & (count > K - 0.5)
     out = xp.where(mask_out, xp.astype(value, out_dtype), y_m)
     return xp.moveaxis(out, -1, axis), xp.moveaxis(mask_out, -1, axis)
-
-
-def next_fast_len(n):
-    """Smallest 2·3·5-smooth integer ≥ n (an FFT length the common FFT libraries handle fast)."""
-    best = 1 << max(n - 1, 0).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
-def fft_correlate(a, b, *, axis=-1):
-    """Full cross-correlation by zero-padded real FFTs (see ``_ops.fft_correlate``)."""
-    xp = array_namespace(a, b)
-    dtype = _float_dtype(xp, a, b)
-    a = xp.moveaxis(xp.astype(a, dtype, copy=False), axis, -1)
-    b = xp.moveaxis(xp.astype(b, dtype, copy=False), axis, -1)
-    length = a.shape[-1] + b.shape[-1] - 1
-    nfft = next_fast_len(length)
-    fa = xp.fft.rfft(a, n=nfft, axis=-1)
-    fb = xp.fft.rfft(xp.flip(b, axis=-1), n=nfft, axis=-1)
-    c = xp.fft.irfft(fa * fb, n=nfft, axis=-1)[..., :length]
-    return xp.moveaxis(xp.astype(c, dtype, copy=False), -1, axis)
 
 
 def batched_lstsq(A, b, *, weights=None, ridge=0.0):

@@ -2,27 +2,22 @@
 
 Each function infers the namespace from its inputs, checks its arguments once,
 routes to a native implementation where one exists and agrees with the
-portable fallback (scipy on NumPy, cupyx.scipy on CuPy), and otherwise runs
-the fallback in ``_agnostic``, written only in the standard. Contracts
-(shapes, units, dtypes) are in each docstring; they are the same on every
-backend. Results live in the namespace and on the device of the inputs.
-
-No function here synchronises with the host except where its docstring says
-so (``gaussian_filter_variable`` without ``half_width``).
+portable fallback (the library :func:`~gpucal.backends._select.native_namespace`
+names: numpy on NumPy, cupy on CuPy), and otherwise runs the fallback in
+``_agnostic``, written only in the standard. Contracts (shapes, units,
+dtypes) are in each docstring; they are the same on every backend. Results
+live in the namespace and on the device of the inputs. No function here
+synchronises with the host.
 """
-
-from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
 from ..errors import InputError
 from . import _agnostic
-from ._select import array_namespace
+from ._select import array_namespace, native_namespace
 
 __all__ = [
     "interp",
     "masked_median",
-    "gaussian_filter_variable",
     "savgol_filter",
-    "fft_correlate",
     "batched_lstsq",
     "sigma_clip",
 ]
@@ -55,9 +50,9 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
 
     Notes
     -----
-    NumPy with 1-D ``fp`` uses ``numpy.interp``; CuPy with 1-D ``fp`` uses
-    ``cupy.interp`` (which computes in float64; the result is cast back).
-    Everything else runs ``searchsorted`` + ``take_along_axis``.
+    A 1-D ``fp`` on NumPy uses ``numpy.interp``, on CuPy ``cupy.interp``
+    (both compute in float64; the result is cast back). Everything else
+    runs ``searchsorted`` + ``take_along_axis``.
 
     Examples
     --------
@@ -74,18 +69,12 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
         )
     if fp.shape[-1] != xp_grid.shape[0] or xp_grid.shape[0] < 1:
         raise InputError(f"interp: fp has {fp.shape[-1]} values on its last axis but xp_grid has {xp_grid.shape[0]}")
-    if fp.ndim == 1 and is_numpy_namespace(xp):
-        # numpy.interp is a compiled loop with no index arrays; identical semantics
-        import numpy as np
-
+    native = native_namespace(xp) if fp.ndim == 1 else None
+    if native is not None:
+        # numpy.interp is a compiled loop with no index arrays, cupy.interp one fused kernel;
+        # identical semantics, in float64, so cast back to fp's floating dtype
         dtype = _agnostic._float_dtype(xp, fp)
-        return np.asarray(np.interp(x, xp_grid, fp, left=left, right=right), dtype=dtype)
-    if fp.ndim == 1 and is_cupy_namespace(xp):
-        # cupy.interp is one fused kernel; it returns float64, so cast back to fp's dtype
-        import cupy
-
-        dtype = _agnostic._float_dtype(xp, fp)
-        return cupy.interp(x, xp_grid, fp, left=left, right=right).astype(dtype, copy=False)
+        return native.asarray(native.interp(x, xp_grid, fp, left=left, right=right), dtype=dtype)
     return _agnostic.interp(x, xp_grid, fp, left=left, right=right)
 
 
@@ -120,48 +109,6 @@ def masked_median(x, mask, *, axis=-1):
     if not -x.ndim <= axis < x.ndim:
         raise InputError(f"masked_median: axis {axis} out of range for an array of shape {x.shape}")
     return _agnostic.masked_median(x, mask, axis=axis)
-
-
-def gaussian_filter_variable(flux, sigma_pix, *, truncate=4.0, half_width=None):
-    """Gaussian smoothing whose σ (pixels) varies per output pixel.
-
-    ``out[..., i] = Σ_j K_ij f[..., j] / Σ_j K_ij`` with
-    ``K_ij = exp(-(j - i)² / 2σ_i²)`` for ``|j - i| <= h`` and ``j`` inside the
-    array (so the kernel is renormalised at the edges); ``σ_i = 0`` gives the
-    identity at pixel ``i``.
-
-    Parameters
-    ----------
-    flux : array, shape (..., n)
-        Spectra; leading axes are a batch. Non-finite values spread to their
-        neighbours: fill masked pixels first.
-    sigma_pix : array, shape (n,)
-        σ in pixels of the kernel centred on each output pixel, ≥ 0 (any shape
-        broadcastable against ``flux`` works).
-    truncate : float, optional
-        ``h = ceil(truncate * max(σ))`` when ``half_width`` is not given.
-    half_width : int, optional
-        Kernel half-width ``h`` in pixels. Pass it to avoid the one host
-        synchronisation needed to read ``max(σ)`` on a device.
-
-    Returns
-    -------
-    array, shape broadcast(flux, sigma_pix)
-        Floating dtype of ``flux``.
-
-    Notes
-    -----
-    A loop over the ``2h + 1`` kernel offsets, each one vectorised over all
-    spectra and pixels; no backend has a native variable-width Gaussian filter.
-    """
-    _ns(flux, sigma_pix)
-    if flux.ndim < 1 or sigma_pix.ndim < 1 or sigma_pix.shape[-1] != flux.shape[-1]:
-        raise InputError(
-            f"gaussian_filter_variable: sigma_pix {sigma_pix.shape} does not match flux {flux.shape} on the pixel axis"
-        )
-    if half_width is not None and int(half_width) < 0:
-        raise InputError(f"gaussian_filter_variable: half_width must be >= 0, got {half_width}")
-    return _agnostic.gaussian_filter_variable(flux, sigma_pix, truncate=truncate, half_width=half_width)
 
 
 def savgol_filter(y, mask, *, window, polyorder, axis=-1):
@@ -214,55 +161,6 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     if y.shape[axis] < window:
         raise InputError(f"savgol_filter: window {window} is longer than the {y.shape[axis]} pixels along axis {axis}")
     return _agnostic.savgol_filter(y, mask, window=window, polyorder=polyorder, axis=axis)
-
-
-def fft_correlate(a, b, *, axis=-1):
-    """Full cross-correlation along ``axis`` via FFT, batched with broadcasting.
-
-    Equals ``scipy.signal.correlate(a, b, mode="full")`` for 1-D real inputs,
-    i.e. ``c[k] = Σ_j a[j] b[j - k + nb - 1]``, ``k = 0 .. na + nb - 2``
-    (lag ``k - (nb - 1)``).
-
-    Parameters
-    ----------
-    a : array, shape (..., na)
-    b : array, shape (..., nb)
-        Real inputs; all axes other than ``axis`` broadcast (give ``a`` and
-        ``b`` the same number of dimensions when ``axis`` is not negative).
-    axis : int, optional
-        Correlation axis (default last).
-
-    Returns
-    -------
-    array, shape broadcast(...) with na + nb - 1 along ``axis``
-        Real, floating dtype of the inputs.
-
-    Notes
-    -----
-    NumPy uses ``scipy.signal.fftconvolve`` with ``b`` reversed, CuPy
-    ``cupyx.scipy.signal.fftconvolve``; elsewhere zero-padded ``xp.fft.rfft``
-    / ``irfft`` at a 2·3·5-smooth length.
-    """
-    xp = _ns(a, b)
-    if a.ndim < 1 or b.ndim < 1:
-        raise InputError(f"fft_correlate: inputs need at least one axis, got {a.shape} and {b.shape}")
-    if axis >= 0 and a.ndim != b.ndim:
-        raise InputError(f"fft_correlate: a {a.shape} and b {b.shape} differ in rank; pass a negative axis")
-    if not (-a.ndim <= axis < a.ndim and -b.ndim <= axis < b.ndim):
-        raise InputError(f"fft_correlate: axis {axis} out of range for shapes {a.shape} and {b.shape}")
-    if is_numpy_namespace(xp) or is_cupy_namespace(xp):
-        # scipy / cupyx fftconvolve pick fast lengths and batch over broadcast axes natively
-        if is_numpy_namespace(xp):
-            from scipy.signal import fftconvolve
-        else:
-            from cupyx.scipy.signal import fftconvolve
-        nd = max(a.ndim, b.ndim)
-        a2 = xp.reshape(a, (1,) * (nd - a.ndim) + a.shape)
-        b2 = xp.reshape(b, (1,) * (nd - b.ndim) + b.shape)
-        dtype = _agnostic._float_dtype(xp, a, b)
-        out = fftconvolve(a2, xp.flip(b2, axis=axis), mode="full", axes=axis)
-        return xp.astype(out, dtype, copy=False)
-    return _agnostic.fft_correlate(a, b, axis=axis)
 
 
 def batched_lstsq(A, b, *, weights=None, ridge=0.0):

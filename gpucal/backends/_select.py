@@ -32,6 +32,7 @@ __all__ = [
     "get_backend",
     "array_namespace",
     "backend_of",
+    "native_namespace",
     "to_backend",
     "to_numpy",
 ]
@@ -73,6 +74,24 @@ def array_namespace(*arrays):
     return _compat_namespace(*arrays)
 
 
+def native_namespace(xp):
+    """The array library behind namespace ``xp`` whose own compiled routines gpucal calls: numpy, cupy, or None.
+
+    The one place that decides delegation (as scipy's ``scipy_namespace_for``
+    does for its own functions): the NumPy namespace (array-api-compat's
+    wrapper) delegates to ``numpy``, CuPy's to ``cupy``; every other
+    namespace (torch, JAX, array-api-strict) gets None and runs the portable
+    fallback. The library is imported only when ``xp`` is its namespace.
+    """
+    if is_numpy_namespace(xp):
+        return np
+    if is_cupy_namespace(xp):
+        import cupy
+
+        return cupy
+    return None
+
+
 def _cupy_usable():
     """(ok, reason) for CuPy: importable AND at least one CUDA device answers."""
     try:
@@ -103,8 +122,7 @@ def _make(name: str, reason: str) -> Backend:
         return Backend("cupy", xp, cupy.cuda.Device(), reason or why)
     if name == "torch":
         try:
-            import torch  # noqa: F401
-            import array_api_compat.torch as xp
+            import array_api_compat.torch as xp  # imports torch: ImportError without it
         except ImportError as exc:
             raise BackendError(f"backend 'torch' is not usable: torch is not installed ({exc})") from None
         return Backend("torch", xp, xp.asarray(0.0).device, reason or "requested")

@@ -21,7 +21,7 @@ from array_api_compat import device as _device
 from ..backends import array_namespace, masked_median, savgol_filter, sigma_clip
 from ..containers import CalibrationVectors, FluxCalibrationResult
 from ..errors import InputError
-from ..fitting.masks import cap_local_weights, local_outliers
+from ..fitting import cap_local_weights, local_outliers
 
 __all__ = ["star_outliers", "combine_calibration_vectors", "fill_masked"]
 

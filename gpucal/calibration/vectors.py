@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from ..backends import array_namespace, interp
 from ..containers import CalibrationVectors
-from ..fitting.lsf import convolve_to_instrument
-from ..fitting.masks import TELLURIC_DEFAULT, region_mask
+from ..fitting import TELLURIC_DEFAULT, convolve_to_instrument, region_mask
 from ..units import doppler_factor
 
 __all__ = ["shift_to_observed", "calibration_vectors"]

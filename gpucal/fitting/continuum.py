@@ -18,11 +18,17 @@ Shapes: wave (n_pix,) Å; flux, weights (n_spec, n_pix); output (n_spec, n_pix).
 
 from __future__ import annotations
 
+import math
+import sys
+
 from array_api_compat import device as _device
 
 from ..backends import array_namespace, batched_lstsq, masked_median
 
 __all__ = ["legendre_basis", "fit_continuum"]
+
+#: ln of the largest float64: exp(x) is finite for x <= _LN_MAX and overflows above it.
+_LN_MAX = math.log(sys.float_info.max)
 
 
 def legendre_basis(wave, degree: int):
@@ -83,4 +89,10 @@ def fit_continuum(wave, flux, weights, *, degree: int = 7, niter: int = 6,
         keep = positive & (resid > -clip_low * sigma) & (resid < clip_high * sigma)
     wk = xp.where(keep, wl, xp.zeros_like(wl))
     coef = batched_lstsq(basis, lnf, weights=wk, ridge=1e-12)
-    return xp.exp(coef @ xp.permute_dims(basis, (1, 0)))
+    return _exp_or_inf(coef @ xp.permute_dims(basis, (1, 0)))
+
+
+def _exp_or_inf(x):
+    """exp(x) in float64, +inf where it overflows (a fit run wild over masked pixels), without the overflow."""
+    xp = array_namespace(x)
+    return xp.where(x > _LN_MAX, xp.inf, xp.exp(xp.minimum(x, _LN_MAX)))

@@ -39,10 +39,9 @@ The kernel
 
 Shapes: wave (n_w,) Å, log-uniform; flux (..., n_w) (a batch of templates);
 output (..., n_w), dtype of ``flux``, on its namespace and device. The kernel
-loop runs on the array namespace of the inputs (NumPy, CuPy, torch, ...);
-the backend op ``gaussian_filter_variable`` is not used because its kernel
-is a Gaussian in pixels, which on a log grid is skewed relative to a Gaussian
-in Å and lacks the Jacobian.
+loop runs on the array namespace of the inputs (NumPy, CuPy, torch, ...). It
+is not a Gaussian filter in pixels: on a log grid that would be skewed
+relative to a Gaussian in Å and lack the Jacobian.
 """
 
 from __future__ import annotations

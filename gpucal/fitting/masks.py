@@ -3,7 +3,8 @@
 Regions: a wavelength array (n_pix,) in Å in, a boolean array of the same
 namespace and device out, True where the pixel is usable. Outliers: batched
 (n_spec, n_pix) arrays in, a boolean mask out, True where the pixel is an
-outlier of its own spectrum.
+outlier of its own spectrum. The default regions are the telluric bands
+(:data:`gpucal.fitting.tellurics.TELLURIC_DEFAULT`, re-exported here).
 """
 
 from __future__ import annotations
@@ -12,17 +13,9 @@ from array_api_compat import device as _device
 
 from ..backends import array_namespace
 from ..errors import InputError
+from .tellurics import TELLURIC_DEFAULT
 
 __all__ = ["TELLURIC_DEFAULT", "parse_regions", "region_mask", "local_outliers", "cap_local_weights"]
-
-#: Default telluric absorption bands (Å): O2 B/A bands and H2O bands.
-TELLURIC_DEFAULT = (
-    (6860.0, 6960.0),
-    (7150.0, 7340.0),
-    (7590.0, 7700.0),
-    (8100.0, 8360.0),
-    (8920.0, 9200.0),
-)
 
 
 def parse_regions(text: str):
@@ -51,12 +44,6 @@ def region_mask(wave, regions=TELLURIC_DEFAULT):
     for lo, hi in regions:
         good = good & ~((wave >= lo) & (wave <= hi))
     return good
-
-
-def _device(x):
-    from array_api_compat import device
-
-    return device(x)
 
 
 def _neighbour_middle(x, mask):
@@ -95,7 +82,7 @@ def local_outliers(x, ivar, mask, *, nsigma: float = 8.0, floor: float = 0.0, si
     absorption spectrum a line core stands below its neighbours and a one-
     or two-pixel window between deep lines stands above them, so on observed
     spectra use ``side="high"`` together with a cut on the normalised flux
-    (as :func:`gpucal.matching.normalise_observed` does); on calibration
+    (as :func:`gpucal.fitting.prepare.normalise_observed` does); on calibration
     vectors, where the lines divide out, use ``"both"``. Only pixels in
     ``mask`` are flagged or used as neighbours.
     """

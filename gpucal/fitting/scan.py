@@ -1,9 +1,10 @@
-"""Template matching: every (star, template, velocity) scored at once.
+"""The grid scan: every (star, template, velocity) scored at once.
 
-Step 1 of the mission. The observed standards and the LSF-convolved template
-grid are continuum-normalised the same way (:mod:`gpucal.continuum`), then for
-every star s, template t and trial velocity v the χ² of the template with a
-free amplitude is
+Step of the mission after preparation (:mod:`gpucal.fitting.prepare`: the
+standards and the LSF-convolved template grid continuum-normalised the same
+way) and before refinement (:mod:`gpucal.fitting.refine`). For every star
+s, template t and trial velocity v the χ² of the template with a free
+amplitude is
 
     χ²(s,t,v) = Σ_q W D² − (Σ_q W D m_t)² / Σ_q W m_t²,
 
@@ -12,184 +13,49 @@ D, W are the star's normalised flux and inverse variance evaluated at
 λ_q (1+z_v), i.e. the data shifted into the template's rest frame. The
 working grid's pixel is a whole number P of velocity steps, so trial v is a
 whole-pixel lag r plus one of P sub-pixel phases: the data are interpolated
-once per phase, and the trials at lag r are a strided window of those rows.
-The two sums are then matrix products, (n_star·P, n_q) @ (n_q, n_templates)
-per lag, for the lags the velocity range spans (about 16 working pixels for
-±500 km/s) and per block of templates: the whole scan is a few GEMMs, streamed over blocks of
-templates so memory stays bounded, with a running minimum kept on the device.
-The products and the χ² combination run in the templates' dtype (float32
-by default); Σ W D² is summed in float64.
+once per phase (:func:`_phase_plan`, :class:`_Shifted`), and the trials at
+lag r are a strided window of those rows. The two sums are then matrix
+products, (n_star·P, n_q) @ (n_q, n_templates) per lag, for the lags the
+velocity range spans (about 16 working pixels for ±500 km/s) and per block
+of templates: the whole scan is a few GEMMs, streamed over blocks of
+templates so memory stays within :func:`memory_budget`, with a running
+minimum kept on the device. The products and the χ² combination run in the
+templates' dtype (float32 by default); Σ W D² is summed in float64.
 
-The best velocity is refined by a parabola through the three χ² values
-around the best lag, which works at every lag (negative and near-zero
-velocities too); its 1-σ error comes from the curvature (Δχ² = 1, inflated by
-χ²/dof when that exceeds 1). The best node's χ² is then recomputed on the
-frame's own pixels, so χ²/dof is an honest goodness of fit.
+The fast path finds each star's velocity from a few fiducial templates and
+scans the grid there; with it, or with the Huber metric, each star's top-k
+χ² candidates are scanned over every velocity again (and re-scored by a
+Huber loss on the frame's pixels). The best velocity is refined by a
+parabola through the three float64 χ² values around the best lag, which
+works at every lag (negative and near-zero velocities too); its 1-σ error
+comes from the curvature (Δχ² = 1, inflated by χ²/dof when that exceeds 1).
+:func:`match_templates` then hands the best node to the refinement, which
+recomputes its χ² on the frame's own pixels (an honest χ²/dof) and steps
+in the grid parameters.
 
-Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); templates (n_t, n_w).
-Velocities in km/s (relativistic Doppler), positive = receding.
+Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); prepared templates
+(n_t, n_q); χ² tables (n_t, n_star). Velocities in km/s (relativistic
+Doppler), positive = receding.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp, to_backend, to_numpy
-from ..containers import MatchResult, PreparedGrid, SpectraBatch, TemplateGrid
-from .continuum import fit_continuum
-from ..errors import CoverageError, InputError
-from .masks import TELLURIC_DEFAULT, cap_local_weights, local_outliers, region_mask
-from ..units import C_KMS, FWHM_TO_SIGMA, doppler_factor
-from .lsf import convolve_to_instrument, instrument_fwhm
+from ..backends import array_namespace, backend_of, interp, to_numpy
+from ..containers import MatchResult, PreparedGrid, SpectraBatch
+from ..errors import InputError
+from ..units import C_KMS, doppler_factor
+from .masks import TELLURIC_DEFAULT
+from .prepare import gather_templates, normalise_observed, template_blocks, velocity_grid
+from .refine import chi2_on_pixels, node_parameters, shifted_model
 
-__all__ = [
-    "prepare_grid",
-    "working_grid",
-    "normalise_observed",
-    "velocity_grid",
-    "match_templates",
-    "grid_neighbours",
-    "refined_templates",
-    "memory_budget",
-]
-
-def velocity_grid(vmin: float, vmax: float, step: float, *, like):
-    """Trial velocities from vmin to vmax (km/s, inclusive) in steps of ``step``, on ``like``'s device.
-
-    The steps are uniform in rapidity, v_k = c·tanh(k·Δ) with Δ = atanh(step / c),
-    so the Doppler factor is exactly 1 + z_k = exp(k·Δ): every trial shift is
-    a whole number of the same sub-pixel step on the log-λ working grid (see
-    :func:`working_grid`). Below 1000 km/s the grid is uniform in velocity to
-    a few parts in 10⁶ of the step. Zero is on the grid when vmin ≤ 0 ≤ vmax.
-    """
-    if not (step > 0 and vmax > vmin):
-        raise InputError(f"velocity range needs vmin < vmax and step > 0, got {vmin}:{vmax}:{step}")
-    if max(abs(vmin), abs(vmax)) >= 0.1 * C_KMS:
-        raise InputError(f"velocity range {vmin}:{vmax} km/s is beyond what a stellar RV scan supports")
-    xp = array_namespace(like)
-    delta = math.atanh(step / C_KMS)
-    k0 = math.ceil(math.atanh(vmin / C_KMS) / delta - 1e-6)
-    k1 = math.floor(math.atanh(vmax / C_KMS) / delta + 1e-6)
-    k = xp.arange(k0, k1 + 1, dtype=xp.float64, device=_device(like))
-    return C_KMS * xp.tanh(k * delta)
-
-
-def working_grid(wave_obs, vstep: float | None = None):
-    """Log-uniform grid over the frame's range, sampled like the frame's median pixel.
-
-    With ``vstep`` (km/s) the step is rounded to a whole number P of velocity
-    steps, Δlnλ = P·atanh(vstep / c), so that a velocity trial of
-    :func:`velocity_grid` is a whole-pixel lag plus one of P sub-pixel
-    phases: the scan then interpolates the data at P phases instead of at
-    every trial velocity.
-    """
-    xp = array_namespace(wave_obs)
-    n = wave_obs.shape[0]
-    lo, hi = float(wave_obs[0]), float(wave_obs[n - 1])
-    # Median of Δλ/λ: the working grid keeps about the frame's number of pixels.
-    rel = xp.log(wave_obs[1:] / wave_obs[:-1])
-    dln = float(xp.sort(rel)[(n - 1) // 2])
-    if vstep is not None:
-        delta = math.atanh(vstep / C_KMS)
-        dln = max(1, round(dln / delta)) * delta
-    nq = int(math.floor(math.log(hi / lo) / dln)) + 1
-    return lo * xp.exp(dln * xp.arange(nq, dtype=xp.float64, device=_device(wave_obs)))
-
-
-def prepare_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, resolution=None,
-                 dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT,
-                 block_size: int = 2048, out=None, neighbours: bool = True,
-                 vstep: float | None = 5.0) -> PreparedGrid:
-    """Convolve the grid to the instrument LSF, resample onto the working grid, normalise.
-
-    The grid may live on the host (even memory-mapped): it is processed in
-    blocks of ``block_size`` templates on ``wave_obs``'s backend. With ``out``
-    (a writable host array of shape (n_t, n_q), e.g. a memory-mapped .npy
-    file sized with :func:`working_grid`) each block is written there and the
-    result is streamed back by the scan; otherwise it stays on the backend.
-    ``vstep`` (km/s) aligns the working grid with the velocity scan's step
-    (:func:`working_grid`); scans with another step still work, by
-    interpolating the data at every trial velocity. The grid must cover the frame's wavelength range plus six LSF σ on each
-    side; otherwise CoverageError says which range is missing.
-    """
-    be = backend_of(wave_obs)
-    xp = be.xp
-    dtype = xp.float32 if dtype is None else dtype
-    wq = working_grid(wave_obs, vstep)
-    nq = wq.shape[0]
-    lo, hi = float(wq[0]), float(wq[nq - 1])
-    fw_edge = instrument_fwhm(xp.asarray([lo, hi], dtype=xp.float64, device=_device(wq)),
-                              fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
-    pad = 6.0 * FWHM_TO_SIGMA * float(xp.max(fw_edge))
-    gw = to_backend(grid.wave, be, dtype=xp.float64)
-    nw = gw.shape[0]
-    glo, ghi = float(gw[0]), float(gw[nw - 1])
-    if glo > lo - pad or ghi < hi + pad:
-        missing = []
-        if glo > lo - pad:
-            missing.append(f"{lo - pad:.1f}-{glo:.1f} Å")
-        if ghi < hi + pad:
-            missing.append(f"{ghi:.1f}-{hi + pad:.1f} Å")
-        raise CoverageError(
-            f"template grid ({glo:.1f}-{ghi:.1f} Å) does not cover the frame "
-            f"({lo:.1f}-{hi:.1f} Å plus {pad:.1f} Å for the LSF); missing {', '.join(missing)}"
-        )
-    inside = (gw >= lo - pad) & (gw <= hi + pad)
-    i0 = int(xp.argmax(xp.astype(inside, xp.int32)))
-    i1 = i0 + int(xp.sum(xp.astype(inside, xp.int32)))
-    cw = gw[i0:i1]
-    weights = xp.astype(region_mask(wq, good_regions), xp.float64)[None, :]
-    n_t = int(grid.flux.shape[0])
-    blocks = []
-    for b0 in range(0, n_t, block_size):
-        b1 = min(n_t, b0 + block_size)  # strict array API: no out-of-range slice stops
-        flux = to_backend(grid.flux[b0:b1, i0:i1], be, dtype=xp.float64)
-        conv = convolve_to_instrument(cw, flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
-                                      resolution=resolution, template_fwhm=grid.resolution_fwhm)
-        tq = interp(wq, cw, conv)
-        cont = fit_continuum(wq, tq, xp.broadcast_to(weights, tq.shape), degree=continuum_degree)
-        norm = xp.astype(tq / cont, dtype)
-        if out is not None:
-            out[b0:b1, :] = to_numpy(norm)
-        else:
-            blocks.append(norm)
-    norm_flux = out if out is not None else xp.concat(blocks, axis=0)
-    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else list(fwhm_poly), "resolution": resolution}
-    params = to_backend(grid.params, be, dtype=xp.float64)
-    nb = grid_neighbours(params) if neighbours and n_t > 1 else None
-    return PreparedGrid(params=params, wave=wq, norm_flux=norm_flux, lsf=lsf, neighbours=nb)
-
-
-def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, continuum_degree: int = 7):
-    """Continuum-normalised flux and its inverse variance, (n_star, n_pix) each.
-
-    Bad pixels (mask False, NaN flux, non-positive or non-finite variance),
-    the ``good_regions``-excluded bands and single pixels far above their
-    neighbours (hot pixels, cosmic rays: :func:`gpucal.masks.local_outliers`)
-    get zero weight and zero flux; an inverse variance far above its
-    neighbours' is capped (:func:`gpucal.masks.cap_local_weights`).
-    """
-    xp = array_namespace(spectra.flux)
-    f, v = spectra.flux, spectra.var
-    good = spectra.mask & xp.isfinite(f) & xp.isfinite(v) & (v > 0)
-    good = good & region_mask(spectra.wave, good_regions)[None, :]
-    w = xp.where(good, 1.0 / xp.where(good, v, 1.0), 0.0)
-    ff = xp.where(good, f, 1.0)
-    cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)
-    dn = xp.where(good, ff / cont, 0.0)
-    wn = w * cont * cont
-    # A hot pixel or cosmic ray would pull every template's χ² by itself, and so would a pixel
-    # with a wrongly tiny variance. In a normalised absorption spectrum no real pixel stands far
-    # above both its neighbours and 1.5 x the continuum (two-pixel windows between deep lines can
-    # stand well above their neighbours, but not above the continuum).
-    good = good & ~(local_outliers(dn, wn, good, nsigma=8.0, side="high") & (dn > 1.5))
-    wn = cap_local_weights(wn, good)
-    return xp.where(good, dn, 0.0), wn, good
-
+__all__ = ["match_templates", "memory_budget"]
 
 
 def memory_budget(max_memory=None) -> float:
@@ -197,8 +63,6 @@ def memory_budget(max_memory=None) -> float:
 
     Accepts numbers of bytes or strings with a K/M/G suffix ("512M", "2G").
     """
-    import os
-
     value = max_memory if max_memory is not None else os.environ.get("GPUCAL_MAX_MEMORY")
     if value is None or value == "":
         return float(2**30)
@@ -214,36 +78,6 @@ def memory_budget(max_memory=None) -> float:
     if not out > 0:
         raise InputError(f"memory budget must be positive, got {value!r}")
     return out
-
-
-def grid_neighbours(params):
-    """Neighbour of every node along each parameter axis: (n_t, 4, 2) int, -1 where none.
-
-    [t, j, 0] is the node one step below t along parameter j (all other
-    parameters equal), [t, j, 1] one step above. Computed once per grid from
-    its (small) parameter table, on the host, and returned on ``params``'s device.
-    """
-    xp = array_namespace(params)
-    rows = [tuple(r) for r in to_numpy(params).tolist()]
-    index = {r: i for i, r in enumerate(rows)}
-    n_par = len(rows[0]) if rows else 0
-    axes = [sorted({r[j] for r in rows}) for j in range(n_par)]
-    pos = [{v: k for k, v in enumerate(a)} for a in axes]
-    out = []
-    for r in rows:
-        entry = []
-        for j in range(n_par):
-            k = pos[j][r[j]]
-            pair = []
-            for dk in (-1, 1):
-                kk = k + dk
-                if 0 <= kk < len(axes[j]):
-                    pair.append(index.get(r[:j] + (axes[j][kk],) + r[j + 1:], -1))
-                else:
-                    pair.append(-1)
-            entry.append(pair)
-        out.append(entry)
-    return xp.asarray(out, dtype=xp.int64, device=_device(params))
 
 
 def _phase_plan(wq, velocities):
@@ -390,13 +224,6 @@ def _chi2_from_sums(a, b, c):
     return xp.where(xp.isnan(chi2), xp.inf, chi2)
 
 
-def _block_source(norm_flux, be):
-    """Slice -> backend array; a host (memory-mapped) grid is streamed block by block."""
-    def get(b0, b1):
-        return to_backend(norm_flux[b0:b1, :], be)
-    return get
-
-
 def _min_over_lags(products, sh: _Shifted):
     """Minimum χ² over every trial velocity, and its velocity index.
 
@@ -427,27 +254,34 @@ def _min_over_lags(products, sh: _Shifted):
 def _scan_exhaustive(get_block, n_t, sh: _Shifted, block_size):
     """χ² minimum over velocity for every (template, star), and the velocity index where it falls: (n_t, n_star) each.
 
-    Per block of templates and per lag: two GEMMs, (n_star·P, n_q) @ (n_q, n_b),
-    the data's lag window a strided view (no copy).
+    ``get_block(b0, b1)`` gives templates b0..b1 on the backend; one block is
+    held at a time (:func:`_block_minimum`).
     """
     xp = array_namespace(sh.wd)
-    nq = sh.nq
-    n_star, n_ph = sh.d.shape[0], sh.d.shape[1]
     best, lag = [], []
     for b0 in range(0, n_t, block_size):
-        m = get_block(b0, min(n_t, b0 + block_size))
-        mt = xp.permute_dims(m, (1, 0))
-        m2t = xp.permute_dims(m * m, (1, 0))
-        shape = (n_star, n_ph, m.shape[0])
-
-        def products(r):
-            return (xp.reshape(sh.wd[:, r:r + nq] @ mt, shape), xp.reshape(sh.ww[:, r:r + nq] @ m2t, shape))
-
-        val, v = _min_over_lags(products, sh)
-        del m, mt, m2t
+        val, v = _block_minimum(get_block(b0, min(n_t, b0 + block_size)), sh)
         best.append(val)
         lag.append(v)
     return xp.permute_dims(xp.concat(best, axis=1), (1, 0)), xp.permute_dims(xp.concat(lag, axis=1), (1, 0))
+
+
+def _block_minimum(m, sh: _Shifted):
+    """χ² minimum over velocity of a block of templates ``m`` (n_b, n_q) for every star, and where: (n_star, n_b) each.
+
+    Per lag two GEMMs, (n_star·P, n_q) @ (n_q, n_b), the data's lag window a
+    strided view (no copy). The block and its transposes are freed on return.
+    """
+    xp = array_namespace(sh.wd)
+    nq = sh.nq
+    mt = xp.permute_dims(m, (1, 0))
+    m2t = xp.permute_dims(m * m, (1, 0))
+    shape = (sh.d.shape[0], sh.d.shape[1], m.shape[0])
+
+    def products(r):
+        return (xp.reshape(sh.wd[:, r:r + nq] @ mt, shape), xp.reshape(sh.ww[:, r:r + nq] @ m2t, shape))
+
+    return _min_over_lags(products, sh)
 
 
 def _candidates_best(cand_m, sh: _Shifted):
@@ -482,8 +316,11 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
     """Vertex and 1-σ (Δχ² = 1) of the parabola through χ² at lags k-1, k, k+1."""
     xp = array_namespace(cb)
     interior = (k > 0) & (k < n_vel - 1)
+    # χ² is +inf for a star with no usable pixel: keep inf − inf (and its warning) out of the arithmetic.
+    finite = xp.isfinite(ca) & xp.isfinite(cb) & xp.isfinite(cc)
+    ca, cb, cc = (xp.where(finite, c, 0.0) for c in (ca, cb, cc))
     curv = ca - 2.0 * cb + cc
-    ok = interior & (curv > 0) & xp.isfinite(curv)
+    ok = interior & finite & (curv > 0) & xp.isfinite(curv)
     safe = xp.where(ok, curv, 1.0)
     offset = xp.clip(xp.where(ok, 0.5 * (ca - cc) / safe, 0.0), -1.0, 1.0)
     v = xp.take(velocities, k, axis=0) + offset * dv
@@ -495,8 +332,7 @@ def _parabola(ca, cb, cc, k, n_vel, velocities, dv):
 def _huber_scores(wave_obs, dn, wn, good, prepared_wave, cand_m, cand_v, delta, niter=8):
     """Huber loss of candidate templates (n_star, k, n_q) at velocities (n_star, k), on frame pixels."""
     xp = array_namespace(dn)
-    x = wave_obs[None, None, :] / doppler_factor(cand_v)[:, :, None]
-    model = interp(x, prepared_wave, xp.astype(cand_m, xp.float64), left=xp.nan, right=xp.nan)
+    model = shifted_model(wave_obs, prepared_wave, cand_m, cand_v)
     use = good[:, None, :] & xp.isfinite(model)
     model = xp.where(use, model, 0.0)
     w = xp.where(use, wn[:, None, :], 0.0)
@@ -513,96 +349,6 @@ def _huber_scores(wave_obs, dn, wn, good, prepared_wave, cand_m, cand_v, delta, 
     return 2.0 * xp.sum(xp.where(use, rho, 0.0), axis=2)  # on the χ² scale where |r| <= delta
 
 
-def _refine_parameters(wave_obs, dn, wn, good, prepared_wave, get_rows, tbest, rv, neighbours, params, red):
-    """One Gauss–Newton step in (Teff, logg, [M/H], [α/M]) around each star's best node.
-
-    The model is a (T0 + Σ_j Δx_j ∂T/∂x_j) with the derivatives taken from the
-    node's grid neighbours (central difference where both exist, one-sided
-    otherwise), fitted by weighted linear least squares to the normalised
-    spectrum on the frame's pixels. The step Δx is clipped to the
-    neighbouring nodes; its 1-σ error comes from the curvature matrix
-    (inflated by χ²/dof when that exceeds 1). This is the quadratic
-    approximation of χ² around the node that the linear blend of
-    :func:`refined_templates` reproduces.
-
-    Returns refined params (n_star, 4), errors (n_star, 4), and blend
-    indices / fractions (n_star, 4) for :func:`refined_templates`.
-    """
-    xp = array_namespace(dn)
-    dev = _device(dn)
-    n_star = tbest.shape[0]
-    n_par = params.shape[1]
-    nb = xp.take(neighbours, tbest, axis=0)  # (n_star, n_par, 2)
-    lo_i, hi_i = nb[:, :, 0], nb[:, :, 1]
-    has_lo, has_hi = lo_i >= 0, hi_i >= 0
-    lo_s = xp.where(has_lo, lo_i, tbest[:, None])
-    hi_s = xp.where(has_hi, hi_i, tbest[:, None])
-    rows = xp.concat([tbest[:, None], lo_s, hi_s], axis=1)  # (n_star, 1 + 2 n_par)
-    n_rows = rows.shape[1]
-    m = xp.reshape(xp.astype(get_rows(xp.reshape(rows, (-1,))), xp.float64), (n_star, n_rows, -1))
-    x = wave_obs[None, None, :] / doppler_factor(rv)[:, None, None]
-    model = interp(x, prepared_wave, m, left=xp.nan, right=xp.nan)  # (n_star, n_rows, n_pix)
-    use = good & xp.all(xp.isfinite(model), axis=1)
-    model = xp.where(use[:, None, :], model, 0.0)
-    p0 = xp.take(params, tbest, axis=0)
-    x_lo = xp.reshape(xp.take(params, xp.reshape(lo_s, (-1,)), axis=0), (n_star, n_par, n_par))
-    x_hi = xp.reshape(xp.take(params, xp.reshape(hi_s, (-1,)), axis=0), (n_star, n_par, n_par))
-    x_lo, x_hi = xp.linalg.diagonal(x_lo), xp.linalg.diagonal(x_hi)
-    span = x_hi - x_lo
-    active = span > 0
-    t0 = model[:, 0, :]
-    deriv = (model[:, 1 + n_par:, :] - model[:, 1:1 + n_par, :]) / xp.where(active, span, 1.0)[:, :, None]
-    deriv = xp.where(active[:, :, None], deriv, 0.0)
-    design = xp.concat([t0[:, None, :], deriv], axis=1)  # (n_star, 1 + n_par, n_pix)
-    w = xp.where(use, wn, 0.0)
-    normal = (design * w[:, None, :]) @ xp.permute_dims(design, (0, 2, 1))
-    rhs = xp.sum(design * (w * dn)[:, None, :], axis=2)
-    # Axes with no neighbours (a single value, e.g. [α/M] = 0) get a unit row: their step is 0.
-    fixed = xp.concat([xp.zeros((n_star, 1), dtype=xp.bool, device=dev), ~active], axis=1)
-    eye = xp.eye(1 + n_par, dtype=xp.float64, device=dev)
-    fixed_f = xp.astype(fixed, xp.float64)
-    keep = 1.0 - fixed_f
-    normal = normal * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * fixed_f[:, None, :]
-    # A relative ridge keeps the solve defined when one pixel carries all the weight (a tiny
-    # variance) or none does (every pixel bad: unit system, zero step); the star is judged later.
-    scale = xp.sum(xp.linalg.diagonal(normal), axis=1) / (1 + n_par)
-    normal = normal + xp.where(scale > 0, 1e-12 * scale, 1.0)[:, None, None] * eye[None, :, :]
-    rhs = rhs * keep
-    coef = xp.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
-    cov = xp.linalg.inv(normal)
-    amp = coef[:, 0]
-    safe_amp = xp.where(amp != 0, amp, 1.0)
-    dx = coef[:, 1:] / safe_amp[:, None]
-    dx = xp.clip(dx, x_lo - p0, x_hi - p0)
-    var = xp.linalg.diagonal(cov)[:, 1:] / (safe_amp * safe_amp)[:, None]
-    err = xp.where(active, xp.sqrt(xp.maximum(var, 0.0) * xp.maximum(red, 1.0)[:, None]), xp.nan)
-    toward = xp.where(dx >= 0, hi_s, lo_s)
-    step = xp.where(dx >= 0, x_hi - p0, p0 - x_lo)
-    frac = xp.where(active & (step > 0), xp.abs(dx) / xp.where(step > 0, step, 1.0), 0.0)
-    return p0 + dx, err, toward, frac
-
-
-def refined_templates(flux, match: MatchResult):
-    """Each star's template at its refined parameters, (n_star, n_w), on ``match``'s backend.
-
-    Linear blend from the best node toward its neighbour along each parameter
-    axis: T = T0 + Σ_j f_j (T_j − T0), exact at the nodes and first-order
-    (multilinear to first order) in between. Without refinement it is T0.
-    ``flux`` (n_t, n_w) may be a host (memory-mapped) grid: only the rows
-    needed are read.
-    """
-    be = backend_of(match.index)
-    xp = be.xp
-    t0 = xp.astype(_gather(flux, be, match.index), xp.float64)
-    toward, frac = match.meta.get("blend_index"), match.meta.get("blend_frac")
-    if toward is None:
-        return t0
-    n_star, n_par = toward.shape
-    tn = xp.astype(_gather(flux, be, xp.reshape(toward, (-1,))), xp.float64)
-    tn = xp.reshape(tn, (n_star, n_par, t0.shape[1]))
-    return t0 + xp.sum(xp.astype(frac, xp.float64)[:, :, None] * (tn - t0[:, None, :]), axis=1)
-
-
 def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities=None,
                     vrange=(-500.0, 500.0, 5.0), metric: str = "chi2", huber_delta: float = 3.0,
                     top_k: int = 16, refine: bool = True, fast: bool = False, n_fiducial: int = 12,
@@ -613,14 +359,15 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     Parameters
     ----------
     spectra : standards on the frame's grid (backend arrays).
-    prepared : :func:`prepare_grid` output; its ``norm_flux`` may be a host
+    prepared : :func:`~gpucal.fitting.prepare.prepare_grid` output; its ``norm_flux`` may be a host
         (memory-mapped) array, streamed to the backend block by block.
     velocities : (n_vel,) uniform km/s grid, or None for ``vrange`` = (vmin, vmax, step).
     metric : ``"chi2"``, or ``"huber"``: the ``top_k`` χ² candidates per star
         are re-scored by a Huber loss (IRLS for the amplitude, threshold
         ``huber_delta`` in σ), so a few bad pixels cannot pick the template.
-    refine : per-axis parabolas in (Teff, logg, [M/H], [α/M]) around the best
-        node; the blend weights for :func:`refined_templates` go in ``meta``.
+    refine : one Gauss–Newton step in (Teff, logg, [M/H], [α/M]) from the best
+        node toward its grid neighbours (:mod:`gpucal.fitting.refine`); the
+        blend weights for :func:`~gpucal.fitting.refine.refined_templates` go in ``meta``.
     fast : velocity first from ``n_fiducial`` templates spread over the grid,
         then the whole grid at each star's velocity, then every lag for each
         star's ``top_k`` candidates.
@@ -639,123 +386,117 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         raise InputError(f"unknown metric {metric!r}; use chi2 or huber")
     be = backend_of(spectra.flux)
     xp = be.xp
-    dev = _device(spectra.flux)
     if velocities is None:
         velocities = velocity_grid(*vrange, like=spectra.wave)
     n_vel = velocities.shape[0]
     dv = float(velocities[1] - velocities[0]) if n_vel > 1 else 0.0
     n_t = int(prepared.norm_flux.shape[0])
     dtype = xp.float32 if str(prepared.norm_flux.dtype).endswith("float32") else xp.float64
-    itemsize = 4 if dtype == xp.float32 else 8
     dn, wn, good = normalise_observed(spectra, good_regions=good_regions, continuum_degree=continuum_degree)
-    n_star = dn.shape[0]
-    nq = int(prepared.wave.shape[0])
+    observed = (spectra.wave, dn, wn, good)
     budget = memory_budget(max_memory)
     plan = _phase_plan(prepared.wave, velocities)
-    n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
-    cells = n_star * n_ph * length
-    # Fixed: the shifted data (D, W and W·D in the scan dtype) with the
-    # interpolation's temporaries while they are built (positions, indices,
-    # weights, the good fraction, the float64 sums), and the per-template
-    # results (generously: 48 bytes a cell). Per template: its row and its
-    # square, and per lag the two products with the χ² temporaries.
-    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
-    per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if block_size is None:
-        if fixed + per_template > budget:
-            raise InputError(
-                f"memory budget {budget / 2**20:.0f} MiB is below the {(fixed + per_template) / 2**20:.0f} MiB "
-                f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
-            )
-        block_size = max(1, min(n_t, int((budget - fixed) // per_template)))
-    get_block = _block_source(prepared.norm_flux, be)
+        block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
+                                 4 if dtype == xp.float32 else 8, budget)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
-
-    if fast:
-        fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
-        fid_m = _gather(prepared.norm_flux, be, xp.asarray(sorted(set(fid)), dtype=xp.int64, device=dev))
-        cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
-        tf = xp.argmin(cf, axis=0)[None, :]
-        kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
-        # The whole grid at each star's own fiducial velocity: one column per star.
-        chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
-    else:
-        chi2_t, vidx_t = _scan_exhaustive(get_block, n_t, sh, block_size)
+    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
     if prior is not None:
-        allowed = xp.permute_dims(prior, (1, 0))
-        any_allowed = xp.any(allowed, axis=0)
-        chi2_t = xp.where(allowed | ~any_allowed[None, :], chi2_t, xp.inf)
-
-    k = min(top_k, n_t)
-    need_candidates = fast or metric == "huber"
-    if need_candidates:
-        cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
-        flat = xp.reshape(cand, (-1,))
-        cand_m = xp.reshape(_gather(prepared.norm_flux, be, flat), (n_star, k, nq))
-        cbest, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
-        if metric == "huber":
-            cv = xp.take(velocities, xp.reshape(ck, (-1,)), axis=0)
-            score = _huber_scores(spectra.wave, dn, wn, good, prepared.wave, cand_m,
-                                  xp.reshape(cv, (n_star, k)), huber_delta)
-        else:
-            score = cbest
-        j = xp.argmin(score, axis=1)[:, None]  # (n_star, 1)
-        tbest = xp.take_along_axis(cand, j, axis=1)[:, 0]
-        kbest = xp.take_along_axis(ck, j, axis=1)[:, 0]
+        chi2_t = _apply_prior(chi2_t, prior)
+    if fast or metric == "huber":
+        tbest, kbest = _best_of_candidates(chi2_t, sh, prepared, be, observed, velocities,
+                                           top_k=top_k, metric=metric, huber_delta=huber_delta)
     else:
         tbest = xp.argmin(chi2_t, axis=0)
         kbest = xp.take_along_axis(vidx_t, tbest[None, :], axis=0)[0, :]
-    best_m = _gather(prepared.norm_flux, be, tbest)
-    three = xp.clip(kbest[:, None] + xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=dev)[None, :], 0, n_vel - 1)
-    c3 = _chi2_at_lags(sh, best_m, three)
+    best_m = gather_templates(prepared.norm_flux, be, tbest)
+    rv, rv_err, interior = _velocity_parabola(sh, best_m, kbest, velocities, dv)
     del sh
-    ca, cb, cc = c3[:, 0], c3[:, 1], c3[:, 2]
-    rv, rv_err, interior = _parabola(ca, cb, cc, kbest, n_vel, velocities, dv)
-
-    chi2_pix, dof = _chi2_on_pixels(spectra.wave, dn, wn, good, prepared.wave, best_m, rv)
+    chi2_pix, dof = chi2_on_pixels(*observed, prepared.wave, best_m, rv)
     red = chi2_pix / xp.astype(xp.maximum(dof, 1), xp.float64)
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
-    params_b = to_backend(prepared.params, be, dtype=xp.float64)
+    params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
     meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
-            "block_size": block_size, "metric": metric, "fast": fast}
-    if refine and n_t > 1:
-        neighbours = prepared.neighbours if prepared.neighbours is not None else grid_neighbours(params_b)
-        params, params_err, toward, frac = _refine_parameters(
-            spectra.wave, dn, wn, good, prepared.wave, lambda idx: _gather(prepared.norm_flux, be, idx),
-            tbest, rv, neighbours, params_b, red)
-        meta["blend_index"], meta["blend_frac"] = toward, frac
-    else:
-        params = xp.take(params_b, tbest, axis=0)
-        params_err = xp.full(params.shape, xp.nan, dtype=xp.float64, device=dev)
+            "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
 
 
-def _gather(norm_flux, be, idx):
-    """Rows ``idx`` of a (possibly host, memory-mapped) template array, on the backend."""
+def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget) -> int:
+    """Templates per GEMM block that keep every array the scan holds within ``budget`` bytes.
+
+    Fixed: the shifted data (D, W and W·D in the scan dtype) with the
+    interpolation's temporaries while they are built (positions, indices,
+    weights, the good fraction, the float64 sums), and the per-template
+    results (generously: 48 bytes a cell). Per template: its row and its
+    square, and per lag the two products with the χ² temporaries.
+    """
+    n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
+    cells = n_star * n_ph * length
+    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
+    per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
+    if fixed + per_template > budget:
+        raise InputError(
+            f"memory budget {budget / 2**20:.0f} MiB is below the {(fixed + per_template) / 2**20:.0f} MiB "
+            f"the scan of {n_star} stars x {n_vel} velocities x {nq} pixels needs; raise --max-memory"
+        )
+    return max(1, min(n_t, int((budget - fixed) // per_template)))
+
+
+def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int):
+    """χ² of every template for every star, minimised over velocity, and at which velocity index: (n_t, n_star) each.
+
+    Exhaustive: every (template, velocity). ``fast``: each star's velocity
+    from ``n_fiducial`` templates spread over the grid, then the whole grid
+    at that one velocity (one column per star); the velocity indices are then None.
+    """
     xp = be.xp
-    try:
-        same = array_namespace(norm_flux) is xp
-    except TypeError:
-        same = False
-    if same:
-        return xp.take(norm_flux, idx, axis=0)
-    rows = to_numpy(idx)
-    return to_backend(norm_flux[rows, ...], be)
+    n_t = int(prepared.norm_flux.shape[0])
+    get_block = template_blocks(prepared.norm_flux, be)
+    if not fast:
+        return _scan_exhaustive(get_block, n_t, sh, block_size)
+    fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
+    fid_m = gather_templates(prepared.norm_flux, be,
+                             xp.asarray(sorted(set(fid)), dtype=xp.int64, device=_device(sh.d)))
+    cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
+    tf = xp.argmin(cf, axis=0)[None, :]
+    kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
+    chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
+    return chi2_t, None
 
 
-def _chi2_on_pixels(wave_obs, dn, wn, good, wave_q, m, rv):
-    """χ² (free amplitude) of templates ``m`` (n_star, n_q) shifted by ``rv``, on the frame pixels."""
-    xp = array_namespace(dn)
-    m = xp.astype(m, xp.float64)
-    x = wave_obs[None, :] / doppler_factor(rv)[:, None]
-    model = interp(x, wave_q, m, left=xp.nan, right=xp.nan)
-    use = good & xp.isfinite(model)
-    w = xp.where(use, wn, 0.0)
-    model = xp.where(use, model, 0.0)
-    den = xp.sum(w * model * model, axis=1)
-    a = xp.sum(w * dn * model, axis=1) / xp.where(den > 0, den, 1.0)
-    r = dn - a[:, None] * model
-    chi2 = xp.sum(w * r * r, axis=1)
-    dof = xp.sum(xp.astype(use, xp.int64), axis=1) - 2  # amplitude and velocity
-    return chi2, dof
+def _apply_prior(chi2_t, prior):
+    """χ² (n_t, n_star) set to +inf where ``prior`` (n_star, n_t) forbids a node, unless it forbids all of a star's."""
+    xp = array_namespace(chi2_t)
+    allowed = xp.permute_dims(prior, (1, 0))
+    any_allowed = xp.any(allowed, axis=0)
+    return xp.where(allowed | ~any_allowed[None, :], chi2_t, xp.inf)
+
+
+def _best_of_candidates(chi2_t, sh: _Shifted, prepared: PreparedGrid, be, observed, velocities, *,
+                        top_k: int, metric: str, huber_delta: float):
+    """Each star's ``top_k`` χ² candidates scanned over every velocity, then the best by χ² or Huber.
+
+    ``observed`` is (wave_obs, dn, wn, good). Returns the best node and its
+    velocity index, (n_star,) each.
+    """
+    xp = be.xp
+    n_star, nq = sh.d.shape[0], sh.nq
+    k = min(top_k, int(chi2_t.shape[0]))
+    cand = xp.permute_dims(xp.argsort(chi2_t, axis=0)[:k, :], (1, 0))  # (n_star, k)
+    cand_m = xp.reshape(gather_templates(prepared.norm_flux, be, xp.reshape(cand, (-1,))), (n_star, k, nq))
+    score, ck = _candidates_best(cand_m, sh)  # (n_star, k): best χ² over velocity and where
+    if metric == "huber":
+        cv = xp.reshape(xp.take(velocities, xp.reshape(ck, (-1,)), axis=0), (n_star, k))
+        score = _huber_scores(*observed, prepared.wave, cand_m, cv, huber_delta)
+    j = xp.argmin(score, axis=1)[:, None]  # (n_star, 1)
+    return xp.take_along_axis(cand, j, axis=1)[:, 0], xp.take_along_axis(ck, j, axis=1)[:, 0]
+
+
+def _velocity_parabola(sh: _Shifted, best_m, kbest, velocities, dv):
+    """Velocity (n_star,) km/s and its 1-σ error from float64 χ² at the best lag and its two neighbours; and whether interior."""
+    xp = array_namespace(best_m)
+    n_vel = velocities.shape[0]
+    lags = xp.asarray([-1, 0, 1], dtype=kbest.dtype, device=_device(kbest))
+    c3 = _chi2_at_lags(sh, best_m, xp.clip(kbest[:, None] + lags[None, :], 0, n_vel - 1))
+    return _parabola(c3[:, 0], c3[:, 1], c3[:, 2], kbest, n_vel, velocities, dv)

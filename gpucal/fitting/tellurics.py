@@ -1,0 +1,30 @@
+"""Telluric absorption: the bands of the Earth's atmosphere, and (to come) their correction.
+
+Step of the mission: the pixels the template match and the calibration
+vectors must not trust as they stand. Today the bands are excluded
+(:func:`gpucal.fitting.masks.region_mask` with :data:`TELLURIC_DEFAULT`) and
+the demo simulator imprints them (:data:`TELLURIC_BANDS`, with depths); the
+telluric correction of a later issue (absorption at rest in the
+observatory frame, fitted or taken from a model, kept in the vector and
+never smoothed across) goes in this module.
+
+Units: band edges in Å (the frame's medium), depths as the fraction of the
+flux absorbed at a band's deepest point.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TELLURIC_BANDS", "TELLURIC_DEFAULT"]
+
+#: Telluric bands as (lo, hi, depth): edges in Å and the demo simulator's peak depth
+#: (O2 B band, H2O, O2 A band, H2O, H2O; the O2 A and B bands are the deep ones).
+TELLURIC_BANDS = (
+    (6860.0, 6960.0, 0.35),  # O2 B band
+    (7150.0, 7340.0, 0.15),  # H2O
+    (7590.0, 7700.0, 0.40),  # O2 A band
+    (8100.0, 8360.0, 0.12),  # H2O
+    (8920.0, 9200.0, 0.25),  # H2O
+)
+
+#: The same bands as (lo, hi) edges in Å: the regions excluded by default from matching and calibration.
+TELLURIC_DEFAULT = tuple((lo, hi) for lo, hi, _ in TELLURIC_BANDS)
