@@ -39,8 +39,20 @@ __all__ = [
 PARAM_NAMES = ("teff", "logg", "mh", "alpha")
 
 
+class _FibreAxes:
+    """``n_fibre`` and ``n_pix`` of a frame whose ``flux`` is (n_fibre, n_pix)."""
+
+    @property
+    def n_fibre(self) -> int:
+        return int(self.flux.shape[0])
+
+    @property
+    def n_pix(self) -> int:
+        return int(self.flux.shape[1])
+
+
 @dataclass
-class SpectraBatch:
+class SpectraBatch(_FibreAxes):
     """Observed spectra of several fibres on one wavelength grid.
 
     wave : (n_pix,) Å, strictly increasing.
@@ -61,11 +73,7 @@ class SpectraBatch:
 
     @property
     def n_spec(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
+        return self.n_fibre
 
 
 @dataclass(eq=False)  # compared and hashed by identity: per-grid products are cached by grid
@@ -183,18 +191,6 @@ class FluxCalibrationResult:
     reasons: list
     residuals: Any
     summary: dict = field(default_factory=dict)
-
-
-class _FibreAxes:
-    """``n_fibre`` and ``n_pix`` of a frame whose ``flux`` is (n_fibre, n_pix)."""
-
-    @property
-    def n_fibre(self) -> int:
-        return int(self.flux.shape[0])
-
-    @property
-    def n_pix(self) -> int:
-        return int(self.flux.shape[1])
 
 
 def _fibre_types(fibres) -> np.ndarray:

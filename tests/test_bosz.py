@@ -333,6 +333,16 @@ def test_cache_round_trip(prepared, tmp_path):
         write_template_cache(prepared, tmp_path / "other", overwrite=True)
 
 
+def test_cache_of_a_grid_not_made_from_files_round_trips(tmp_path):
+    """The demo grid's meta names its source as a string: caching it and loading it back works."""
+    g = demo_grid(teff=(5500.0, 6000.0), logg=(4.5,), mh=(0.0,))
+    assert isinstance(g.meta.get("source"), str)
+    out = write_template_cache(g, tmp_path / "demo-cache")
+    back = load_template_cache(out, verify="full")
+    np.testing.assert_array_equal(back.flux, np.asarray(g.flux, dtype=np.float32))
+    np.testing.assert_array_equal(back.params, g.params)
+
+
 def test_cache_refuses_changed_inputs(tree, tmp_path, caplog):
     root = _copy(tree, tmp_path)
     out = tmp_path / "cache"

@@ -123,7 +123,7 @@ def write_template_cache(grid: TemplateGrid, out, *, overwrite: bool = False) ->
 
 def _input_changes(meta: dict, *, full: bool):
     """Descriptions of changed inputs, or None when the source cannot be checked."""
-    src = meta.get("source") or {}
+    src = meta["source"]
     root = src.get("root")
     if not root or not os.path.isdir(root):
         return None
@@ -205,11 +205,11 @@ def load_template_cache(path, *, verify: str = "stat") -> TemplateGrid:
     n_t, n_w = arrays["flux"].shape
     if arrays["params"].shape != (n_t, 4) or arrays["wave"].shape != (n_w,) or arrays["continuum"].shape != (n_t, n_w):
         raise InputError(f"{path}: inconsistent array shapes in the cache")
-    if verify != "none":
+    if verify != "none" and isinstance(meta.get("source"), dict):  # else no source files to check
         changes = _input_changes(meta, full=verify == "full")
         if changes is None:
             logger.warning("%s: source %s is not available; cache inputs not verified", path,
-                           (meta.get("source") or {}).get("root"))
+                           meta["source"].get("root"))
         elif changes:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
             raise StaleCacheError(
