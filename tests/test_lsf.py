@@ -10,16 +10,35 @@ from gpucal.backends import to_numpy
 from gpucal.errors import InputError
 from gpucal.fitting.lsf import (
     convolve_to_instrument,
-    instrument_fwhm,
     parse_resolution_spec,
     resolution_spec,
     template_fwhm_at,
 )
 
-from gpucal.units import FWHM_TO_SIGMA
 from conftest import assert_close
 
 D = 1.0 / 20000.0
+
+
+def _sigma_per_fwhm():
+    """σ of a Gaussian per unit FWHM, found from the profile's half maximum (not the package's constant)."""
+    from scipy.optimize import brentq
+
+    half_width = brentq(lambda x: math.exp(-0.5 * x * x) - 0.5, 0.1, 3.0, xtol=1e-15)
+    return 1.0 / (2.0 * half_width)
+
+
+#: The oracles' own FWHM -> σ factor, so a wrong constant in gpucal cannot cancel out of the tests.
+SIGMA_PER_FWHM = _sigma_per_fwhm()
+
+
+def oracle_fwhm(w, lsf):
+    """FWHM (Å) at ``w`` written out from the option's definition, not through gpucal."""
+    if "fwhm" in lsf:
+        return np.full_like(w, lsf["fwhm"])
+    if "resolution" in lsf:
+        return w / lsf["resolution"]
+    return sum(c * w**k for k, c in enumerate(lsf["fwhm_poly"]))
 
 
 def log_grid(lo=3700.0, hi=9500.0, d=D):
@@ -42,7 +61,7 @@ def brute_force(f, lam, sigma):
 def test_agrees_with_brute_force_integral(lsf):
     w = log_grid()
     out = convolve_to_instrument(w, smooth(w)[None, :], **lsf)[0]
-    sig = instrument_fwhm(w, **lsf) * FWHM_TO_SIGMA
+    sig = oracle_fwhm(w, lsf) * SIGMA_PER_FWHM
     for i in np.linspace(400, w.size - 400, 23).astype(int):
         ref = brute_force(smooth, w[i], sig[i])
         assert abs(out[i] / ref - 1) < 1e-6, (lsf, w[i])
@@ -54,7 +73,7 @@ def test_agrees_with_analytic_convolution_everywhere():
     k, a = 2 * np.pi / 9.0, 0.3
     poly = [0.5, 1.5e-4, 1.0e-8]  # FWHM 1.2 .. 2.8 Å across the band
     out = convolve_to_instrument(w, 1 + a * np.sin(k * w), fwhm_poly=poly, truncate=6.0)
-    sig = instrument_fwhm(w, fwhm_poly=poly) * FWHM_TO_SIGMA
+    sig = oracle_fwhm(w, dict(fwhm_poly=poly)) * SIGMA_PER_FWHM
     ref = 1 + a * np.sin(k * w) * np.exp(-0.5 * (k * sig) ** 2)
     h = int(math.ceil(6 * np.max(sig / w) / D))
     # exact at every pixel, so the kernel width follows σ(λ) with no chunk boundaries or steps
@@ -65,7 +84,7 @@ def _impulse_fwhm(w, out):
     """FWHM (Å) from the second moment of an impulse response (pixel widths ∝ λ)."""
     wt = out * w
     m = np.sum(wt * w) / np.sum(wt)
-    return math.sqrt(np.sum(wt * (w - m) ** 2) / np.sum(wt)) / FWHM_TO_SIGMA
+    return math.sqrt(np.sum(wt * (w - m) ** 2) / np.sum(wt)) / SIGMA_PER_FWHM
 
 
 def test_constant_angstrom_fwhm_is_constant_in_angstrom():
@@ -160,3 +179,25 @@ def test_backends_agree(backend, dtype_name):
     assert out.dtype == getattr(xp, dtype_name)
     assert_close(out, ref, rtol=1e-12 if dtype_name == "float64" else 2e-6, backend=backend)
     assert to_numpy(out).shape == f.shape
+
+
+def test_sigma_per_fwhm_oracle_and_the_package_constant():
+    """The oracle's factor is the Gaussian's; gpucal's FWHM_TO_SIGMA equals it (a 5 % error fails here and above)."""
+    from gpucal.units import FWHM_TO_SIGMA, fwhm_to_sigma
+
+    assert math.exp(-0.5 * (0.5 / SIGMA_PER_FWHM) ** 2) == pytest.approx(0.5, abs=1e-14)
+    assert FWHM_TO_SIGMA == pytest.approx(SIGMA_PER_FWHM, rel=1e-12)
+    assert fwhm_to_sigma(2.0) == pytest.approx(2.0 * SIGMA_PER_FWHM, rel=1e-12)
+
+
+def test_convolved_gaussian_line_has_the_quadrature_width():
+    """A Gaussian absorption line of FWHM f0 convolved with an LSF of FWHM f1 is a Gaussian of FWHM √(f0²+f1²)."""
+    w = log_grid(5000.0, 5400.0)
+    f0, f1, lam0, depth = 1.2, 2.5, 5200.0, 0.4
+    s0 = f0 * SIGMA_PER_FWHM
+    line = 1.0 - depth * np.exp(-0.5 * ((w - lam0) / s0) ** 2)
+    out = convolve_to_instrument(w, line[None, :], fwhm=f1, truncate=8.0)[0]
+    s = math.hypot(f0, f1) * SIGMA_PER_FWHM
+    ref = 1.0 - depth * (s0 / s) * np.exp(-0.5 * ((w - lam0) / s) ** 2)
+    core = np.abs(w - lam0) < 15.0
+    assert np.max(np.abs(out - ref)[core]) < 2e-4
