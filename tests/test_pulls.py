@@ -1,0 +1,121 @@
+"""Reported uncertainties tested by pulls: (estimate − truth) / σ over many noise realisations.
+
+Each test draws the realisations at once (rows or pixels of one batched call)
+and asserts the pulls have unit width and zero mean within their sampling
+error, so a wrong variance formula (a dropped term, a wrong efficiency
+factor) fails here even where the central values are right (issue 20).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from gpucal.backends import to_numpy
+from gpucal.calibration import (
+    apply_flux_calibration,
+    calibration_vectors,
+    combine_calibration_vectors,
+    scale_template_to_photometry,
+)
+from gpucal.containers import CalibrationVectors, Photometry
+
+C_AA = 2.99792458e18  # Å/s
+
+
+def assert_unit_pulls(pull, *, width_tol=0.05, mean_tol=None):
+    """Pulls of unit width (within ``width_tol``) and zero mean (within 5 standard errors)."""
+    pull = np.asarray(pull, dtype=float).ravel()
+    pull = pull[np.isfinite(pull)]
+    n = pull.size
+    assert n > 500, f"only {n} finite pulls"
+    width, mean = float(np.std(pull)), float(np.mean(pull))
+    mean_tol = 5.0 / math.sqrt(n) if mean_tol is None else mean_tol
+    assert abs(width - 1.0) < width_tol, f"pull width {width:.3f} (n = {n})"
+    assert abs(mean) < mean_tol, f"pull mean {mean:+.3f} (n = {n})"
+
+
+def _vectors(backend, cal, var):
+    wave = np.linspace(4000.0, 8000.0, cal.shape[1])
+    return CalibrationVectors(wave=backend.asarray(wave), cal=backend.asarray(cal), var=backend.asarray(var),
+                              mask=backend.asarray(np.ones(cal.shape, dtype=bool)))
+
+
+@pytest.mark.parametrize("method, n_star", [("weighted_mean", 7), ("median", 41)])
+def test_combined_vector_pulls(backend, method, n_star):
+    """The combined vector's variance: 1/Σ ivar for the mean, (π/2)/Σ ivar for the median."""
+    rng = np.random.default_rng(7)
+    n_pix = 3000  # every pixel is one realisation of the combination
+    truth = 1.0 + 0.2 * np.sin(np.linspace(0.0, 6.0, n_pix))
+    sig = 0.01 * truth[None, :] * np.ones((n_star, 1))
+    cal = truth + rng.normal(0.0, 1.0, (n_star, n_pix)) * sig
+    res = combine_calibration_vectors(_vectors(backend, cal, sig**2), method=method)
+    comb, var = to_numpy(res.cal), to_numpy(res.var)
+    assert bool(to_numpy(res.measured).all())
+    # the mean's clipping at 3σ trims its tails a little; the median's factor is asymptotic
+    assert_unit_pulls((comb - truth) / np.sqrt(var), width_tol=0.06)
+
+
+def test_per_star_vector_pulls_carry_the_scale_error(backend):
+    """σ²(Cal) = Cal² (σ²_C / C² + (σ_s / s)²): the photometric scale's error is in every pixel."""
+    rng = np.random.default_rng(3)
+    n_star, n_pix = 400, 200  # rows are realisations: one scale error each, pixels share it
+    wave_t = np.geomspace(3900.0, 8100.0, 14621)  # log-uniform, as the LSF convolution needs
+    wave = np.linspace(4000.0, 8000.0, n_pix)
+    level, s_true, rel_s = 2.0, 3.0, 0.02
+    counts_true = 1000.0 * np.ones((n_star, n_pix))
+    var = counts_true.copy()  # Poisson-like: 3 % per pixel at 1000 counts
+    counts = counts_true + rng.normal(0.0, 1.0, counts_true.shape) * np.sqrt(var)
+    scale = s_true * (1.0 + rel_s * rng.normal(0.0, 1.0, n_star))
+    template = np.full((n_star, wave_t.size), level)
+    vec = calibration_vectors(backend.asarray(wave), backend.asarray(counts), backend.asarray(var),
+                              backend.asarray(np.ones(counts.shape, dtype=bool)), backend.asarray(wave_t),
+                              backend.asarray(template), backend.asarray(np.zeros(n_star)),
+                              backend.asarray(scale), backend.asarray(np.full(n_star, s_true * rel_s)),
+                              fwhm=2.0, mask_regions=())
+    cal_true = s_true * level / counts_true
+    cal, cvar = to_numpy(vec.cal), to_numpy(vec.var)
+    assert bool(to_numpy(vec.mask).all())
+    # a row's pixels share its scale error, so the mean's sampling error is that of 400 rows (~0.03)
+    assert_unit_pulls((cal - cal_true) / np.sqrt(cvar), mean_tol=0.15)
+    # the star-to-star part alone: each row's mean pixel error is the scale error
+    row = np.mean((cal - cal_true) / cal_true, axis=1)
+    assert float(np.std(row)) == pytest.approx(math.hypot(rel_s, math.sqrt(1e-3 / n_pix)), rel=0.1)
+
+
+def test_photometric_scale_pulls(backend):
+    """scale_err from the magnitudes' errors: pulls of (scale − truth)/σ have unit width."""
+    rng = np.random.default_rng(11)
+    n = 600
+    wave = np.linspace(3000.0, 11000.0, 8001)
+    flam = 3.631e-20 * C_AA / wave**2  # AB mag 0 in every band
+    true_scale = 10 ** (-0.4 * 16.0)
+    bands = ("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z")
+    err = np.tile([0.02, 0.015, 0.02, 0.03], (n, 1))
+    mag = 16.0 + err * rng.normal(0.0, 1.0, err.shape)
+    phot = Photometry(names=tuple(f"s{i}" for i in range(n)), bands=bands, mag=mag, err=err,
+                      valid=np.ones(err.shape, dtype=bool), system=("AB",) * 4)
+    sc = scale_template_to_photometry(backend.asarray(wave), backend.asarray(np.tile(flam, (n, 1))), phot)
+    scale, scale_err = to_numpy(sc.scale), to_numpy(sc.scale_err)
+    # first order in the magnitude errors (~1 %): the pull width is good to ~1e-2
+    assert_unit_pulls((scale - true_scale) / scale_err, mean_tol=0.15)
+
+
+def test_calibrated_spectra_pulls(backend):
+    """σ²_F = σ²_C Cal² + C² σ²_Cal: calibrated flux pulls from noise in both counts and vector."""
+    rng = np.random.default_rng(5)
+    n_fibre, n_pix = 50, 400
+    c_true = rng.uniform(200.0, 2000.0, (n_fibre, 1)) * np.ones((1, n_pix))
+    cal_true = 1e-17 * (1.0 + 0.3 * np.sin(np.linspace(0.0, 3.0, n_pix)))
+    var = c_true.copy()
+    cal_var = (0.01 * cal_true) ** 2
+    counts = c_true + rng.normal(0.0, 1.0, c_true.shape) * np.sqrt(var)
+    # one vector per fibre (independent draws), so each row is its own realisation
+    cal = cal_true + rng.normal(0.0, 1.0, (n_fibre, n_pix)) * np.sqrt(cal_var)
+    flux = np.empty_like(counts)
+    fvar = np.empty_like(counts)
+    for k in range(n_fibre):  # the test's own loop over realisations; apply is batched over fibres
+        f, v = apply_flux_calibration(backend.asarray(counts[k:k + 1]), backend.asarray(var[k:k + 1]),
+                                      backend.asarray(cal[k]), backend.asarray(cal_var), fibre_axis=0)
+        flux[k], fvar[k] = to_numpy(f)[0], to_numpy(v)[0]
+    assert_unit_pulls((flux - c_true * cal_true) / np.sqrt(fvar))
