@@ -263,3 +263,45 @@ def test_random_corruption_is_an_error_or_the_same_grid(clean, which, where, mas
         except GpucalError:
             return
         _grid_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(FILES + (".gpucal-verified.json",)), where=st.floats(0.0, 1.0, exclude_max=True),
+       mask=st.integers(1, 255), truncate=st.booleans())
+def test_random_corruption_of_a_stamped_cache_is_an_error_or_the_same_grid(clean, which, where, mask, truncate,
+                                                                           monkeypatch):
+    """The same with a stamp in place (and corruption of the stamp itself): the stamp never hides a change."""
+    src, want = clean
+    monkeypatch.setattr(tcache, "RACY_S", 0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cache")
+        shutil.copytree(src, path)
+        load_template_cache(path)
+        assert os.path.isfile(os.path.join(path, ".gpucal-verified.json"))
+        fname = os.path.join(path, which)
+        st_before = os.stat(fname)
+        raw = bytearray(open(fname, "rb").read())
+        at = int(where * len(raw))
+        if truncate:
+            raw = raw[:at]
+        else:
+            raw[at] ^= mask
+        open(fname, "wb").write(bytes(raw))
+        # the filesystem clock has ticked since the stamp (what RACY_S guarantees outside this test)
+        os.utime(fname, ns=(st_before.st_atime_ns, st_before.st_mtime_ns + 10**9))
+        try:
+            got = load_template_cache(path)
+        except GpucalError:
+            return
+        _grid_equal(got, want)
+
+
+def test_a_stamp_temporary_left_by_a_killed_process_is_removed(cache, monkeypatch):
+    monkeypatch.setattr(tcache, "RACY_S", 0.0)
+    old = os.path.join(cache, ".gpucal-verified.json.abc123.tmp")
+    new = os.path.join(cache, ".gpucal-verified.json.def456.tmp")
+    for p in (old, new):
+        open(p, "w").write("{")
+    os.utime(old, (1.0, 1.0))
+    load_template_cache(cache)
+    assert not os.path.exists(old) and os.path.exists(new)  # a fresh one may be another writer's

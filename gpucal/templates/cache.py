@@ -345,6 +345,7 @@ def _write_stamp(path: str, meta: dict, entries: dict) -> None:
         tmp = None
         try:
             os.makedirs(os.path.dirname(where), exist_ok=True)
+            _remove_stale_stamp_temporaries(os.path.dirname(where))
             fd, tmp = tempfile.mkstemp(prefix=STAMP + ".", suffix=".tmp", dir=os.path.dirname(where))
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
@@ -358,6 +359,18 @@ def _write_stamp(path: str, meta: dict, entries: dict) -> None:
                 except OSError:
                     pass
     logger.info("%s: no verification stamp could be written; its arrays are hashed on every open", path)
+
+
+def _remove_stale_stamp_temporaries(folder: str) -> None:
+    """Remove stamp temporaries (``.gpucal-verified.json.*.tmp``) over an hour old: left by a killed process."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(STAMP + ".") and name.endswith(".tmp"):
+            try:
+                if now - os.lstat(os.path.join(folder, name)).st_mtime > 3600:
+                    os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def _verify_arrays(path: str, meta: dict, *, full: bool) -> None:
