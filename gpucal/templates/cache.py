@@ -374,26 +374,33 @@ def _remove_stale_stamp_temporaries(folder: str) -> None:
 
 
 def _verify_arrays(path: str, meta: dict, *, full: bool) -> None:
-    """Every array of the cache against its recorded SHA-256, skipping those the stamp shows unchanged."""
+    """Every array of the cache against its recorded SHA-256, skipping those the stamp shows unchanged.
+
+    An array changed within :data:`RACY_S` seconds before its hash began, or
+    during it, is not stamped: it is hashed again on the next open.
+    """
     stamped = {} if full else _read_stamps(path, meta)
-    entries, hashed = {}, False
+    entries, todo = {}, {}
     for name in _ARRAYS:
         rec = meta["arrays"][name]
-        fname = os.path.join(path, rec["file"])
-        st = os.lstat(fname)
+        st = os.lstat(os.path.join(path, rec["file"]))
         old = stamped.get(name) or {}
         if old.get("stat") == _stat_key(st) and old.get("sha256") == rec["sha256"]:
             entries[name] = old
-            continue
-        began = time.time_ns()
-        hashed = True
-        if _sha256_file(fname) != rec["sha256"]:
+        else:
+            todo[name] = st
+    if not todo:
+        return
+    began = time.time_ns()
+    for name, st in todo.items():
+        rec = meta["arrays"][name]
+        if _sha256_file(os.path.join(path, rec["file"])) != rec["sha256"]:
             raise CorruptCacheError(f"{path}: the {name} array ({rec['file']}) does not match the SHA-256 its sidecar "
                                     f"records (changed or corrupt cache); prepare the cache again")
-        after = os.lstat(fname)
+        after = os.lstat(os.path.join(path, rec["file"]))
         if _stat_key(after) == _stat_key(st) and began - st.st_ctime_ns > RACY_S * 1e9:
             entries[name] = {"stat": _stat_key(st), "sha256": rec["sha256"]}
-    if hashed and entries:
+    if entries:
         _write_stamp(path, meta, entries)
 
 
