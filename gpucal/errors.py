@@ -14,6 +14,7 @@ __all__ = [
     "PhotometryError",
     "CalibrationError",
     "StaleCacheError",
+    "CorruptCacheError",
 ]
 
 
@@ -39,6 +40,17 @@ class NoStandardsError(InputError):
 
 class StaleCacheError(InputError):
     """A prepared template cache whose inputs changed after it was written."""
+
+
+class CorruptCacheError(InputError):
+    """A prepared template cache that itself changed after it was written.
+
+    An array or the sidecar no longer matches its recorded SHA-256, the
+    sidecar disagrees with the arrays, or a file of the cache is a symbolic
+    link or lies outside it. Unlike :class:`StaleCacheError` (the inputs moved
+    on; preparing again is routine) this is damage or tampering: the message
+    names the cache and the file.
+    """
 
 
 class PhotometryError(InputError):

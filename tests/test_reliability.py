@@ -385,6 +385,50 @@ def _bosz_without_wave(ws, name):
 
 
 
+def _tampered_cache(tamper):
+    """A prepared cache of the demo grid, changed by ``tamper(cache_dir)`` after it was written."""
+    def make(ws, name):
+        from gpucal.templates import demo_grid, write_template_cache
+
+        path = ws.path(name)
+        if not path.exists():
+            write_template_cache(demo_grid(), path)
+            tamper(path)
+        return name
+    return make
+
+
+def _npy_edit(array, change):
+    def tamper(path):
+        np.save(path / f"{array}.npy", change(np.load(path / f"{array}.npy")), allow_pickle=False)
+    return tamper
+
+
+def _flip_last_byte(array):
+    def tamper(path):
+        raw = bytearray((path / f"{array}.npy").read_bytes())
+        raw[-1] ^= 0x01
+        (path / f"{array}.npy").write_bytes(bytes(raw))
+    return tamper
+
+
+def _flux_linked_out(path):
+    outside = path.parent / f"{path.name}-flux.npy"
+    os.replace(path / "flux.npy", outside)
+    os.symlink(outside, path / "flux.npy")
+
+
+def _sidecar_edit(path):
+    meta = json.loads((path / "grid.json").read_text())
+    meta["resolution_fwhm"] = 1.0
+    (path / "grid.json").write_text(json.dumps(meta))
+
+
+def _cache_case(id, what, tamper, *needles):
+    return Case(id, what, lambda ws: ws.argv(None, "--templates", _tampered_cache(tamper)(ws, id),
+                                             out=f"out-{id}.fits"), (id,) + needles)
+
+
 TEMPLATE_CASES = [
     Case("templates-missing", "--templates path does not exist",
          lambda ws: ws.argv(None, "--templates", "nope-templates", out="out-templates-missing.fits"),
@@ -409,6 +453,17 @@ TEMPLATE_CASES = [
          lambda ws: ws.argv(None, "--templates", _bosz(ws, "bosz-narrow", wave_range=(5500.0, 9000.0)).name,
                             out="out-templates-narrow.fits", lsf=("--fwhm", "4")),
          ("bosz-narrow", "5500")),
+    # prepared-cache integrity (issue 19)
+    _cache_case("cache-flux-replaced", "cache whose flux.npy holds the first template in every row",
+                _npy_edit("flux", lambda f: np.repeat(f[:1], f.shape[0], axis=0)), "flux array", "SHA-256"),
+    _cache_case("cache-teff-shifted", "cache whose params.npy has 3000 K added to every Teff",
+                _npy_edit("params", lambda p: p + np.array([3000.0, 0.0, 0.0, 0.0])), "params array", "SHA-256"),
+    _cache_case("cache-byte-flipped", "cache with one data byte of continuum.npy flipped",
+                _flip_last_byte("continuum"), "continuum array", "SHA-256"),
+    _cache_case("cache-array-symlink", "cache whose flux.npy is a symbolic link to a file outside it",
+                _flux_linked_out, "flux.npy", "symbolic link"),
+    _cache_case("cache-sidecar-edited", "cache whose grid.json has resolution_fwhm edited",
+                _sidecar_edit, "grid.json", "SHA-256"),
 ]
 
 

@@ -15,7 +15,7 @@ Other rooms import from here (``from ..templates import load_templates``), not f
 """
 
 from ..containers import TemplateGrid
-from ..errors import StaleCacheError
+from ..errors import CorruptCacheError, StaleCacheError
 from .bosz import (
     BOSZ_MEDIUM,
     FOUR_PI,
@@ -56,6 +56,7 @@ from .prepare import (
 __all__ = [
     "TemplateGrid",
     "StaleCacheError",
+    "CorruptCacheError",
     # bosz
     "BOSZ_MEDIUM",
     "FOUR_PI",

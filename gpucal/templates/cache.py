@@ -17,13 +17,25 @@ Cache layout (a directory)
     ``mmap_mode="r", allow_pickle=False``: a cache cannot run code.
 
 Loading (:func:`load_template_cache`)
-    checks the sidecar against the arrays and, where the source directory
-    still exists, the inputs: a file whose size or mtime changed is hashed
-    again, and a changed or missing input, or a new file in the inputs'
-    folders that the selection would take, is refused (:class:`StaleCacheError`,
-    naming the files). A cache whose source directory is gone (moved to
-    another machine) loads with a warning. ``verify="full"`` re-hashes
-    everything; ``verify="none"`` trusts the cache.
+    checks the cache itself, always: the sidecar against its own SHA-256, every
+    file of the cache a regular file inside the cache directory (no symbolic
+    links), the arrays' shapes and dtypes, every array against its recorded
+    SHA-256, and the sidecar's parameters, number of templates and wavelength
+    range against ``params.npy`` and ``wave.npy`` (:class:`CorruptCacheError`,
+    naming the cache and the file). The array hashes are cheap after the first
+    open: a verification stamp (``.gpucal-verified.json``, written atomically
+    beside the arrays, or under :func:`default_cache_dir` where the cache
+    directory is read-only) records each array's (size, mtime, inode, device,
+    ctime) when its hash last matched, and only an array whose ``stat`` differs
+    is hashed again (``verify="full"`` hashes every array). A file changed less
+    than :data:`RACY_S` seconds before it was hashed is not stamped (the
+    filesystem's clock may not have ticked since). Where the source directory
+    still exists, the inputs are checked too: a file whose size or mtime
+    changed is hashed again, and a changed or missing input, or a new file in
+    the inputs' folders that the selection would take, is refused
+    (:class:`StaleCacheError`, naming the files). A cache whose source
+    directory is gone (moved to another machine) loads with a warning.
+    ``verify="full"`` re-hashes everything; ``verify="none"`` skips the inputs.
 
 Prepared on demand (:func:`load_or_prepare_bosz`, :func:`open_templates`)
     a BOSZ directory given where a grid is expected is prepared once and
@@ -40,13 +52,16 @@ import json
 import logging
 import os
 import shutil
+import stat
+import tempfile
+import time
 
 import numpy as np
 
 from ..containers import TemplateGrid
-from ..errors import InputError, StaleCacheError
+from ..errors import CorruptCacheError, InputError, StaleCacheError
 from .bosz import BoszIndex, parse_bosz_name
-from .keys import CACHE_FORMAT, CACHE_VERSION, _sha256_file, _sha256_text
+from .keys import CACHE_FORMAT, CACHE_VERSION, _sha256_file, _sha256_text, _sidecar_sha256
 from .prepare import prepare_bosz_grid
 
 __all__ = [
@@ -61,7 +76,11 @@ __all__ = [
 logger = logging.getLogger("gpucal.templates.cache")
 
 SIDECAR = "grid.json"
+STAMP = ".gpucal-verified.json"
 _ARRAYS = ("params", "wave", "flux", "continuum")
+_DTYPES = {"params": "float64", "wave": "float64", "flux": "float32", "continuum": "float32"}
+#: A file whose ctime is less than this many seconds before its hash began is not stamped.
+RACY_S = 2.0
 
 
 def _is_cache(path: str) -> bool:
@@ -106,8 +125,10 @@ def write_template_cache(grid: TemplateGrid, out, *, overwrite: bool = False) ->
         meta.update({"format": CACHE_FORMAT, "version": CACHE_VERSION, "arrays": info, "medium": grid.medium,
                      "resolution_fwhm": grid.resolution_fwhm, "has_continuum": grid.continuum is not None,
                      "params": arrays["params"].tolist()})
+        meta = json.loads(json.dumps(meta, default=str))  # as a reader will see it
+        meta["sidecar_sha256"] = _sidecar_sha256(meta)
         with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1, default=str)
+            json.dump(meta, fh, indent=1)
         if os.path.exists(out):
             trash = f"{out}.old-{os.getpid()}"
             os.replace(out, trash)
@@ -173,38 +194,41 @@ def _input_changes(meta: dict, *, full: bool):
 def load_template_cache(path, *, verify: str = "stat") -> TemplateGrid:
     """Open a prepared cache as a TemplateGrid (flux and continuum memory-mapped, float32).
 
+    The cache itself is always checked (see the module docstring): sidecar
+    hash, regular files inside the directory, shapes and dtypes, every
+    array's SHA-256 (skipped where the verification stamp shows the file
+    unchanged since it last matched), the sidecar against the arrays.
+
     verify : ``"stat"`` (default) re-hashes inputs whose size or mtime
         changed and looks for new files the selection would take in the
         inputs' folders;
-        ``"full"`` re-hashes every input and the cache's own arrays;
+        ``"full"`` re-hashes every input and every array of the cache,
+        whatever the stamp says;
         ``"none"`` checks only the cache itself.
 
     Raises
     ------
     StaleCacheError
         The inputs changed since the cache was written (the message names them).
+    CorruptCacheError
+        The cache changed since it was written: an array or the sidecar does
+        not match its SHA-256, a file is a link or lies outside the cache, the
+        sidecar disagrees with the arrays (the message names the file).
     InputError
-        Not a cache, an unknown format or version, a missing or mis-shaped array.
+        Not a cache, an unknown format or version.
     """
     path = os.path.abspath(os.fspath(path))
-    side = os.path.join(path, SIDECAR)
     if verify not in ("stat", "full", "none"):
         raise InputError(f"verify must be 'stat', 'full' or 'none', got {verify!r}")
-    try:
-        with open(side, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except OSError as exc:
-        raise InputError(f"{path}: not a gpucal template cache (cannot read {SIDECAR}: {exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise InputError(f"{side}: corrupt sidecar ({exc})") from None
-    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
-        raise InputError(f"{side}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-                         f"{CACHE_FORMAT!r} version {CACHE_VERSION}; prepare the cache again")
-    arrays = {name: _open_array(path, side, name, (meta.get("arrays") or {}).get(name), full=verify == "full")
-              for name in _ARRAYS}
+    meta = _read_sidecar(path)
+    side = os.path.join(path, SIDECAR)
+    arrays = {name: _open_array(path, side, name, (meta.get("arrays") or {}).get(name)) for name in _ARRAYS}
     n_t, n_w = arrays["flux"].shape
     if arrays["params"].shape != (n_t, 4) or arrays["wave"].shape != (n_w,) or arrays["continuum"].shape != (n_t, n_w):
-        raise InputError(f"{path}: inconsistent array shapes in the cache")
+        raise CorruptCacheError(f"{path}: inconsistent array shapes in the cache")
+    _verify_arrays(path, meta, full=verify == "full")
+    params, wave = np.array(arrays["params"]), np.array(arrays["wave"])
+    _cross_check(side, meta, params, wave, n_t)
     if verify != "none" and isinstance(meta.get("source"), dict):  # else no source files to check
         changes = _input_changes(meta, full=verify == "full")
         if changes is None:
@@ -217,28 +241,203 @@ def load_template_cache(path, *, verify: str = "stat") -> TemplateGrid:
                 f"prepare it again (gpucal templates prepare {meta['source']['root']} --out {path} --overwrite)"
             )
     meta["cache_path"] = path
-    return TemplateGrid(params=np.array(arrays["params"]), wave=np.array(arrays["wave"]), flux=arrays["flux"],
+    return TemplateGrid(params=params, wave=wave, flux=arrays["flux"],
                         continuum=arrays["continuum"] if meta.get("has_continuum", True) else None,
                         medium=meta.get("medium", "air"), resolution_fwhm=meta.get("resolution_fwhm", 0.0), meta=meta)
 
 
-def _open_array(path: str, side: str, name: str, rec, *, full: bool) -> np.ndarray:
+def _member(path: str, name: str, what: str) -> str:
+    """``path/name``, refused unless it is a regular file (not a link) directly inside the cache ``path``."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        raise CorruptCacheError(f"{path}: {what} file {name!r} must lie in the cache directory")
+    fname = os.path.join(path, name)
+    try:
+        st = os.lstat(fname)
+    except OSError as exc:
+        raise CorruptCacheError(f"{fname}: cannot read the cache's {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise CorruptCacheError(f"{fname}: the cache's {what} is {kind}; a cache's files must be regular files "
+                                f"inside it (prepare the cache again)")
+    if os.path.dirname(os.path.realpath(fname)) != os.path.realpath(path):
+        raise CorruptCacheError(f"{fname}: the cache's {what} resolves outside the cache directory")
+    return fname
+
+
+def _read_sidecar(path: str) -> dict:
+    """The cache's sidecar, checked: a regular file, JSON, the known format and version, its own SHA-256."""
+    side = os.path.join(path, SIDECAR)
+    if not os.path.lexists(side) or not os.path.isdir(path):
+        raise InputError(f"{path}: not a gpucal template cache (no {SIDECAR})")
+    _member(path, SIDECAR, "sidecar")
+    try:
+        with open(side, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except OSError as exc:
+        raise InputError(f"{path}: not a gpucal template cache (cannot read {SIDECAR}: {exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise CorruptCacheError(f"{side}: corrupt sidecar ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCacheError(f"{side}: corrupt sidecar (not a JSON object)")
+    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+        raise InputError(f"{side}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
+                         f"{CACHE_FORMAT!r} version {CACHE_VERSION}; prepare the cache again")
+    if meta.get("sidecar_sha256") != _sidecar_sha256(meta):
+        raise CorruptCacheError(f"{side}: content does not match its recorded SHA-256 (edited or corrupt sidecar); "
+                                f"prepare the cache again")
+    return meta
+
+
+def _open_array(path: str, side: str, name: str, rec) -> np.ndarray:
     """The cache's ``name`` array, memory-mapped read-only, checked against its sidecar record ``rec``."""
-    if rec is None:
-        raise InputError(f"{side}: no entry for the {name} array")
-    fname = os.path.join(path, rec["file"])
-    if os.path.basename(rec["file"]) != rec["file"]:
-        raise InputError(f"{side}: array file {rec['file']!r} must lie in the cache directory")
+    if not isinstance(rec, dict) or not {"file", "shape", "dtype", "sha256"} <= set(rec):
+        raise CorruptCacheError(f"{side}: no complete entry for the {name} array")
+    fname = _member(path, rec["file"], f"{name} array")
+    if rec["dtype"] != _DTYPES[name]:
+        raise CorruptCacheError(f"{side}: the {name} array is recorded as {rec['dtype']}, a cache holds {_DTYPES[name]}")
     try:
         arr = np.load(fname, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{fname}: cannot load cache array ({exc})") from None
-    if list(arr.shape) != list(rec["shape"]) or str(arr.dtype) != rec["dtype"]:
-        raise InputError(f"{fname}: shape {arr.shape} {arr.dtype}, the sidecar says {tuple(rec['shape'])} "
-                         f"{rec['dtype']} (truncated or replaced cache)")
-    if full and _sha256_file(fname) != rec.get("sha256"):
-        raise InputError(f"{fname}: content does not match the sidecar's SHA-256 (corrupt cache)")
+    except Exception as exc:  # noqa: BLE001 -- whatever a damaged .npy raises, the cache is unusable
+        raise CorruptCacheError(f"{fname}: cannot load cache array ({type(exc).__name__}: {exc})") from None
+    if not isinstance(arr, np.ndarray) or list(arr.shape) != list(rec["shape"]) or str(arr.dtype) != rec["dtype"]:
+        raise CorruptCacheError(f"{fname}: shape {getattr(arr, 'shape', None)} {getattr(arr, 'dtype', None)}, the "
+                                f"sidecar says {tuple(rec['shape'])} {rec['dtype']} (truncated or replaced cache)")
     return arr
+
+
+# ------------------------------------------------------------------ the arrays' hashes and the verification stamp
+
+
+def _stat_key(st) -> list:
+    """What the stamp compares: a file rewritten, replaced, copied or touched changes one of these."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns]
+
+
+def _stamp_paths(path: str) -> list:
+    """Where the stamp of the cache ``path`` may be: in the cache, then under the user's cache directory."""
+    real = os.path.realpath(path)
+    return [os.path.join(path, STAMP),
+            os.path.join(default_cache_dir(), ".verified", _sha256_text(real)[:32] + ".json")]
+
+
+def _read_stamps(path: str, meta: dict) -> dict:
+    """{array name: {"stat", "sha256"}} from the stamps that belong to this cache and sidecar (unreadable ones ignored)."""
+    entries = {}
+    for where in reversed(_stamp_paths(path)):  # the cache's own stamp wins
+        try:
+            if not stat.S_ISREG(os.lstat(where).st_mode):
+                continue
+            with open(where, encoding="utf-8") as fh:
+                rec = json.load(fh)
+            if rec.get("cache") == os.path.realpath(path) and rec.get("sidecar_sha256") == meta["sidecar_sha256"]:
+                entries.update({k: v for k, v in rec["arrays"].items() if isinstance(v, dict)})
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            continue
+    return entries
+
+
+def _write_stamp(path: str, meta: dict, entries: dict) -> None:
+    """Write the stamp atomically (a recognisable temporary file renamed over it), in the cache or else
+    under the user's cache directory; never an error (without a stamp every open hashes the arrays)."""
+    text = json.dumps({"format": "gpucal-cache-stamp", "cache": os.path.realpath(path),
+                       "sidecar_sha256": meta["sidecar_sha256"], "arrays": entries}, indent=1)
+    for where in _stamp_paths(path):
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            _remove_stale_stamp_temporaries(os.path.dirname(where))
+            fd, tmp = tempfile.mkstemp(prefix=STAMP + ".", suffix=".tmp", dir=os.path.dirname(where))
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, where)
+            return
+        except OSError as exc:
+            logger.debug("cannot write the verification stamp %s (%s)", where, exc)
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+    logger.info("%s: no verification stamp could be written; its arrays are hashed on every open", path)
+
+
+def _remove_stale_stamp_temporaries(folder: str) -> None:
+    """Remove stamp temporaries (``.gpucal-verified.json.*.tmp``) over an hour old: left by a killed process."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(STAMP + ".") and name.endswith(".tmp"):
+            try:
+                if now - os.lstat(os.path.join(folder, name)).st_mtime > 3600:
+                    os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _verify_arrays(path: str, meta: dict, *, full: bool) -> None:
+    """Every array of the cache against its recorded SHA-256, skipping those the stamp shows unchanged.
+
+    An array changed within :data:`RACY_S` seconds before its hash began, or
+    during it, is not stamped: it is hashed again on the next open.
+    """
+    stamped = {} if full else _read_stamps(path, meta)
+    entries, todo = {}, {}
+    for name in _ARRAYS:
+        rec = meta["arrays"][name]
+        st = os.lstat(os.path.join(path, rec["file"]))
+        old = stamped.get(name) or {}
+        if old.get("stat") == _stat_key(st) and old.get("sha256") == rec["sha256"]:
+            entries[name] = old
+        else:
+            todo[name] = st
+    if not todo:
+        return
+    began = time.time_ns()
+    for name, st in todo.items():
+        rec = meta["arrays"][name]
+        if _sha256_file(os.path.join(path, rec["file"])) != rec["sha256"]:
+            raise CorruptCacheError(f"{path}: the {name} array ({rec['file']}) does not match the SHA-256 its sidecar "
+                                    f"records (changed or corrupt cache); prepare the cache again")
+        after = os.lstat(os.path.join(path, rec["file"]))
+        if _stat_key(after) == _stat_key(st) and began - st.st_ctime_ns > RACY_S * 1e9:
+            entries[name] = {"stat": _stat_key(st), "sha256": rec["sha256"]}
+    if entries:
+        _write_stamp(path, meta, entries)
+
+
+# ------------------------------------------------------------------ the sidecar against the arrays
+
+
+def _cross_check(side: str, meta: dict, params: np.ndarray, wave: np.ndarray, n_t: int) -> None:
+    """The sidecar's parameters, template count, axes and wavelength grid against ``params.npy`` and ``wave.npy``."""
+    bad = []
+    try:
+        recorded = np.asarray(meta.get("params"), dtype=np.float64)
+    except (TypeError, ValueError):
+        recorded = None
+    if recorded is None or recorded.shape != params.shape or not np.array_equal(recorded, params, equal_nan=True):
+        bad.append("params.npy differs from the parameters it records")
+    if not (np.all(np.isfinite(params)) and np.all(np.isfinite(wave)) and np.all(np.diff(wave) > 0)):
+        bad.append("params.npy or wave.npy holds non-finite values, or wave.npy is not increasing")
+    if "n_templates" in meta and meta["n_templates"] != n_t:
+        bad.append(f"it records {meta['n_templates']!r} templates, the arrays hold {n_t}")
+    grid = meta.get("grid") if isinstance(meta.get("grid"), dict) else {}
+    for key, have in (("n_wave", wave.size), ("wave_min", float(wave[0])), ("wave_max", float(wave[-1]))):
+        if key in grid and grid[key] != have:
+            bad.append(f"grid.{key} {grid[key]!r} but wave.npy has {have!r}")
+    dln = grid.get("dlnlam", meta.get("dlnlam"))
+    if dln is not None and wave.size > 1:
+        have = float(np.log(wave[-1] / wave[0]) / (wave.size - 1))
+        if not isinstance(dln, (int, float)) or not abs(have - dln) <= 1e-6 * abs(dln):
+            bad.append(f"Δlnλ {dln!r} but wave.npy has {have!r}")
+    if meta.get("medium") not in ("air", "vacuum") or grid.get("medium", meta.get("medium")) != meta.get("medium"):
+        bad.append(f"medium {meta.get('medium')!r} / grid.medium {grid.get('medium')!r}")
+    axes = meta.get("axes") if isinstance(meta.get("axes"), dict) else {}
+    for k, axis in enumerate(("teff", "logg", "mh", "alpha")):
+        if axis in axes and not set(np.unique(params[:, k]).tolist()) <= set(axes[axis] or ()):
+            bad.append(f"params.npy's {axis} values are not the {axis} axis it records")
+    if bad:
+        raise CorruptCacheError(f"{side}: the sidecar does not match the cache's arrays ({'; '.join(bad)}); "
+                                f"prepare the cache again")
 
 
 def prepare_template_cache(src, out, *, overwrite: bool = False, **options) -> TemplateGrid:

@@ -18,12 +18,18 @@ __all__ = ["CACHE_FORMAT", "CACHE_VERSION"]
 #: ``format`` of a cache sidecar (and of a prepared grid's provenance).
 CACHE_FORMAT = "gpucal-template-cache"
 #: ``version`` of that format; a cache of another version is prepared again.
-CACHE_VERSION = 1
+#: 2: the sidecar records its own SHA-256 (``sidecar_sha256``).
+CACHE_VERSION = 2
 
 
 def _sha256_text(obj) -> str:
     """Hex SHA-256 of ``obj`` as sorted-key JSON (anything JSON cannot hold as its ``str``)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sidecar_sha256(meta: dict) -> str:
+    """Hex SHA-256 of a sidecar's content as JSON holds it, less its own ``sidecar_sha256`` entry."""
+    return _sha256_text({k: v for k, v in meta.items() if k != "sidecar_sha256"})
 
 
 def _sha256_file(path: str) -> str:
