@@ -22,6 +22,7 @@ import importlib
 from .errors import (  # noqa: E402
     BackendError,
     CalibrationError,
+    CorruptCacheError,
     CoverageError,
     GpucalError,
     InputError,
@@ -56,6 +57,7 @@ __all__ = [
     "PhotometryError",
     "CalibrationError",
     "StaleCacheError",
+    "CorruptCacheError",
 ]
 
 

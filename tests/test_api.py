@@ -11,7 +11,7 @@ README_API = ("calibrate_frame", "calibrate_frames", "load_templates", "prepare_
               "scale_template_to_photometry", "calibration_vectors", "combine_calibration_vectors",
               "apply_flux_calibration", "synthetic_mags", "get_backend")
 ERRORS = ("GpucalError", "BackendError", "InputError", "CoverageError", "NoStandardsError", "PhotometryError",
-          "CalibrationError", "StaleCacheError")
+          "CalibrationError", "StaleCacheError", "CorruptCacheError")
 
 
 @pytest.mark.parametrize("name", gpucal.__all__)
