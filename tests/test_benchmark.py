@@ -84,6 +84,10 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["backend"] == "numpy" and data["sizes"]["templates"] == 20
     assert "plain matmul" in capsys.readouterr().out
+    agree = data["agreement"]  # numbers, not only that it ran: the scan finds the simulated stars
+    assert agree["exhaustive_same_template_as_truth"] == 1.0 and agree["fast_vs_exhaustive_same_template"] == 1.0
+    assert agree["exhaustive_vs_truth_dv_kms"]["rms"] < 1.0 and agree["fast_vs_exhaustive_dv_kms"]["max"] == 0.0
+    assert all(v > 0 for v in data["seconds"].values()) and data["speedup_vs_reference"]["exhaustive"] > 1.0
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,5 +1,7 @@
 """Backend selection (get_backend, GPUCAL_BACKEND), the native delegate, host/device round trips, run-time helpers."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -102,7 +104,7 @@ def test_to_numpy_of_numpy_and_scalars():
 
 def test_backend_is_immutable():
     b = get_backend("numpy")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         b.name = "cupy"
     assert isinstance(b, Backend)
 
