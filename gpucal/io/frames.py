@@ -18,19 +18,22 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
                frame is unambiguous.
 ``VARIANCE``   image, same shape as the primary, variance of each pixel.
 ``WAVELA``     optional image: wavelength of each pixel, ``(n_pix,)`` or
-               ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å).
+               ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å;
+               a logarithmic unit such as ``dex(Angstrom)`` is refused).
                Per-fibre rows must agree to 1e-6 Å (they are collapsed to one
                grid); frames whose fibres have different solutions must be
                resampled onto a common grid first.
                Without ``WAVELA``, a linear WCS on axis 1 of the primary header
                is used: ``CRVAL1``, ``CDELT1`` (or ``CD1_1``), ``CRPIX1``
                (FITS default 0 when absent), optional ``CUNIT1`` (Å, nm, µm, m;
-               default Å) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
+               default Å; logarithmic units refused) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
                non-linear algorithm codes such as ``WAVE-LOG`` and IRAF
                ``DC-FLAG = 1`` are refused).
 ``FIBRES``     binary table, one row per fibre (row i = image row i = fibre
                number i + 1), with a ``TYPE`` column (``'C'`` marks a
                standard star) and optionally NAME, RA, DEC and magnitudes.
+               A NAME shared by several fibres (sky and unused fibres
+               aside) is logged as a warning naming them; they are kept.
 =============  ==============================================================
 
 The wavelength medium is read from ``WAVEMED`` or ``AIRORVAC`` (in the

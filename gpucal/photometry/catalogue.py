@@ -12,6 +12,12 @@ host NumPy arrays ``mag, err, valid (n_star, n_band)`` (mag; NaN and
 
 Host-side edge module: NumPy and astropy (tables, sky matching) only.
 Sentinels (Refcat2): a magnitude ≥ 99 or an error ≥ 9 (or ≤ 0) is missing.
+
+Duplicates are never resolved silently: a standard matched by more than one
+row (rows of its name, or rows within the match radius of its position) is a
+:class:`~gpucal.errors.PhotometryError` naming the file, the star and the
+rows, unless the rows hold identical photometry (then one is used and a
+warning names them). See docs/bad_inputs.md, "Ambiguous side inputs".
 """
 
 from __future__ import annotations
@@ -419,6 +425,14 @@ def match_photometry(catalogue, names, ra, dec, *, bands=("g", "r", "i", "z"), r
     match_info : list of str, per star: ``"name"``, ``"coords 0.31 arcsec"``,
         ``"unmatched: nearest entry 2.00 arcsec > radius 1.00"`` or
         ``"unmatched"`` (no name match and no usable coordinates).
+
+    Raises
+    ------
+    PhotometryError
+        A standard matches several rows that differ (same name, or within
+        ``radius_arcsec`` of its position); the message names the file, the
+        star and the rows (1 = first data row). Identical rows are used once,
+        with a warning.
     """
     if not hasattr(catalogue, "colnames"):
         catalogue = read_catalogue(catalogue, bands=bands)

@@ -39,7 +39,10 @@ serve the tests and benchmarks.
 Units: wavelengths in Å; the reader returns surface flux F = 4πH in
 erg/s/cm²/Å. Errors name the file: a missing, truncated, corrupt or
 mis-shaped file is an InputError, a file that does not cover the requested
-wavelengths a CoverageError.
+wavelengths a CoverageError. A line read that is not all finite numbers
+(``nan nan``, ``-1e30 abc``, a short line) is an InputError naming the file
+and the line number in the file (``#`` header lines counted); only the lines
+inside the requested window are parsed.
 """
 
 from __future__ import annotations
@@ -418,13 +421,14 @@ def _bad_line(data: bytes, starts, ends, i0: int, i1: int, ncol: int, path: str)
         shown = text.decode("ascii", "replace").strip()[:80]
         line = _file_line(data, starts, k)
         if len(tokens) != ncol:
-            return InputError(f"{path}: malformed line {line}: expected {ncol} columns, found {len(tokens)} ({shown!r})")
+            return InputError(f"{path}: malformed line {line}: expected {ncol} columns, "
+                              f"found {len(tokens)} ({shown!r})")
         for tok in tokens:
             try:
                 value = float(tok)
             except ValueError:
-                return InputError(f"{path}: malformed line {line}: non-numeric value {tok.decode('ascii', 'replace')!r} "
-                                  f"({shown!r})")
+                word = tok.decode("ascii", "replace")
+                return InputError(f"{path}: malformed line {line}: non-numeric value {word!r} ({shown!r})")
             if not math.isfinite(value):
                 return InputError(f"{path}: non-finite value on line {line} ({shown!r})")
     return InputError(f"{path}: malformed lines {_file_line(data, starts, i0)}-{_file_line(data, starts, i1 - 1)}")
