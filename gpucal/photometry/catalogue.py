@@ -335,19 +335,36 @@ def _match_rows(catalogue, names, ra, dec, radius_arcsec):
         cat = SkyCoord(cat_ra[usable] * u.deg, cat_dec[usable] * u.deg)
         idx, sep, _ = stars.match_to_catalog_sky(cat)
         sep = sep.to_value(u.arcsec)
-        for t, (k, j, s) in enumerate(zip(todo, np.atleast_1d(idx), np.atleast_1d(sep))):
+        for k, j, s in zip(todo, np.atleast_1d(idx), np.atleast_1d(sep)):
             if s <= radius_arcsec:
                 row[k] = usable[j]
                 info[k] = f"coords {s:.2f} arcsec"
-                near = usable[np.nonzero(cat.separation(stars[t]).to_value(u.arcsec) <= radius_arcsec)[0]]
-                candidates[k] = (sorted(int(r) for r in near), f"within {radius_arcsec:g} arcsec of its position")
             else:
                 info[k] = f"unmatched: nearest entry {s:.2f} arcsec > radius {radius_arcsec:.2f}"
                 logger.info(
                     "%s: star %r unmatched (nearest entry %.2f arcsec > %.2f)", source, names[k], s, radius_arcsec
                 )
+        hit = np.nonzero(np.atleast_1d(sep) <= radius_arcsec)[0]
+        candidates.update(_rows_within(cat, stars, hit, todo, usable, radius_arcsec))
     _check_duplicates(catalogue, names, candidates, source)
     return names, row, info
+
+
+def _rows_within(cat, stars, hit, todo, usable, radius_arcsec) -> dict:
+    """{star: (catalogue rows within the radius of it, how)} for the position-matched ``stars[hit]``."""
+    import astropy.units as u
+
+    if hit.size == 0:
+        return {}
+    # the KD-tree match_to_catalog_sky built on ``cat`` is reused; a zero radius still finds coincident rows
+    i_star, i_cat, sep, _ = cat.search_around_sky(stars[hit], max(radius_arcsec, 1e-6) * u.arcsec)
+    keep = sep.to_value(u.arcsec) <= radius_arcsec
+    out = {}
+    how = f"within {radius_arcsec:g} arcsec of its position"
+    for t in range(hit.size):
+        rows = usable[i_cat[keep & (i_star == t)]]
+        out[int(todo[hit[t]])] = (sorted(int(r) for r in rows), how)
+    return out
 
 
 def _rows_agree(catalogue, rows) -> bool:
