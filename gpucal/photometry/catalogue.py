@@ -397,15 +397,15 @@ def _check_duplicates(catalogue, names, candidates, source) -> None:
     file, the star(s) and the rows (data rows counted from 1 after the header).
     """
     conflicts = []
-    reported = catalogue.meta.setdefault("reported_duplicates", set())
+    reported = catalogue.meta.setdefault("reported_duplicates", [])  # a list: Table meta must stay serialisable
     for k, (rows, how) in candidates.items():
         if len(rows) < 2:
             continue
         star = names[k] or f"star {k + 1}"
         if not _rows_agree(catalogue, rows):
             conflicts.append(f"star {star!r}: rows {_row_list(rows)} ({how}) differ")
-        elif (star, tuple(rows)) not in reported:
-            reported.add((star, tuple(rows)))
+        elif [star, list(rows)] not in reported:
+            reported.append([star, list(rows)])
             logger.warning(
                 "photometry catalogue %s: star %r matches rows %s (%s) with identical photometry; used once",
                 source, star, _row_list(rows), how,
