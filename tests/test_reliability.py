@@ -323,6 +323,12 @@ FRAME_CASES = [
                 "too few good pixels"),
     _frame_case("variance-all-zero", "every variance 0 (all pixels bad)",
                 _set("VARIANCE", "data", lambda d: np.zeros_like(d)), "fewer than --min-stars 1"),
+    # ambiguous side inputs (issue 19)
+    _frame_case("wavela-unit-dex", "WAVELA BUNIT = 'dex(Angstrom)' over log10 wavelengths",
+                lambda h: _set("WAVELA", "data", np.log10)(h) or h["WAVELA"].header.__setitem__("BUNIT", "dex(Angstrom)"),
+                "[WAVELA] BUNIT", "'dex(Angstrom)' is logarithmic"),
+    _frame_case("wcs-unit-log", "CUNIT1 = 'log(Angstrom)'", _wcs_instead_of_wavela(CUNIT1="log(Angstrom)"),
+                "CUNIT1", "'log(Angstrom)' is logarithmic"),
 ]
 
 CATALOGUE_CASES = [
@@ -361,6 +367,11 @@ CATALOGUE_CASES = [
               _cat_text(lambda h, r: "\n".join([h] + [",".join(["X" + x.split(",")[0], "10.0", "10.0"]
                                                                + x.split(",")[3:]) for x in r]) + "\n"),
               "good.fits", "STD001: no usable photometry (unmatched: nearest entry"),
+    # ambiguous side inputs (issue 19)
+    _cat_case("catalogue-duplicate-star", "STD001 twice, the row 1 mag too faint first",
+              _cat_text(lambda h, r: "\n".join([h, _fainter(r[0])] + r) + "\n"),
+              "catalogue-duplicate-star.csv", "duplicate entries",
+              "star 'STD001': rows 1, 2 (named 'STD001') differ"),
 ]
 
 
@@ -429,6 +440,28 @@ def _cache_case(id, what, tamper, *needles):
                                              out=f"out-{id}.fits"), (id,) + needles)
 
 
+#: The BOSZ model of the template cases below whose line 2600 (about 5750 Å) is made bad.
+_BAD_MODEL = "bosz2024_mp_t5750_g+4.50_m+0.00_a+0.00_c+0.00_v1_r2000_resam.txt.gz"
+
+
+def _bosz_with_line(ws, name, line):
+    """A BOSZ tree whose model :data:`_BAD_MODEL` reads ``line`` on its line 2600."""
+    import gzip
+
+    root = _bosz(ws, name)
+    path = next(root.rglob(_BAD_MODEL))
+    text = gzip.decompress(path.read_bytes()).decode().splitlines()
+    text[2599] = line
+    path.write_bytes(gzip.compress(("\n".join(text) + "\n").encode()))
+    return name
+
+
+def _fainter(row):
+    """A catalogue row with every magnitude 1 mag fainter (errors unchanged)."""
+    v = row.split(",")
+    return ",".join(v[:3] + [f"{float(x) + 1.0:.6f}" if k % 2 == 0 else x for k, x in enumerate(v[3:])])
+
+
 TEMPLATE_CASES = [
     Case("templates-missing", "--templates path does not exist",
          lambda ws: ws.argv(None, "--templates", "nope-templates", out="out-templates-missing.fits"),
@@ -464,6 +497,15 @@ TEMPLATE_CASES = [
                 _flux_linked_out, "flux.npy", "symbolic link"),
     _cache_case("cache-sidecar-edited", "cache whose grid.json has resolution_fwhm edited",
                 _sidecar_edit, "grid.json", "SHA-256"),
+    # ambiguous side inputs (issue 19)
+    Case("templates-bosz-nan-row", "a BOSZ spectrum with a line 'nan nan'",
+         lambda ws: ws.argv(None, "--templates", _bosz_with_line(ws, "bosz-nan-row", "nan nan"),
+                            out="out-templates-bosz-nan-row.fits"),
+         ("bosz-nan-row", _BAD_MODEL, "non-finite value on line 2600 ('nan nan')")),
+    Case("templates-bosz-text-row", "a BOSZ spectrum with a line '-1e30 abc'",
+         lambda ws: ws.argv(None, "--templates", _bosz_with_line(ws, "bosz-text-row", "-1e30 abc"),
+                            out="out-templates-bosz-text-row.fits"),
+         ("bosz-text-row", _BAD_MODEL, "malformed line 2600: non-numeric value 'abc' ('-1e30 abc')")),
 ]
 
 
@@ -623,6 +665,8 @@ DOC_ONLY_IDS = (
     "overwrite-replaces", "write-fails", "write-interrupted", "output-directory-not-writable",
     "same-inputs-same-bytes", "numpy-vs-array-api-strict", "numpy-vs-cupy", "counts-times-k",
     "fibres-permuted", "duplicate-standard", "duplicate-only-standard", "corrupted-frames-200",
+    # ambiguous side inputs (issue 19): tests/test_ambiguous.py
+    "catalogue-duplicate-identical", "catalogue-duplicate-unmatched", "fibre-names-duplicate",
 )
 
 

@@ -18,19 +18,22 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
                frame is unambiguous.
 ``VARIANCE``   image, same shape as the primary, variance of each pixel.
 ``WAVELA``     optional image: wavelength of each pixel, ``(n_pix,)`` or
-               ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å).
+               ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å;
+               a logarithmic unit such as ``dex(Angstrom)`` is refused).
                Per-fibre rows must agree to 1e-6 Å (they are collapsed to one
                grid); frames whose fibres have different solutions must be
                resampled onto a common grid first.
                Without ``WAVELA``, a linear WCS on axis 1 of the primary header
                is used: ``CRVAL1``, ``CDELT1`` (or ``CD1_1``), ``CRPIX1``
                (FITS default 0 when absent), optional ``CUNIT1`` (Å, nm, µm, m;
-               default Å) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
+               default Å; logarithmic units refused) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
                non-linear algorithm codes such as ``WAVE-LOG`` and IRAF
                ``DC-FLAG = 1`` are refused).
 ``FIBRES``     binary table, one row per fibre (row i = image row i = fibre
                number i + 1), with a ``TYPE`` column (``'C'`` marks a
                standard star) and optionally NAME, RA, DEC and magnitudes.
+               A NAME shared by several fibres (sky and unused fibres
+               aside) is logged as a warning naming them; they are kept.
 =============  ==============================================================
 
 The wavelength medium is read from ``WAVEMED`` or ``AIRORVAC`` (in the
@@ -177,13 +180,33 @@ def _native_table(t: Table) -> Table:
     return t
 
 
+#: A logarithmic unit spelled out: ``log(...)``, ``ln(...)``, ``dex(...)``, ``exp(...)`` or bare ``dex``.
+_LOG_UNIT = re.compile(r"^\s*(?:(?:log|log10|ln|dex|exp)\s*\(|dex\s*$)", re.IGNORECASE)
+
+
+def _refuse_log_unit(s: str, unit, where: str) -> None:
+    """InputError when ``s`` (parsed as ``unit``, or None) is a logarithmic or other function unit.
+
+    astropy reads ``dex(Angstrom)`` as a length (10 Å per unit), which would
+    turn log10 λ into a wrong linear λ without a word; it is refused instead.
+    """
+    parts = () if unit is None else (unit, *getattr(unit, "bases", ()))
+    if _LOG_UNIT.match(s) or any(
+        isinstance(p, u.FunctionUnitBase) or type(p).__module__.startswith("astropy.units.function") for p in parts
+    ):
+        raise InputError(
+            f"{where}: wavelength unit {s!r} is logarithmic; give wavelengths as a length (Angstrom, nm, um, m)"
+        )
+
+
 def _length_unit_to_angstrom(unit_str, where: str) -> float:
-    """Factor that converts a length unit (header string) to Å."""
+    """Factor that converts a length unit (header string) to Å; logarithmic units are refused."""
     if unit_str is None:
         return 1.0
     s = str(unit_str).strip()
     if s == "" or s.upper() in _ANGSTROM_WORDS:
         return 1.0
+    _refuse_log_unit(s, None, where)
     try:
         unit = u.Unit(s, format="fits", parse_strict="raise")
     except (ValueError, TypeError, u.UnitsError):
@@ -191,6 +214,7 @@ def _length_unit_to_angstrom(unit_str, where: str) -> float:
             unit = u.Unit(s, parse_strict="raise")
         except (ValueError, TypeError, u.UnitsError):
             raise InputError(f"{where}: unrecognised wavelength unit {s!r}") from None
+    _refuse_log_unit(s, unit, where)
     try:
         factor = float(unit.to(u.AA))
     except (u.UnitsError, ValueError, TypeError):  # not a length, or a structured unit such as "(m, s)"
@@ -474,7 +498,36 @@ def _read_fibres(hdul, fname: str, n_fibre: int) -> Table:
         raise InputError(
             f"{fname} [FIBRES]: {len(fibres)} rows but the image has {n_fibre} fibres (NAXIS2)"
         )
+    _warn_duplicate_names(fibres, fname)
     return fibres
+
+
+#: Fibre TYPEs whose NAME is a placeholder (sky, unused/unallocated), not checked for duplicates.
+_PLACEHOLDER_TYPES = frozenset({"S", "N", "U"})
+
+
+def _warn_duplicate_names(fibres: Table, fname: str) -> None:
+    """Log a warning (logger ``gpucal``) per NAME shared by several fibres; the data are kept.
+
+    Names identify standards in the catalogue and fibres in the outputs, so a
+    shared name is ambiguous. Empty names and sky/unused fibres
+    (:data:`_PLACEHOLDER_TYPES`) are not checked. Fibres are numbered from 1.
+    """
+    if "NAME" not in fibres.colnames:
+        return
+    names = [str(v).strip() for v in fibres["NAME"]]
+    types = [str(v).strip().upper() for v in fibres["TYPE"]]
+    where = {}
+    for k, (name, kind) in enumerate(zip(names, types)):
+        if name and kind not in _PLACEHOLDER_TYPES:
+            where.setdefault(name, []).append(k)
+    for name, rows in where.items():
+        if len(rows) > 1:
+            logger.warning(
+                "%s [FIBRES]: fibres %s share NAME %r; each is calibrated, but the name no longer "
+                "identifies one fibre (a catalogue match by name gives them the same photometry)",
+                fname, _fibre_list(np.asarray(rows)), name,
+            )
 
 
 def _check_variance_values(var: np.ndarray, fname: str) -> None:

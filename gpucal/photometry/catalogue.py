@@ -12,6 +12,12 @@ host NumPy arrays ``mag, err, valid (n_star, n_band)`` (mag; NaN and
 
 Host-side edge module: NumPy and astropy (tables, sky matching) only.
 Sentinels (Refcat2): a magnitude ≥ 99 or an error ≥ 9 (or ≤ 0) is missing.
+
+Duplicates are never resolved silently: a standard matched by more than one
+row (rows of its name, or rows within the match radius of its position) is a
+:class:`~gpucal.errors.PhotometryError` naming the file, the star and the
+rows, unless the rows hold identical photometry (then one is used and a
+warning names them). See docs/bad_inputs.md, "Ambiguous side inputs".
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import numpy as np
 
 from ..containers import Photometry
-from ..errors import InputError
+from ..errors import InputError, PhotometryError
 from ._host import host_float
 from .bands import BAND_ALIASES, REFCAT2_BANDS, as_bands, band_system, resolve_band
 
@@ -287,7 +293,13 @@ def _radius(radius_arcsec) -> float:
 
 
 def _match_rows(catalogue, names, ra, dec, radius_arcsec):
-    """Catalogue row per star (-1 = unmatched) and how it matched: name first, then position."""
+    """Catalogue row per star (-1 = unmatched) and how it matched: name first, then position.
+
+    A star that more than one row matches (rows of its name, or rows within
+    ``radius_arcsec`` of its position) goes through :func:`_check_duplicates`:
+    rows with identical photometry are used once (a warning names them),
+    rows that differ are a :class:`PhotometryError`.
+    """
     import astropy.units as u
     from astropy.coordinates import SkyCoord
 
@@ -301,16 +313,18 @@ def _match_rows(catalogue, names, ra, dec, radius_arcsec):
         raise InputError(f"names, ra and dec must have one entry per star: got {n_star}, {ra.shape[0]}, {dec.shape[0]}")
 
     cat_names = [str(s).strip() for s in catalogue["name"]] if "name" in catalogue.colnames else []
-    first = {}
+    rows_of = {}
     for k, s in enumerate(cat_names):
         if s:
-            first.setdefault(s, k)
+            rows_of.setdefault(s, []).append(k)
     row = np.full(n_star, -1)
     info = ["unmatched"] * n_star
+    candidates = {}
     for k, s in enumerate(names):
-        if s and s in first:
-            row[k] = first[s]
+        if s and s in rows_of:
+            row[k] = rows_of[s][0]
             info[k] = "name"
+            candidates[k] = (rows_of[s], f"named {s!r}")
 
     cat_ra = np.asarray(catalogue["ra"], dtype=np.float64) if "ra" in catalogue.colnames else np.zeros(0)
     cat_dec = np.asarray(catalogue["dec"], dtype=np.float64) if "dec" in catalogue.colnames else np.zeros(0)
@@ -330,7 +344,78 @@ def _match_rows(catalogue, names, ra, dec, radius_arcsec):
                 logger.info(
                     "%s: star %r unmatched (nearest entry %.2f arcsec > %.2f)", source, names[k], s, radius_arcsec
                 )
+        hit = np.nonzero(np.atleast_1d(sep) <= radius_arcsec)[0]
+        candidates.update(_rows_within(cat, stars, hit, todo, usable, radius_arcsec))
+    _check_duplicates(catalogue, names, candidates, source)
     return names, row, info
+
+
+def _rows_within(cat, stars, hit, todo, usable, radius_arcsec) -> dict:
+    """{star: (catalogue rows within the radius of it, how)} for the position-matched ``stars[hit]``."""
+    import astropy.units as u
+
+    if hit.size == 0:
+        return {}
+    # the KD-tree match_to_catalog_sky built on ``cat`` is reused; a zero radius still finds coincident rows
+    i_star, i_cat, sep, _ = cat.search_around_sky(stars[hit], max(radius_arcsec, 1e-6) * u.arcsec)
+    keep = sep.to_value(u.arcsec) <= radius_arcsec
+    out = {}
+    how = f"within {radius_arcsec:g} arcsec of its position"
+    for t in range(hit.size):
+        rows = usable[i_cat[keep & (i_star == t)]]
+        out[int(todo[hit[t]])] = (sorted(int(r) for r in rows), how)
+    return out
+
+
+def _rows_agree(catalogue, rows) -> bool:
+    """Whether catalogue ``rows`` hold the same value in every photometry (and E(B−V)) column."""
+    for col in catalogue.colnames:
+        if col in ("name", "ra", "dec"):
+            continue
+        values = np.asarray(catalogue[col])[rows]
+        if values.dtype.kind == "f":
+            if not np.array_equal(values, np.full_like(values, values[0]), equal_nan=True):
+                return False
+        elif not np.all(values == values[0]):
+            return False
+    return True
+
+
+def _row_list(rows) -> str:
+    """1-based catalogue data rows, at most ten."""
+    nums = [str(int(r) + 1) for r in rows[:10]]
+    return ", ".join(nums) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+
+def _check_duplicates(catalogue, names, candidates, source) -> None:
+    """Report stars that several catalogue rows match; never pick one of differing rows silently.
+
+    ``candidates`` maps a star index to (its rows, how they match). Rows that
+    agree in every photometry column are one measurement listed twice (e.g.
+    overlapping catalogue queries): the first is used and a warning names the
+    rows, once per catalogue. Rows that differ are a PhotometryError naming the
+    file, the star(s) and the rows (data rows counted from 1 after the header).
+    """
+    conflicts = []
+    reported = catalogue.meta.setdefault("reported_duplicates", [])  # a list: Table meta must stay serialisable
+    for k, (rows, how) in candidates.items():
+        if len(rows) < 2:
+            continue
+        star = names[k] or f"star {k + 1}"
+        if not _rows_agree(catalogue, rows):
+            conflicts.append(f"star {star!r}: rows {_row_list(rows)} ({how}) differ")
+        elif [star, list(rows)] not in reported:
+            reported.append([star, list(rows)])
+            logger.warning(
+                "photometry catalogue %s: star %r matches rows %s (%s) with identical photometry; used once",
+                source, star, _row_list(rows), how,
+            )
+    if conflicts:
+        raise PhotometryError(
+            f"photometry catalogue {source}: duplicate entries for a standard, which one is right is ambiguous: "
+            f"{'; '.join(conflicts[:5])}{f'; and {len(conflicts) - 5} more' if len(conflicts) > 5 else ''} "
+            "(data rows counted from 1 after the header; remove the wrong rows)"
+        )
 
 
 def match_photometry(catalogue, names, ra, dec, *, bands=("g", "r", "i", "z"), radius_arcsec=1.0):
@@ -357,6 +442,14 @@ def match_photometry(catalogue, names, ra, dec, *, bands=("g", "r", "i", "z"), r
     match_info : list of str, per star: ``"name"``, ``"coords 0.31 arcsec"``,
         ``"unmatched: nearest entry 2.00 arcsec > radius 1.00"`` or
         ``"unmatched"`` (no name match and no usable coordinates).
+
+    Raises
+    ------
+    PhotometryError
+        A standard matches several rows that differ (same name, or within
+        ``radius_arcsec`` of its position); the message names the file, the
+        star and the rows (1 = first data row). Identical rows are used once,
+        with a warning.
     """
     if not hasattr(catalogue, "colnames"):
         catalogue = read_catalogue(catalogue, bands=bands)

@@ -39,7 +39,10 @@ serve the tests and benchmarks.
 Units: wavelengths in Å; the reader returns surface flux F = 4πH in
 erg/s/cm²/Å. Errors name the file: a missing, truncated, corrupt or
 mis-shaped file is an InputError, a file that does not cover the requested
-wavelengths a CoverageError.
+wavelengths a CoverageError. A line read that is not all finite numbers
+(``nan nan``, ``-1e30 abc``, a short line) is an InputError naming the file
+and the line number in the file (``#`` header lines counted); only the lines
+inside the requested window are parsed.
 """
 
 from __future__ import annotations
@@ -405,17 +408,45 @@ def _line_bounds(data: bytes, path: str):
     return starts, ends
 
 
+def _file_line(data: bytes, starts, k: int) -> int:
+    """1-based line number in the file of data line ``k`` (comment and blank lines counted)."""
+    return data.count(b"\n", 0, int(starts[k])) + 1
+
+
+def _bad_line(data: bytes, starts, ends, i0: int, i1: int, ncol: int, path: str) -> InputError:
+    """The error naming the first line in ``[i0, i1)`` that is not ``ncol`` finite numbers."""
+    for k in range(i0, i1):
+        text = data[int(starts[k]):int(ends[k])]
+        tokens = text.split()
+        shown = text.decode("ascii", "replace").strip()[:80]
+        line = _file_line(data, starts, k)
+        if len(tokens) != ncol:
+            return InputError(f"{path}: malformed line {line}: expected {ncol} columns, "
+                              f"found {len(tokens)} ({shown!r})")
+        for tok in tokens:
+            try:
+                value = float(tok)
+            except ValueError:
+                word = tok.decode("ascii", "replace")
+                return InputError(f"{path}: malformed line {line}: non-numeric value {word!r} ({shown!r})")
+            if not math.isfinite(value):
+                return InputError(f"{path}: non-finite value on line {line} ({shown!r})")
+    return InputError(f"{path}: malformed lines {_file_line(data, starts, i0)}-{_file_line(data, starts, i1 - 1)}")
+
+
 def _parse_rows(data: bytes, starts, ends, i0: int, i1: int, ncol: int, path: str) -> np.ndarray:
+    """Lines ``[i0, i1)`` as an ``(i1 - i0, ncol)`` float64 array of finite numbers.
+
+    A non-numeric, non-finite or short line is an InputError naming the file
+    and its line number (counted in the file, comment lines included).
+    """
     chunk = data[int(starts[i0]):int(ends[i1 - 1])]
     try:
         arr = np.loadtxt(io.BytesIO(chunk), dtype=np.float64, ndmin=2)
-    except ValueError as exc:
-        raise InputError(f"{path}: malformed line between lines {i0 + 1} and {i1} ({exc})") from None
-    if arr.shape != (i1 - i0, ncol):
-        raise InputError(f"{path}: expected {ncol} columns on lines {i0 + 1}-{i1}, got an array of shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.flatnonzero(~np.all(np.isfinite(arr), axis=1))[0]) + i0 + 1
-        raise InputError(f"{path}: non-finite value on line {bad}")
+    except ValueError:
+        raise _bad_line(data, starts, ends, i0, i1, ncol, path) from None
+    if arr.shape != (i1 - i0, ncol) or not np.all(np.isfinite(arr)):
+        raise _bad_line(data, starts, ends, i0, i1, ncol, path)
     return arr
 
 
@@ -477,9 +508,12 @@ def read_bosz_spectrum(path, *, wave=None, window=None, wave_file=None) -> BoszS
 
         def wave_at(k):
             try:
-                return float(data[int(starts[k]):int(ends[k])].split()[0])
+                value = float(data[int(starts[k]):int(ends[k])].split()[0])
             except (ValueError, IndexError):
-                raise InputError(f"{path}: malformed line {k + 1}") from None
+                value = math.nan
+            if not math.isfinite(value):  # a NaN would steer the window search wrong
+                raise _bad_line(data, starts, ends, k, k + 1, 3, path)
+            return value
 
     w_first, w_last = wave_at(0), wave_at(n - 1)
     if window is None:
