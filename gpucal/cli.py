@@ -156,7 +156,7 @@ def _glue_negative_values(argv):
 
 def _add_common(p):
     p.add_argument("--backend", default=None,
-                   help="numpy, cupy, torch, jax or auto (default: $GPUCAL_BACKEND, else auto)")
+                   help="numpy, cupy, torch or auto (default: $GPUCAL_BACKEND, else auto)")
     p.add_argument("--debug", action="store_true", help="show tracebacks, debug logging and Python warnings")
 
 

@@ -13,7 +13,7 @@ Execution
 * ``workers=N`` (N >= 2) or ``"auto"``: a LocalCluster of single-threaded
   worker processes (``"auto"``: one per core), or dask-cuda's
   LocalCUDACluster with one worker per GPU when dask-cuda is installed, a GPU
-  is visible and the backend runs on GPUs (``cupy``, ``torch``, ``jax``, or
+  is visible and the backend runs on GPUs (``cupy``, ``torch``, or
   ``auto`` with CuPy installed). BLAS/OpenMP pools in the worker processes
   are set to one thread, since the processes already fill the cores.
 * ``scheduler=ADDRESS`` (or a scheduler JSON file, or a ``distributed.Client``):
@@ -207,7 +207,7 @@ def _wants_gpu(backend) -> bool:
     name = (getattr(backend, "name", backend) or os.environ.get("GPUCAL_BACKEND") or "auto").strip().lower()
     if name == "auto":
         return importlib.util.find_spec("cupy") is not None
-    return name in ("cupy", "torch", "jax")
+    return name in ("cupy", "torch")
 
 
 def _n_gpus() -> int:

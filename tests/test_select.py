@@ -128,3 +128,12 @@ def test_runtime_helpers_on_every_backend(backend):
     held = memory_pool_bytes(backend, release_unused=True)
     big = backend.asarray(np.zeros(2**20))  # 8 MiB
     assert memory_pool_bytes(arr) >= held + big.nbytes
+
+
+def test_jax_is_named_and_refused_not_advertised():
+    """JAX is not in the test matrix, so gpucal neither lists it nor runs on it silently."""
+    from gpucal.backends import BACKEND_NAMES
+
+    assert "jax" not in BACKEND_NAMES
+    with pytest.raises(BackendError, match="backend 'jax' is not supported: gpucal is not tested on JAX"):
+        get_backend("jax")

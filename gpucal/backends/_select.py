@@ -39,7 +39,9 @@ __all__ = [
 
 logger = logging.getLogger("gpucal.backends")
 
-BACKEND_NAMES = ("auto", "numpy", "cupy", "torch", "jax", "array_api_strict")
+BACKEND_NAMES = ("auto", "numpy", "cupy", "torch", "array_api_strict")
+#: Namespaces array-api-compat knows that gpucal is not tested on: named, refused.
+UNSUPPORTED = {"jax": "gpucal is not tested on JAX (no JAX in its test matrix)"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Backend:
     Attributes
     ----------
     name : str
-        ``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"`` or ``"array_api_strict"``.
+        ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
     xp : module
         The array-API-compatible namespace (array-api-compat wrappers for
         numpy, cupy and torch).
@@ -126,14 +128,9 @@ def _make(name: str, reason: str) -> Backend:
         except ImportError as exc:
             raise BackendError(f"backend 'torch' is not usable: torch is not installed ({exc})") from None
         return Backend("torch", xp, xp.asarray(0.0).device, reason or "requested")
-    if name == "jax":
-        try:
-            import jax
-            import jax.numpy as xp
-        except ImportError as exc:
-            raise BackendError(f"backend 'jax' is not usable: jax is not installed ({exc})") from None
-        jax.config.update("jax_enable_x64", True)
-        return Backend("jax", xp, None, reason or "requested")
+    if name in UNSUPPORTED:
+        raise BackendError(f"backend {name!r} is not supported: {UNSUPPORTED[name]}; "
+                           f"choose one of {', '.join(BACKEND_NAMES)}")
     if name == "array_api_strict":
         try:
             xp = importlib.import_module("array_api_strict")
@@ -151,7 +148,7 @@ def get_backend(name: str | None = None) -> Backend:
     Parameters
     ----------
     name : str, optional
-        One of ``auto``, ``numpy``, ``cupy``, ``torch``, ``jax`` (and
+        One of ``auto``, ``numpy``, ``cupy``, ``torch`` (and
         ``array_api_strict`` for validation). Defaults to the
         ``GPUCAL_BACKEND`` environment variable, else ``auto``.
 
