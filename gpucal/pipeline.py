@@ -25,7 +25,15 @@ from .calibration import (
     scale_template_to_photometry,
     shift_to_observed,
 )
-from .calibration.verdicts import MIN_GOOD_FRACTION, duplicate_of, star_verdicts, verdict_reasons
+from .calibration.verdicts import (
+    MAX_FRAME_CHI2_DOF,
+    MAX_SCATTER,
+    MIN_GOOD_FRACTION,
+    duplicate_of,
+    frame_verdict,
+    star_verdicts,
+    verdict_reasons,
+)
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
@@ -233,6 +241,15 @@ def _require_stars(frame, names, output, min_stars):
         )
 
 
+def _require_sane(frame, output, max_frame_chi2_dof, max_scatter):
+    """A CalibrationError when the frame as a whole fits absurdly (see :func:`frame_verdict`)."""
+    s = output.summary
+    why = frame_verdict([st["chi2_dof"] for st in s["stars"] if st["used"]], s["rms_scatter"],
+                        max_frame_chi2_dof, max_scatter)
+    if why:
+        raise CalibrationError(f"{frame.path}: not calibrated: {why}")
+
+
 class _Clock:
     """Wall time per stage of one frame."""
 
@@ -251,7 +268,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     combine="weighted_mean", smooth=0, metric="chi2", vrange=(-500.0, 500.0, 5.0),
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
-                    max_phot_dev=0.3, fast=False) -> CalibrationOutput:
+                    max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
+                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
     """Flux-calibrate one reduced frame.
 
     Parameters
@@ -282,6 +300,11 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     max_phot_dev : a star whose post-fit band residuals span more than this
         (mag) is excluded as photometrically inconsistent.
     fast : the fast-path scan (velocity from fiducial templates first).
+    max_frame_chi2_dof : when every used standard's best χ²/dof exceeds this
+        (default 1000), the frame is a CalibrationError naming the likely
+        cause (transposed frame, wrong LSF, wrong medium); None = no bound.
+    max_scatter : likewise when the used standards' vectors scatter more
+        than this (RMS, default 0.2 = 20 %); None = no bound.
 
     Returns
     -------
@@ -319,6 +342,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
+    _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
