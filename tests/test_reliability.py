@@ -568,6 +568,9 @@ DOC_ONLY_IDS = (
     "overwrite-replaces", "write-fails", "write-interrupted", "output-directory-not-writable",
     "same-inputs-same-bytes", "numpy-vs-array-api-strict", "numpy-vs-cupy", "counts-times-k",
     "fibres-permuted", "duplicate-standard", "duplicate-only-standard", "corrupted-frames-200",
+    # issue 19: interrupts, temporary files, frame sanity (tests/test_interrupts.py, tests/test_sanity.py)
+    "sigint-mid-run", "sigterm-mid-run", "killed-mid-write", "stale-temporary-not-ours", "frame-transposed",
+    "frame-chi2-absurd", "clean-frames-within-bounds", "corrupted-frames-quiet",
 )
 
 
