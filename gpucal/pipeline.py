@@ -109,12 +109,15 @@ def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0
     return teff, teff_err, mask
 
 
-def _check_options(vrange, min_stars):
+def _check_options(vrange, min_stars, bounds):
     vmin, vmax, vstep = (float(v) for v in vrange)
     if not (np.isfinite([vmin, vmax, vstep]).all() and vmin < vmax and vstep > 0):
         raise InputError(f"--vrange needs finite vmin < vmax and step > 0 km/s, got {vmin}:{vmax}:{vstep}")
     if int(min_stars) < 1:
         raise InputError(f"--min-stars must be >= 1, got {min_stars}")
+    for name, bound in bounds.items():  # checked before the work, not after it
+        if bound is not None and not (np.isfinite(float(bound)) and float(bound) > 0):
+            raise InputError(f"{name} must be a positive number or None (no bound), got {bound}")
 
 
 def _standard_ids(frame: Frame):
@@ -311,7 +314,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     CalibrationOutput (host arrays), also written to ``out`` when given.
     """
     clock = _Clock()
-    _check_options(vrange, min_stars)
+    _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     be = get_backend(backend)
     frame = frame if isinstance(frame, Frame) else read_frame(frame)
     std, names, fibres = _standard_ids(frame)

@@ -19,7 +19,7 @@ import pytest
 
 from gpucal.calibration.verdicts import LIKELY_CAUSES, MAX_FRAME_CHI2_DOF, MAX_SCATTER, frame_verdict
 from gpucal.cli import build_parser, main
-from gpucal.errors import CalibrationError
+from gpucal.errors import CalibrationError, InputError
 from gpucal.io import write_frame
 from gpucal.pipeline import calibrate_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
@@ -136,3 +136,10 @@ def test_cli_options_quote_the_defaults_and_accept_none():
     with pytest.raises(SystemExit):
         with contextlib.redirect_stderr(io.StringIO()):
             p.parse_args(["f.fits", "--photometry", "c.csv", "--fwhm", "2", "--max-scatter", "0"])
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bound_that_is_no_positive_number_is_refused_before_any_work(bound):
+    for name in ("max_frame_chi2_dof", "max_scatter"):
+        with pytest.raises(InputError, match=f"{name} must be a positive number or None"):
+            calibrate_frame("no-such-frame.fits", **{name: bound})
