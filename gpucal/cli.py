@@ -12,6 +12,9 @@ the demo alike, so no option can be dropped on one of the ways.
 
 Errors gpucal raises on purpose (GpucalError) are printed as one line,
 ``gpucal: error: ...``, with exit status 2 and no traceback unless --debug.
+An interrupt ends a command with one line too: SIGINT (Ctrl-C) prints
+``gpucal: interrupted`` and exits 130, SIGTERM ``gpucal: terminated`` and
+exits 143 (128 + the signal's number); files being written are removed.
 Python warnings go to the debug log (shown with --debug only), also in the
 LocalCluster worker processes that ``--workers`` starts. Heavy libraries
 (numpy, matplotlib, dask) are imported by the handlers, never by ``--help``.
@@ -26,7 +29,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -86,6 +91,19 @@ def _vrange(text):
     if not (math.isfinite(vmin) and math.isfinite(vmax) and math.isfinite(step) and vmin < vmax and step > 0):
         raise argparse.ArgumentTypeError(f"velocity range needs finite VMIN < VMAX and STEP > 0 (km/s), got {text!r}")
     return vmin, vmax, step
+
+
+def _bound(text):
+    """A positive number, or ``none`` (no bound)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
 
 
 def _positive_int(text):
@@ -177,6 +195,14 @@ def _add_calibration_options(p):
     _add_scan_options(p)
     p.add_argument("--min-stars", type=_positive_int, default=1, help="fewer usable standards is an error (default 1)")
     p.add_argument("--max-chi2-dof", type=float, default=None, help="exclude stars whose best chi2/dof exceeds this")
+    # not given: calibrate_frame's own default (gpucal.calibration.verdicts; not imported here, --help
+    # stays light); tests/test_sanity.py checks that these texts quote it
+    p.add_argument("--max-frame-chi2-dof", type=_bound, default=argparse.SUPPRESS, metavar="X|none",
+                   help="the frame is an error when every used star's chi2/dof exceeds this "
+                        "(default 1000; 'none': no bound)")
+    p.add_argument("--max-scatter", type=_bound, default=argparse.SUPPRESS, metavar="X|none",
+                   help="the frame is an error when the used stars' vectors scatter more than this RMS "
+                        "(default 0.2 = 20 %%; 'none': no bound)")
     p.add_argument("--ebv", type=float, default=None,
                    help="E(B-V) applied to the templates (F99, R_V=3.1) unless the catalogue has an ebv column")
     p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
@@ -583,6 +609,27 @@ def _configure_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`_Terminated` while the command runs (main thread only), then as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -591,7 +638,7 @@ def main(argv=None):
                "bench": run_bench_command}[args.command]
     # Python warnings (a numpy RuntimeWarning, a library's deprecation) go to the debug log:
     # without --debug the user sees gpucal's own messages only.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_raises():
         warnings.showwarning = _log_warning
         try:
             return handler(args)
@@ -600,6 +647,16 @@ def main(argv=None):
                 raise
             print(f"gpucal: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("gpucal: interrupted", file=sys.stderr)
+            return 128 + int(signal.SIGINT)
+        except _Terminated:
+            if args.debug:
+                raise
+            print("gpucal: terminated", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
 
 
 if __name__ == "__main__":

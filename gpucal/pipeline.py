@@ -25,7 +25,15 @@ from .calibration import (
     scale_template_to_photometry,
     shift_to_observed,
 )
-from .calibration.verdicts import MIN_GOOD_FRACTION, duplicate_of, star_verdicts, verdict_reasons
+from .calibration.verdicts import (
+    MAX_FRAME_CHI2_DOF,
+    MAX_SCATTER,
+    MIN_GOOD_FRACTION,
+    duplicate_of,
+    frame_verdict,
+    star_verdicts,
+    verdict_reasons,
+)
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
@@ -101,12 +109,15 @@ def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0
     return teff, teff_err, mask
 
 
-def _check_options(vrange, min_stars):
+def _check_options(vrange, min_stars, bounds):
     vmin, vmax, vstep = (float(v) for v in vrange)
     if not (np.isfinite([vmin, vmax, vstep]).all() and vmin < vmax and vstep > 0):
         raise InputError(f"--vrange needs finite vmin < vmax and step > 0 km/s, got {vmin}:{vmax}:{vstep}")
     if int(min_stars) < 1:
         raise InputError(f"--min-stars must be >= 1, got {min_stars}")
+    for name, bound in bounds.items():  # checked before the work, not after it
+        if bound is not None and not (np.isfinite(float(bound)) and float(bound) > 0):
+            raise InputError(f"{name} must be a positive number or None (no bound), got {bound}")
 
 
 def _standard_ids(frame: Frame):
@@ -233,6 +244,15 @@ def _require_stars(frame, names, output, min_stars):
         )
 
 
+def _require_sane(frame, output, max_frame_chi2_dof, max_scatter):
+    """A CalibrationError when the frame as a whole fits absurdly (see :func:`frame_verdict`)."""
+    s = output.summary
+    why = frame_verdict([st["chi2_dof"] for st in s["stars"] if st["used"]], s["rms_scatter"],
+                        max_frame_chi2_dof, max_scatter)
+    if why:
+        raise CalibrationError(f"{frame.path}: not calibrated: {why}")
+
+
 class _Clock:
     """Wall time per stage of one frame."""
 
@@ -251,7 +271,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     combine="weighted_mean", smooth=0, metric="chi2", vrange=(-500.0, 500.0, 5.0),
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
-                    max_phot_dev=0.3, fast=False) -> CalibrationOutput:
+                    max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
+                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
     """Flux-calibrate one reduced frame.
 
     Parameters
@@ -282,13 +303,18 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     max_phot_dev : a star whose post-fit band residuals span more than this
         (mag) is excluded as photometrically inconsistent.
     fast : the fast-path scan (velocity from fiducial templates first).
+    max_frame_chi2_dof : when every used standard's best χ²/dof exceeds this
+        (default 1000), the frame is a CalibrationError naming the likely
+        cause (transposed frame, wrong LSF, wrong medium); None = no bound.
+    max_scatter : likewise when the used standards' vectors scatter more
+        than this (RMS, default 0.2 = 20 %); None = no bound.
 
     Returns
     -------
     CalibrationOutput (host arrays), also written to ``out`` when given.
     """
     clock = _Clock()
-    _check_options(vrange, min_stars)
+    _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     be = get_backend(backend)
     frame = frame if isinstance(frame, Frame) else read_frame(frame)
     std, names, fibres = _standard_ids(frame)
@@ -319,6 +345,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
+    _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,

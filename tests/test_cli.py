@@ -48,6 +48,8 @@ OPTIONS = {
     "ebv": (["--ebv", "0.05"], 0.05),
     "teff_prior": (["--no-teff-prior"], False),
     "fast": (["--fast"], True),
+    "max_frame_chi2_dof": (["--max-frame-chi2-dof", "none"], None),
+    "max_scatter": (["--max-scatter", "0.5"], 0.5),
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),

@@ -10,7 +10,9 @@
   nothing end to end; duplicating one of several does today (xfail: the
   weighted mean counts the copy as a second star).
 * 200 randomly corrupted FITS frames: read_frame and the command line raise
-  nothing but GpucalError, and no input file changes.
+  nothing but GpucalError, no input file changes, no Python warning reaches
+  the command line's stderr, and no temporary file is left — not even the
+  stale ones of earlier runs killed mid-write (issue 19).
 
 Hypothesis runs derandomized with few examples (each end-to-end example is a
 calibration of a small frame, about half a second).
@@ -22,6 +24,9 @@ import contextlib
 import copy
 import io
 import re
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -36,6 +41,7 @@ from gpucal.cli import main
 from gpucal.containers import CalibrationVectors
 from gpucal.errors import GpucalError
 from gpucal.io import file_sha256, read_frame, write_frame
+from gpucal.io.files import temp_prefix
 from gpucal.pipeline import calibrate_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
 
@@ -335,7 +341,9 @@ def _corrupted(rng, bases, root, i):
 
 def _cli(argv):
     err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+    # every warning issued (not once per place): any that reached stderr would be seen
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("always")
         try:
             return main(argv), err.getvalue()
         except SystemExit as exc:
@@ -350,7 +358,10 @@ def test_200_corrupted_frames_raise_only_gpucal_errors(files, tmp_path):
     bases.append(wcs.read_bytes())
     get_backend("numpy")
     rng = np.random.default_rng(20240901)
-    uncaught, modified, outcomes, full = [], [], {"read": 0, "refused": 0}, 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid: a run of that pid was killed mid-write and left its temporary file
+    uncaught, modified, outcomes, full, warned, stale = [], [], {"read": 0, "refused": 0}, 0, [], []
+    cleaned = 0
     for i in range(N_CORRUPT):
         path = _corrupted(rng, bases, tmp_path, i)
         before = file_sha256(path)
@@ -367,8 +378,12 @@ def test_200_corrupted_frames_raise_only_gpucal_errors(files, tmp_path):
         if not readable or full < N_FULL_CLI:
             # refused frames: the CLI's early path; a few readable ones: the whole calibration
             full += readable
+            out = tmp_path / f"out-{i:03d}.fits"
             argv = ["calibrate", str(path), "--photometry", files["cat"], "--fwhm", str(FWHM),
-                    "--vrange=-200:200:5", "--backend", "numpy", "--out", str(tmp_path / f"out-{i:03d}.fits")]
+                    "--vrange=-200:200:5", "--backend", "numpy", "--out", str(out)]
+            killed = tmp_path / (temp_prefix(out).rsplit("-", 2)[0] + f"-{dead.pid}-killed.tmp")
+            if readable:
+                killed.write_bytes(b"half a frame")
             try:
                 rc, err = _cli(argv)
             except Exception as exc:  # noqa: BLE001 -- the property under test
@@ -377,9 +392,18 @@ def test_200_corrupted_frames_raise_only_gpucal_errors(files, tmp_path):
                 errors = [ln for ln in err.splitlines() if ln.startswith("gpucal: error: ")]
                 if "Traceback" in err or not ((rc == 0 and not errors) or (rc == 2 and len(errors) == 1)):
                     uncaught.append(f"{path.name} cli: exit {rc}: {err!r}")
+                if "Warning" in err or "warnings.warn" in err:
+                    warned.append(f"{path.name}: {err!r}")
+                if rc == 0:
+                    cleaned += 1
+                    if killed.exists():
+                        stale.append(killed.name)  # the run wrote its output: it must have removed it
+            killed.unlink(missing_ok=True)  # a refused run writes nothing and leaves others' files alone
         if file_sha256(path) != before:
             modified.append(path.name)
     assert uncaught == [], "\n".join(uncaught)
+    assert warned == [], "\n".join(warned)  # 0 Python warnings printed
+    assert cleaned > 0 and stale == [] and sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     assert modified == []
     assert outcomes["read"] + outcomes["refused"] == N_CORRUPT
     assert full == N_FULL_CLI  # the full calibration did run on corrupted-but-readable frames

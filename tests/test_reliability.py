@@ -667,6 +667,9 @@ DOC_ONLY_IDS = (
     "fibres-permuted", "duplicate-standard", "duplicate-only-standard", "corrupted-frames-200",
     # ambiguous side inputs (issue 19): tests/test_ambiguous.py
     "catalogue-duplicate-identical", "catalogue-duplicate-unmatched", "fibre-names-duplicate",
+    # issue 19: interrupts, temporary files, frame sanity (tests/test_interrupts.py, tests/test_sanity.py)
+    "sigint-mid-run", "sigterm-mid-run", "killed-mid-write", "stale-temporary-not-ours", "frame-transposed",
+    "frame-chi2-absurd", "clean-frames-within-bounds", "corrupted-frames-quiet",
 )
 
 

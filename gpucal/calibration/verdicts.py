@@ -14,7 +14,10 @@ good vector pixels.
 * :meth:`Verdicts.then` — a later check (the combination's discrepant stars,
   stars it could not use) added at lower priority;
 * :func:`duplicate_of` — the earlier standard a fibre is bit-identical to;
-* :func:`verdict_reasons` — the host-side text of each verdict.
+* :func:`verdict_reasons` — the host-side text of each verdict;
+* :func:`frame_verdict` — the frame as a whole: when every used standard's
+  χ²/dof is absurd, or the standards disagree beyond a bound, the frame is
+  not calibratable (its likely cause named), whatever each star's verdict.
 
 Shapes: every check is (n_star,) bool, True = the star fails it.
 """
@@ -28,10 +31,24 @@ from array_api_compat import device as _device
 
 from ..backends import array_namespace
 
-__all__ = ["CHECKS", "MIN_GOOD_FRACTION", "Verdicts", "star_verdicts", "duplicate_of", "verdict_reasons"]
+__all__ = ["CHECKS", "MIN_GOOD_FRACTION", "MAX_FRAME_CHI2_DOF", "MAX_SCATTER", "LIKELY_CAUSES", "Verdicts",
+           "star_verdicts", "duplicate_of", "verdict_reasons", "frame_verdict"]
 
 #: A standard needs at least this fraction of its pixels good to be used.
 MIN_GOOD_FRACTION = 0.5
+
+#: A frame whose every used standard has a best χ²/dof above this is an error, not a calibration.
+#: Clean simulated frames give 1.1-1.8 at S/N 50, 3-13 at S/N 200 and 12-311 at S/N 1000 (template
+#: mismatch grows as S/N²; the lowest star of a frame at most 58); a transposed 2dF frame gave 10 000+.
+MAX_FRAME_CHI2_DOF = 1000.0
+
+#: A frame whose used standards' vectors scatter (combined RMS, summary['rms_scatter']) more than this
+#: (0.2 = 20 %) is an error. Clean simulated frames give 0.001-0.026 at S/N 50-1000 (the demo 0.019);
+#: 1000 x 1000 frames stored transposed give 1.06-1.19.
+MAX_SCATTER = 0.2
+
+#: What usually makes a whole frame fit badly: named in the error.
+LIKELY_CAUSES = "frame stored transposed? wrong LSF? wrong air/vacuum medium?"
 
 #: Every check a standard must pass, in priority order (the first failure is its reason).
 CHECKS = (
@@ -122,3 +139,23 @@ def verdict_reasons(code, details: dict) -> list:
         "not_combined": lambda i: "no pixel in common with the other standards",
     }
     return ["" if int(c) == 0 else text[CHECKS[int(c) - 1]](i) for i, c in enumerate(code)]
+
+
+def frame_verdict(chi2_used, rms_scatter, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF, max_scatter=MAX_SCATTER):
+    """Why the frame as a whole is not a calibration, or None; host values only.
+
+    chi2_used : best χ²/dof of each used standard (a sequence of floats);
+    rms_scatter : the combination's RMS scatter between the used standards
+    (None or NaN: not measured, e.g. one star). A bound of None is not
+    applied. The text names the likely causes (:data:`LIKELY_CAUSES`) and the
+    option that sets the bound.
+    """
+    chi2 = [float(c) for c in chi2_used if c is not None and math.isfinite(float(c))]
+    if max_frame_chi2_dof is not None and chi2 and min(chi2) > max_frame_chi2_dof:
+        return (f"every used standard fits badly: best chi2/dof {min(chi2):.4g} to {max(chi2):.4g}, above "
+                f"{max_frame_chi2_dof:g} (--max-frame-chi2-dof); {LIKELY_CAUSES} variance underestimated?")
+    rms = None if rms_scatter is None else float(rms_scatter)
+    if max_scatter is not None and rms is not None and math.isfinite(rms) and rms > max_scatter:
+        return (f"the standards disagree: RMS scatter {rms:.3g} between their calibration vectors, above "
+                f"{max_scatter:g} (--max-scatter); {LIKELY_CAUSES}")
+    return None

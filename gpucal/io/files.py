@@ -9,6 +9,12 @@ half-written file and a failure (full disk, no permission, an interrupt)
 leaves no temporary file and an existing destination as it was. OS and
 astropy write errors become InputError naming the path.
 
+Temporary files are named ``.<name>.gpucal-<host>-<pid>-<random>.tmp``
+(:func:`temp_prefix`). A process killed outright (SIGKILL, power loss) cannot
+remove its own, so before writing ``<name>`` a run removes the stale ones of
+that name: regular files of this pattern, made on this host, whose process no
+longer runs (:func:`remove_stale_temps`). Nothing else is ever removed.
+
 :func:`check_output_path` applies the refusals up front, so a caller can
 check every destination before the work that fills it; :func:`write_text`
 writes side outputs (a JSON summary) the same way FITS frames are written.
@@ -19,13 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
 
 from astropy.io import fits
 
 from ..errors import InputError
 
-__all__ = ["file_sha256", "check_output_path", "write_text"]
+__all__ = ["file_sha256", "check_output_path", "write_text", "temp_prefix", "remove_stale_temps"]
 
 
 def file_sha256(path, chunk_size: int = 1 << 20) -> str:
@@ -49,6 +58,61 @@ def _umask() -> int:
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary-file names (letters, digits, '.', '-')."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "localhost")
+
+
+def temp_prefix(path) -> str:
+    """The name prefix of this process's temporary files for ``path``:
+    ``.<name>.gpucal-<host>-<pid>-`` (a random part and ``.tmp`` follow)."""
+    return f".{os.path.basename(os.fspath(path))}.gpucal-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process of ours: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep the file
+    return True
+
+
+def remove_stale_temps(path) -> list:
+    """Remove the temporary files an earlier, killed gpucal run left for ``path``; return their names.
+
+    Only regular files named ``.<name>.gpucal-<host>-<pid>-<random>.tmp`` for
+    this very ``<name>``, made on this host by a process that no longer runs,
+    are removed; files of live processes, other hosts (a shared disk), other
+    names or any other pattern are left alone. Errors are ignored: the write
+    that follows reports its own.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(os.path.basename(path))}\.gpucal-(?P<host>[A-Za-z0-9._-]+)-"
+                         rf"(?P<pid>[0-9]+)-[a-z0-9_]+\.tmp")
+    removed = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or m["host"] != _host() or _pid_alive(int(m["pid"])):
+            continue
+        full = os.path.join(d, name)
+        try:
+            if stat.S_ISREG(os.lstat(full).st_mode):
+                os.unlink(full)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def _check_destination(path: str, overwrite: bool, protect=None) -> None:
@@ -97,14 +161,14 @@ def _atomic(write, path: str, overwrite: bool, protect=None) -> None:
 
     Whatever happens (a full disk, no permission, an interrupt) the temporary
     file is removed and an existing ``path`` is left as it was; OS errors
-    become InputError naming ``path``.
+    become InputError naming ``path``. Stale temporary files of ``path`` that
+    killed runs left are removed first (:func:`remove_stale_temps`).
     """
     _check_destination(path, overwrite, protect)
     d = os.path.dirname(os.path.abspath(path))
+    remove_stale_temps(path)
     try:
-        tmp = tempfile.NamedTemporaryFile(
-            delete=False, dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-        )
+        tmp = tempfile.NamedTemporaryFile(delete=False, dir=d, prefix=temp_prefix(path), suffix=".tmp")
     except OSError as exc:
         raise InputError(f"{path}: cannot write in {d} ({exc.strerror or exc})") from None
     tmp_name = tmp.name
