@@ -99,7 +99,7 @@ def test_temporary_file_name_is_recognisable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", spy)
     write_text(tmp_path / "s.json", "{}")
     assert len(seen) == 1 and seen[0].startswith(temp_prefix(tmp_path / "s.json")) and seen[0].endswith(".tmp")
-    assert seen[0].startswith(f".s.json.gpucal-") and f"-{os.getpid()}-" in seen[0]
+    assert seen[0].startswith(".s.json.gpucal-") and f"-{os.getpid()}-" in seen[0]
 
 
 def test_a_run_removes_only_its_own_stale_temporary_files(tmp_path):

@@ -119,3 +119,49 @@ def test_calibrated_spectra_pulls(backend):
                                       backend.asarray(cal[k]), backend.asarray(cal_var), fibre_axis=0)
         flux[k], fvar[k] = to_numpy(f)[0], to_numpy(v)[0]
     assert_unit_pulls((flux - c_true * cal_true) / np.sqrt(fvar))
+
+
+def _scanned_standards(n=120, seed=0):
+    """One simulated frame of ``n`` standards at one grid node and random RVs, scanned on a small grid."""
+    from gpucal.backends import get_backend
+    from gpucal.containers import SpectraBatch
+    from gpucal.fitting import match_templates, prepare_grid
+    from gpucal.simulate import simulate_frame
+    from gpucal.templates.demo import demo_grid
+
+    be = get_backend("numpy")
+    rng = np.random.default_rng(seed)
+    grid = demo_grid(teff=(5500.0, 5750.0, 6000.0, 6250.0, 6500.0), logg=(4.0, 4.5, 5.0), mh=(-0.5, 0.0, 0.5))
+    sim = simulate_frame(n_standards=n, n_program=0, n_sky=0, params=[(6000.0, 4.5, 0.0, 0.0)] * n,
+                         rvs=rng.uniform(-150.0, 150.0, n), snr=50.0, seed=seed, telluric=False)
+    rows = np.flatnonzero(np.asarray(sim.fibres["TYPE"]) == "C")
+    truth_of = {int(r): k for k, r in enumerate(np.asarray(sim.truth["std_fibres"]))}
+    idx = np.array([truth_of[int(r)] for r in rows])
+    flux, var = be.asarray(sim.flux[rows]), be.asarray(sim.var[rows])
+    spec = SpectraBatch(wave=be.asarray(sim.wave), flux=flux, var=var, mask=be.xp.isfinite(flux),
+                        fibre_ids=rows + 1, names=tuple(str(r) for r in rows))
+    res = match_templates(spec, prepare_grid(grid, spec.wave, fwhm=float(sim.truth["fwhm"])),
+                          vrange=(-200.0, 200.0, 5.0))
+    return res, np.asarray(sim.truth["rv"])[idx], np.asarray(sim.truth["params"])[idx]
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    return _scanned_standards()
+
+
+def test_rv_error_pulls(scanned):
+    """rv_err from the χ² curvature in velocity: unit pulls over 120 standards at S/N 50."""
+    res, rv_true, _ = scanned
+    pull = (to_numpy(res.rv) - rv_true) / to_numpy(res.rv_err)
+    # 120 pulls: the width's sampling error is ~0.065, so 0.15 is over two of them
+    assert abs(float(np.std(pull)) - 1.0) < 0.15, float(np.std(pull))
+    assert abs(float(np.mean(pull))) < 0.35, float(np.mean(pull))
+
+
+@pytest.mark.xfail(strict=True, reason="params_err from the node refinement is too small and the parameters "
+                   "biased (logg, [M/H] pulls 1.3-1.6 wide, means -4 and +6): issue 14's continuous fit")
+def test_parameter_error_pulls(scanned):
+    res, _, p_true = scanned
+    pull = (to_numpy(res.params) - p_true)[:, :3] / to_numpy(res.params_err)[:, :3]
+    assert np.all(np.abs(np.std(pull, axis=0) - 1.0) < 0.15) and np.all(np.abs(np.mean(pull, axis=0)) < 0.35)
