@@ -19,7 +19,6 @@ import pytest
 
 from gpucal.cli import main
 from gpucal.errors import CalibrationError, InputError
-from gpucal.io import read_frame
 from gpucal.io.frames import read_calibrated_frame, write_frame
 from gpucal.photometry import redden
 from gpucal.pipeline import calibrate_frame
