@@ -242,6 +242,17 @@ def clean(tmp_path_factory):
     return path, load_template_cache(path, verify="full")
 
 
+def _corrupt(fname, where, mask, truncate):
+    """Truncate ``fname`` at fraction ``where`` of its length, or XOR the byte there with ``mask``."""
+    raw = bytearray(open(fname, "rb").read())
+    at = int(where * len(raw))
+    if truncate:
+        raw = raw[:at]
+    else:
+        raw[at] ^= mask
+    open(fname, "wb").write(bytes(raw))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.sampled_from(FILES), where=st.floats(0.0, 1.0, exclude_max=True), mask=st.integers(1, 255),
        truncate=st.booleans())
@@ -251,13 +262,7 @@ def test_random_corruption_is_an_error_or_the_same_grid(clean, which, where, mas
         path = os.path.join(tmp, "cache")
         shutil.copytree(src, path)
         fname = os.path.join(path, which)
-        raw = bytearray(open(fname, "rb").read())
-        at = int(where * len(raw))
-        if truncate:
-            raw = raw[:at]
-        else:
-            raw[at] ^= mask
-        open(fname, "wb").write(bytes(raw))
+        _corrupt(fname, where, mask, truncate)
         try:
             got = load_template_cache(path)
         except GpucalError:
@@ -280,13 +285,7 @@ def test_random_corruption_of_a_stamped_cache_is_an_error_or_the_same_grid(clean
         assert os.path.isfile(os.path.join(path, ".gpucal-verified.json"))
         fname = os.path.join(path, which)
         st_before = os.stat(fname)
-        raw = bytearray(open(fname, "rb").read())
-        at = int(where * len(raw))
-        if truncate:
-            raw = raw[:at]
-        else:
-            raw[at] ^= mask
-        open(fname, "wb").write(bytes(raw))
+        _corrupt(fname, where, mask, truncate)
         # the filesystem clock has ticked since the stamp (what RACY_S guarantees outside this test)
         os.utime(fname, ns=(st_before.st_atime_ns, st_before.st_mtime_ns + 10**9))
         try:
