@@ -273,45 +273,29 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
                     max_scatter=MAX_SCATTER) -> CalibrationOutput:
-    """Flux-calibrate one reduced frame.
+    """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
-    Parameters
-    ----------
-    frame : path to a FITS frame, or a :class:`gpucal.containers.Frame`.
-    templates : ``"demo"``, a TemplateGrid, a prepared cache or a BOSZ directory.
-    photometry : catalogue CSV path (Refcat2-style columns) or a Photometry
-        aligned with the frame's standards.
-    fwhm / fwhm_poly / resolution : instrument resolution (exactly one).
-    out : output FITS path (None = do not write); overwrite : replace it.
-    backend : backend name or Backend (default: ``GPUCAL_BACKEND`` / auto).
-    combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay
-        window (pixels, 0 = none).
-    metric : ``"chi2"`` or ``"huber"`` template score.
-    vrange : (vmin, vmax, step) km/s of the velocity scan.
-    mask_regions : (lo, hi) Å bands left out of the fit and the vectors.
-    bands : catalogue bands to use (default: every Refcat2 band present; a
-        band the template grid does not cover is reported and left out).
-    match_radius : catalogue match radius (arcsec).
-    min_stars : fewer usable standards is a CalibrationError and no output.
-    max_chi2_dof : stars whose best χ²/dof exceeds this are excluded.
-    max_memory : the scan's working-set budget (bytes or "512M").
-    dtype : precision of the scan's large products ("float32" or "float64").
-    ebv : E(B−V) applied to every template (F99, R_V = 3.1) unless the
-        catalogue has an ``ebv`` column; None = 0.
-    teff_prior : restrict each star's scan to nodes within 3σ of its colour
-        Teff (relations fitted once per grid on its own synthetic colours).
-    max_phot_dev : a star whose post-fit band residuals span more than this
-        (mag) is excluded as photometrically inconsistent.
-    fast : the fast-path scan (velocity from fiducial templates first).
-    max_frame_chi2_dof : when every used standard's best χ²/dof exceeds this
-        (default 1000), the frame is a CalibrationError naming the likely
-        cause (transposed frame, wrong LSF, wrong medium); None = no bound.
-    max_scatter : likewise when the used standards' vectors scatter more
-        than this (RMS, default 0.2 = 20 %); None = no bound.
+    frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
+    TemplateGrid, a prepared cache or a BOSZ directory; photometry : a catalogue path or a
+    Photometry aligned with the standards; fwhm / fwhm_poly / resolution : the instrument
+    resolution (exactly one); out, overwrite : the output FITS; backend : name or Backend
+    (default ``GPUCAL_BACKEND`` / auto).
 
-    Returns
-    -------
-    CalibrationOutput (host arrays), also written to ``out`` when given.
+    combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
+    metric : ``"chi2"`` or ``"huber"``; vrange : (vmin, vmax, step) km/s; mask_regions : (lo, hi) Å
+    bands left out of the fit and the vectors; bands : catalogue bands to use (default every
+    Refcat2 band present; one the grid does not cover is reported and left out); match_radius :
+    arcsec; max_memory : the scan's working-set budget (bytes or "512M"); dtype : precision of
+    the scan's large products; fast : the fast-path scan; ebv : E(B−V) on every template (F99,
+    R_V = 3.1) unless the catalogue has an ``ebv`` column; teff_prior : scan only nodes within
+    3σ of each star's colour Teff (relations fitted once per grid).
+
+    Verdicts: min_stars — fewer usable standards is a CalibrationError and no output;
+    max_chi2_dof — a star above it is excluded; max_phot_dev — a star whose band residuals
+    span more (mag) is excluded as photometrically inconsistent; max_frame_chi2_dof (default
+    1000) and max_scatter (RMS between the standards' vectors, default 0.2) — a frame beyond
+    either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
+    medium); None = no bound.
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
