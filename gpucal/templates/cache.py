@@ -40,7 +40,9 @@ Loading (:func:`load_template_cache`)
 Prepared on demand (:func:`load_or_prepare_bosz`, :func:`open_templates`)
     a BOSZ directory given where a grid is expected is prepared once and
     cached under :func:`default_cache_dir`, keyed by the source path and the
-    preparation options; a stale cache is prepared again.
+    preparation options; a stale cache is prepared again. A FITS grid file
+    (:mod:`gpucal.templates.fitsgrid`) goes the same way
+    (:func:`load_or_prepare_fits_grid`, caches named ``fits-<key>``).
 
 In: a TemplateGrid (write) or a cache directory (load). Out: a TemplateGrid
 whose flux and continuum are read-only float32 memory maps. NumPy on the host.
@@ -62,6 +64,7 @@ from ..containers import TemplateGrid
 from ..errors import CorruptCacheError, InputError, StaleCacheError
 from .bosz import BoszIndex, parse_bosz_name
 from .keys import CACHE_FORMAT, CACHE_VERSION, _sha256_file, _sha256_text, _sidecar_sha256
+from .fitsgrid import FITS_GRID_SUFFIXES, is_fits_grid, prepare_fits_grid
 from .prepare import prepare_bosz_grid
 
 __all__ = [
@@ -69,6 +72,7 @@ __all__ = [
     "load_template_cache",
     "prepare_template_cache",
     "load_or_prepare_bosz",
+    "load_or_prepare_fits_grid",
     "open_templates",
     "default_cache_dir",
 ]
@@ -162,6 +166,8 @@ def _input_changes(meta: dict, *, full: bool):
         if full or st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns"):
             if _sha256_file(p) != rec.get("sha256"):
                 changes.append(f"changed {rec['path']}")
+    if src.get("kind") == "FITS grid":  # one file, no selection over a folder
+        return changes
     # new files the selection would take, looked for in the folders the inputs
     # came from (not a walk of the whole library, which may hold 10⁵ files)
     had = {rec["path"] for rec in src.get("files") or []}
@@ -500,8 +506,33 @@ def open_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     path = os.fspath(spec)
     if _is_cache(path):
         return load_template_cache(path)
+    if is_fits_grid(path):
+        return load_or_prepare_fits_grid(path, cache_dir=cache_dir, wave=None if wave_range is None else tuple(wave_range),
+                                         medium=medium)
     if os.path.isdir(path):
         return load_or_prepare_bosz(path, cache_dir=cache_dir, wave=None if wave_range is None else tuple(wave_range),
                                     medium=medium, workers=workers, progress=progress)
-    raise InputError(f"--templates {path!r}: not 'demo', a prepared template cache or a BOSZ directory")
+    raise InputError(f"--templates {path!r}: not 'demo', a prepared template cache, a BOSZ directory or a FITS grid "
+                     f"file ({', '.join(FITS_GRID_SUFFIXES)})")
 
+
+
+def load_or_prepare_fits_grid(src, *, cache_dir=None, **options) -> TemplateGrid:
+    """The cached working grid of a FITS template grid file (:mod:`gpucal.templates.fitsgrid`), prepared when
+    missing or stale (the file's size, mtime and SHA-256 are its inputs), as :func:`load_or_prepare_bosz` does."""
+    path = os.path.abspath(os.fspath(src))
+    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(options.items())}
+    cache = os.path.join(cache_dir or default_cache_dir(), f"fits-{_sha256_text({'file': path, 'options': opts})[:16]}")
+    if _is_cache(cache):
+        try:
+            return load_template_cache(cache, verify="stat")
+        except (StaleCacheError, InputError) as exc:
+            logger.info("%s; preparing it again", exc)
+    grid = prepare_fits_grid(path, **options)
+    try:
+        write_template_cache(grid, cache, overwrite=True)
+    except OSError as exc:
+        logger.warning("cannot write the template cache %s (%s); using the grid from memory", cache, exc)
+        return grid
+    logger.info("prepared %d templates of %s into %s", grid.n_templates, path, cache)
+    return load_template_cache(cache, verify="none")
