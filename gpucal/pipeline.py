@@ -302,11 +302,11 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     be = get_backend(backend)
     frame = frame if isinstance(frame, Frame) else read_frame(frame)
     std, names, fibres = _standard_ids(frame)
+    lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
-                          medium=frame.medium)
+                          medium=frame.medium, lsf=lsf, vmax=max(abs(float(vrange[0])), abs(float(vrange[1]))))
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
-    lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     clock.lap("load")
     prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR

@@ -43,7 +43,14 @@ from .cache import (
     prepare_template_cache,
     write_template_cache,
 )
-from .fitsgrid import FITS_GRID_SUFFIXES, FitsGridFile, is_fits_grid, prepare_fits_grid, read_fits_grid
+from .fitsgrid import (
+    FITS_GRID_SUFFIXES,
+    FitsGridFile,
+    is_fits_grid,
+    prepare_fits_grid,
+    read_fits_grid,
+    write_fits_grid,
+)
 from .demo import DEMO_ALPHA, DEMO_LOGG, DEMO_MH, DEMO_TEFF, demo_grid, demo_template, demo_wave
 from .keys import CACHE_FORMAT, CACHE_VERSION
 from .load import load_templates
@@ -100,6 +107,7 @@ __all__ = [
     "is_fits_grid",
     "read_fits_grid",
     "prepare_fits_grid",
+    "write_fits_grid",
     # load
     "load_templates",
     # demo (the grid; the frame simulator is not part of this room)

@@ -75,7 +75,8 @@ from .prepare import (
     resample_flux,
 )
 
-__all__ = ["FitsGridFile", "FITS_GRID_SUFFIXES", "is_fits_grid", "read_fits_grid", "prepare_fits_grid"]
+__all__ = ["FitsGridFile", "FITS_GRID_SUFFIXES", "is_fits_grid", "read_fits_grid", "prepare_fits_grid",
+           "write_fits_grid"]
 
 #: File name endings read as a FITS template grid.
 FITS_GRID_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
@@ -366,3 +367,42 @@ def prepare_fits_grid(src, *, teff=None, logg=None, mh=None, alpha=None, wave=No
     }
     return TemplateGrid(params=g.params[keep].copy(), wave=wave_out, flux=flux, continuum=None, medium=medium,
                         resolution_fwhm=g.resolution_fwhm, meta=meta)
+
+
+def write_fits_grid(path, wave, flux, params, *, medium, wcs=None, fwhm=None, names=None, overwrite=False) -> str:
+    """Write models in the generic FITS grid layout (to convert another library; tests and benchmarks).
+
+    wave (n_pix,) Å in ``medium``; flux (n_model, n_pix); params (n_model, 4).
+    ``wcs=None`` writes a ``WAVE`` image HDU; ``"log10"`` (the wavelengths must
+    be log10-uniform) an IRAF log-linear WCS (``DC-FLAG = 1``); ``"linear"`` a
+    linear ``CTYPE1 = 'WAVE'/'AWAV'`` WCS. ``fwhm`` (Å) goes in the FWHM keyword.
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+
+    wave = np.asarray(wave, dtype=np.float64)
+    flux = np.asarray(flux, dtype=np.float32)
+    prim = fits.PrimaryHDU(flux)
+    prim.header["AIRORVAC"] = {"air": "air", "vacuum": "vac"}[medium]
+    prim.header["BUNIT"] = "erg/(s cm2 Angstrom)"
+    if fwhm is not None:
+        prim.header["FWHM"] = float(fwhm)
+    hdus = [prim]
+    if wcs == "log10":
+        step = float(np.log10(wave[-1] / wave[0]) / (wave.size - 1))
+        prim.header.update({"CRVAL1": float(np.log10(wave[0])), "CD1_1": step, "CRPIX1": 1, "CTYPE1": "LINEAR",
+                            "DC-FLAG": 1})
+    elif wcs == "linear":
+        prim.header.update({"CRVAL1": float(wave[0]), "CDELT1": float((wave[-1] - wave[0]) / (wave.size - 1)),
+                            "CRPIX1": 1, "CTYPE1": "AWAV" if medium == "air" else "WAVE", "CUNIT1": "Angstrom"})
+    else:
+        w = fits.ImageHDU(wave, name="WAVE")
+        w.header["BUNIT"] = "Angstrom"
+        hdus.append(w)
+    p = np.asarray(params, dtype=np.float64)
+    cols = {"TEFF": p[:, 0], "LOGG": p[:, 1], "MH": p[:, 2], "ALPHA": p[:, 3]}
+    if names is not None:
+        cols["MODEL"] = list(names)
+    hdus.append(fits.BinTableHDU(Table(cols), name="PARAMS"))
+    fits.HDUList(hdus).writeto(os.fspath(path), overwrite=overwrite)
+    return os.fspath(path)
