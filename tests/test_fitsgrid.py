@@ -157,3 +157,59 @@ def test_broad_lsf_on_a_bosz_directory(tmp_path, monkeypatch):
                           lsf={"fwhm": 15.0, "fwhm_poly": None, "resolution": None})
     six_sigma = 6.0 * 15.0 / 2.3548200450309493
     assert grid.wave[0] <= sim.wave[0] / 1.0017 - six_sigma and grid.wave[-1] >= sim.wave[-1] * 1.0017 + six_sigma
+
+
+MILES = os.path.join(DATA, "miles_fgk")
+_MILES_STARS = ("0248", "0180", "0862", "0437")  # F/G dwarfs, Teff 5860-6400 K, inside the Kurucz grid
+
+
+@needs_kurucz
+@pytest.mark.skipif(not os.path.isdir(MILES), reason=f"{MILES} not present (../shared/data)")
+def test_kurucz_grid_calibrates_miles_stars_through_a_throughput(tmp_path, monkeypatch):
+    """`--templates kurucz_stds_v5.fit` on real MILES stars observed through a structured throughput."""
+    import speclite.filters
+    import astropy.units as u
+    from astropy.table import Table
+    from scipy.ndimage import gaussian_filter1d
+
+    from gpucal.cli import main
+    from gpucal.io import write_frame
+
+    flux = []
+    for sid in _MILES_STARS:
+        with fits.open(os.path.join(MILES, f"MILES_res2.50_star_m{sid}V.fits")) as h:
+            f = np.asarray(h[0].data, dtype=np.float64)
+            wave = h[0].header["CRVAL1"] + h[0].header["CDELT1"] * np.arange(f.size)
+        flux.append(gaussian_filter1d(f, np.sqrt(6.5**2 - 2.5**2) / 2.3548 / 0.9))  # 2.5 Å -> 6.5 Å FWHM
+    sel = (wave > 3700) & (wave < 7300)
+    wave, flux = wave[sel], np.array(flux)[:, sel]
+    filt = speclite.filters.load_filters("panstarrs-g", "panstarrs-r")
+    r = np.asarray(filt.get_ab_magnitudes(flux * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA)["panstarrs-r"])
+    flux = flux * 10 ** (-0.4 * (15.0 - r))[:, None] / 1e-13  # r = 15, in units of 1e-13 erg/s/cm²/Å
+    mags = filt.get_ab_magnitudes(flux * 1e-13 * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA)
+    throughput = 3e4 * np.exp(-0.5 * (np.log(wave / 5600.0) / 0.25) ** 2) * (1 + 0.03 * np.sin(wave / 230.0))
+    counts = flux * throughput  # counts per pixel; Cal = 1e-13 / throughput
+    rng = np.random.default_rng(5)
+    var = counts + 25.0
+    counts = counts + rng.standard_normal(counts.shape) * np.sqrt(var)
+    names = [f"M{sid}" for sid in _MILES_STARS]
+    fibres = Table({"NAME": names, "TYPE": ["C"] * 4, "RA": 150.0 + 0.01 * np.arange(4), "DEC": np.full(4, 2.0)})
+    write_frame(tmp_path / "miles.fits", counts, var, wave, fibres, medium="air")
+    cat = Table({"name": names, "ra": fibres["RA"], "dec": fibres["DEC"], "g": mags["panstarrs-g"],
+                 "dg": np.full(4, 0.01), "r": mags["panstarrs-r"], "dr": np.full(4, 0.01)})
+    cat.write(tmp_path / "cat.csv", format="ascii.csv")
+    monkeypatch.setenv("GPUCAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPUCAL_BACKEND", "numpy")
+    rc = main(["calibrate", str(tmp_path / "miles.fits"), "--templates", KURUCZ, "--photometry",
+               str(tmp_path / "cat.csv"), "--fwhm", "6.5", "--smooth", "101", "--out", str(tmp_path / "cal.fits"),
+               "--summary", str(tmp_path / "s.json")])
+    assert rc == 0
+    summary = json.load(open(tmp_path / "s.json"))
+    assert summary["n_templates"] == 89 and summary["n_stars_used"] >= 3
+    with fits.open(tmp_path / "cal.fits") as h:
+        cal, measured = np.asarray(h["FLUXCAL"].data["CAL"]), np.asarray(h["FLUXCAL"].data["MEASURED"])
+    rel = cal * throughput / 1e-13
+    shape = rel[measured] / np.median(rel[measured])
+    print("MILES through Kurucz: level", np.median(rel[measured]), "shape RMS", np.std(shape))
+    assert abs(np.median(rel[measured]) - 1.0) < 0.03  # level through the stars' own g, r
+    assert np.sqrt(np.mean((shape - 1.0) ** 2)) < 0.03  # shape: MILES' own relative calibration is a few %
