@@ -39,9 +39,12 @@ from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
+    fibre_bands,
+    fibres_ebv,
     fit_colour_relations,
     match_ebv,
     match_photometry,
+    photometry_from_fibres,
     photometric_consistency,
     read_catalogue,
     redden,
@@ -69,7 +72,7 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     if isinstance(photometry, Photometry):
         return photometry, ["given"] * n, np.full(n, default_ebv)
     if photometry is None:
-        raise PhotometryError(f"{frame.path}: no photometry given for the standards (use --photometry CSV)")
+        return _fibre_photometry(frame, names, bands, default_ebv)
     cat = read_catalogue(photometry, bands=bands)
     fib = frame.fibres
     idx = frame.standards
@@ -81,6 +84,19 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     phot, info = match_photometry(cat, names, ra, dec, bands=bands, radius_arcsec=radius_arcsec)
     ebvs = match_ebv(cat, names, ra, dec, radius_arcsec=radius_arcsec, default=default_ebv)
     return phot, info, np.asarray(ebvs, dtype=float)
+
+
+def _fibre_photometry(frame: Frame, names, bands, default_ebv):
+    """No catalogue: the standards' magnitudes from the frame's fibre table (issue 15; columns as in
+    :func:`gpucal.photometry.photometry_from_fibres`), or a PhotometryError saying what to give."""
+    rows = frame.fibres[frame.standards]
+    use = fibre_bands(rows) if bands is None else bands
+    if not use:
+        raise PhotometryError(f"{frame.path}: no photometry given for the standards (use --photometry CATALOGUE, or "
+                              "give magnitude columns such as g, dg, r, dr in the fibre table)")
+    phot = photometry_from_fibres(rows, use)
+    phot.names = tuple(names)
+    return phot, ["fibres"] * len(names), np.asarray(fibres_ebv(rows, default=default_ebv), dtype=float)
 
 
 _NO_PRIOR = (None, None, None)

@@ -1,4 +1,4 @@
-"""The spectral axis of a FITS header: pixel -> wavelength (Å) and the medium (host, astropy; shared by io/ and templates/).
+"""The spectral axis of a FITS header: pixel -> wavelength (Å) and the medium (host astropy; io/ and templates/).
 
 Step of the mission: the wavelengths of a frame (:mod:`gpucal.io.frames`) or of
 a FITS template grid (:mod:`gpucal.templates.fitsgrid`) when they come as a

@@ -73,6 +73,7 @@ def load_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     if isinstance(spec, str) and spec.strip().lower() == "demo":
         return demo_grid()
     if isinstance(spec, (str, os.PathLike)):
-        return open_templates(spec, wave_range=lsf_window(wave_range, lsf=lsf, vmax=vmax), medium=medium, cache_dir=cache_dir, workers=workers)
+        return open_templates(spec, wave_range=lsf_window(wave_range, lsf=lsf, vmax=vmax), medium=medium,
+                              cache_dir=cache_dir, workers=workers)
     raise InputError(f"--templates {spec!r}: expected 'demo', a prepared template cache, a BOSZ 2024 directory "
                      "or a FITS grid file")
