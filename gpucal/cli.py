@@ -228,10 +228,12 @@ def _add_calibrate_parser(sub):
     p.add_argument("frames", nargs="+", metavar="FRAME",
                    help="reduced FITS frame(s); several run as a batch (see --workers)")
     p.add_argument("--templates", default="demo",
-                   help="template grid: 'demo' (built in), a prepared cache, or a BOSZ 2024 directory")
-    p.add_argument("--photometry", required=True,
-                   help="catalogue CSV (name, ra, dec, g, dg, r, dr, i, di, z, dz); in a batch it may hold "
-                        "{stem} and {dir}, filled in from each frame's path")
+                   help="template grid: 'demo' (built in), a prepared cache, a BOSZ 2024 directory or a FITS grid "
+                        "file (e.g. SDSS's kurucz_stds_v5.fit; docs/layouts.md)")
+    p.add_argument("--photometry", default=None,
+                   help="catalogue (CSV, ECSV, FITS or VOTable table: name, ra, dec, g, dg, r, dr, ...); in a batch "
+                        "it may hold {stem} and {dir}, filled in from each frame's path; not given: the "
+                        "magnitudes in the frame's fibre table")
     lsf = p.add_mutually_exclusive_group(required=True)
     lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
@@ -246,6 +248,10 @@ def _add_calibrate_parser(sub):
     add_batch_options(p)
     _add_calibration_options(p)
     _add_common(p)
+    # issue 15 (layouts)
+    p.add_argument("--medium", choices=("air", "vacuum"), default=None,
+                   help="wavelength medium of frames whose headers do not say (no WAVEMED/AIRORVAC, CTYPE1 neither "
+                        "AWAV nor WAVE); without it such a frame is taken as air, with a warning")
 
 
 def _add_demo_parser(sub):

@@ -11,6 +11,7 @@ This module orchestrates and computes nothing itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -84,6 +85,22 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     phot, info = match_photometry(cat, names, ra, dec, bands=bands, radius_arcsec=radius_arcsec)
     ebvs = match_ebv(cat, names, ra, dec, radius_arcsec=radius_arcsec, default=default_ebv)
     return phot, info, np.asarray(ebvs, dtype=float)
+
+
+def _with_medium(frame: Frame, medium) -> Frame:
+    """The frame in the medium its headers state, else ``medium`` (``--medium``), else air with a warning."""
+    if medium is not None and medium not in ("air", "vacuum"):
+        raise InputError(f"--medium must be 'air' or 'vacuum', got {medium!r}")
+    if frame.medium_stated:
+        if medium is not None and medium != frame.medium:
+            raise InputError(f"{frame.path}: --medium {medium} contradicts the frame's headers, which say "
+                             f"{frame.medium}")
+        return frame
+    if medium is None:
+        logger.warning("%s: the headers do not say whether the wavelengths are in air or vacuum (no WAVEMED or "
+                       "AIRORVAC, CTYPE1 neither AWAV nor WAVE); taking air; pass --medium air|vacuum", frame.path)
+        return frame
+    return dataclasses.replace(frame, medium=medium, medium_stated=True)
 
 
 def _fibre_photometry(frame: Frame, names, bands, default_ebv):
@@ -288,7 +305,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, medium=None) -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -311,12 +328,14 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     span more (mag) is excluded as photometrically inconsistent; max_frame_chi2_dof (default
     1000) and max_scatter (RMS between the standards' vectors, default 0.2) — a frame beyond
     either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
-    medium); None = no bound.
+    medium); None = no bound. medium : ``"air"``/``"vacuum"`` for a frame whose headers do not
+    say (without it such a frame is taken as air, with a warning); one that contradicts the
+    headers is an InputError.
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     be = get_backend(backend)
-    frame = frame if isinstance(frame, Frame) else read_frame(frame)
+    frame = _with_medium(frame if isinstance(frame, Frame) else read_frame(frame), medium)
     std, names, fibres = _standard_ids(frame)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),

@@ -78,3 +78,90 @@ def test_no_catalogue_and_no_fibre_magnitudes_says_what_to_give(sim, tmp_path):
     write_frame(tmp_path / "frame.fits", sim.flux, sim.var, sim.wave, sim.fibres, medium="air")
     with pytest.raises(PhotometryError, match="--photometry CATALOGUE, or give magnitude columns"):
         calibrate_frame(str(tmp_path / "frame.fits"), fwhm=sim.truth["fwhm"])
+
+
+def _log_frame(sim, tmp_path, name, cards, log10=True):
+    """The simulated frame resampled onto a log-uniform grid, written with a log-linear WCS of ``cards``."""
+    lw = np.linspace(np.log10(sim.wave[0]), np.log10(sim.wave[-1]), sim.wave.size)
+    wave = 10.0 ** lw
+    flux = np.array([np.interp(wave, sim.wave, f) for f in sim.flux])
+    var = np.array([np.interp(wave, sim.wave, v) for v in sim.var])
+    hdr = fits.Header()
+    for k, v in cards(lw, wave).items():
+        hdr[k] = v
+    write_frame(tmp_path / name, flux, var, wave, sim.fibres, header=hdr)
+    with fits.open(tmp_path / name, mode="update") as h:  # WCS only: no WAVELA
+        del h["WAVELA"]
+    return wave
+
+
+@pytest.mark.parametrize("kind", ["iraf-dc-flag", "wave-log", "awav-log-nm", "sdss-coeff"])
+def test_log_linear_wcs_frame(sim, tmp_path, kind):
+    from astropy.wcs import WCS
+
+    d = lambda lw: float(lw[1] - lw[0])  # noqa: E731
+    cards = {
+        "iraf-dc-flag": lambda lw, w: {"CRVAL1": float(lw[0]), "CD1_1": d(lw), "CRPIX1": 1, "CTYPE1": "LINEAR",
+                                       "DC-FLAG": 1, "AIRORVAC": "air"},
+        "sdss-coeff": lambda lw, w: {"COEFF0": float(lw[0]), "COEFF1": d(lw), "AIRORVAC": "vac"},
+        # FITS paper III: λ = CRVAL e^{w/CRVAL}, w = CDELT (p − CRPIX); CDELT = CRVAL ln(10) Δlog10 λ
+        "wave-log": lambda lw, w: {"CTYPE1": "WAVE-LOG", "CRVAL1": float(w[0]), "CRPIX1": 1.0,
+                                   "CDELT1": float(w[0]) * np.log(10.0) * d(lw), "CUNIT1": "Angstrom"},
+        "awav-log-nm": lambda lw, w: {"CTYPE1": "AWAV-LOG", "CRVAL1": float(w[0]) / 10, "CRPIX1": 1.0,
+                                      "CDELT1": float(w[0]) / 10 * np.log(10.0) * d(lw), "CUNIT1": "nm"},
+    }[kind]
+    wave = _log_frame(sim, tmp_path, "log.fits", cards)
+    frame = read_frame(tmp_path / "log.fits")
+    assert frame.medium == {"iraf-dc-flag": "air", "sdss-coeff": "vacuum", "wave-log": "vacuum",
+                            "awav-log-nm": "air"}[kind]
+    assert frame.medium_stated and frame.wave_source == "wcs"
+    np.testing.assert_allclose(frame.wave, wave, rtol=1e-10)
+    if kind in ("wave-log", "awav-log-nm"):  # oracle: astropy.wcs on the header itself
+        with fits.open(tmp_path / "log.fits") as h:
+            w = WCS(h[0].header, naxis=[1]).spectral
+            np.testing.assert_allclose(frame.wave, w.pixel_to_world(np.arange(wave.size)).to_value("Angstrom"),
+                                       rtol=1e-10)
+
+
+def test_log_linear_wcs_frame_calibrates(sim, tmp_path, monkeypatch):
+    from gpucal.pipeline import calibrate_frame
+
+    cards = lambda lw, w: {"CRVAL1": float(lw[0]), "CD1_1": float(lw[1] - lw[0]), "CRPIX1": 1,  # noqa: E731
+                           "DC-FLAG": 1, "AIRORVAC": "air"}
+    wave = _log_frame(sim, tmp_path, "log.fits", cards)
+    write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
+    res = calibrate_frame(str(tmp_path / "log.fits"), photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"],
+                          smooth=51, out=tmp_path / "out.fits")
+    rel = res.cal * np.interp(wave, sim.wave, sim.truth["throughput"]) - 1.0
+    assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01
+    with fits.open(tmp_path / "out.fits") as h:  # the log WCS kept: it still describes the output's pixels
+        assert h[0].header["DC-FLAG"] == 1 and "WAVELA" not in h
+        np.testing.assert_allclose(read_frame(tmp_path / "out.fits", require_standards=False).wave, wave, rtol=1e-12)
+
+
+def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog):
+    from gpucal.cli import main
+    from gpucal.pipeline import calibrate_frame
+
+    write_frame(tmp_path / "f.fits", sim.flux, sim.var, sim.wave, sim.fibres)  # no WAVEMED, no CTYPE1
+    write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
+    frame = read_frame(tmp_path / "f.fits")
+    assert frame.medium == "air" and not frame.medium_stated
+    kw = dict(photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"], vrange=(-200.0, 200.0, 5.0))
+    with caplog.at_level(logging.WARNING, logger="gpucal"):
+        air = calibrate_frame(str(tmp_path / "f.fits"), **kw)
+    assert any("do not say whether the wavelengths are in air or vacuum" in r.getMessage() and "--medium" in
+               r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpucal"):
+        vac = calibrate_frame(str(tmp_path / "f.fits"), medium="vacuum", **kw)
+        stated = calibrate_frame(str(tmp_path / "f.fits"), medium="air", **kw)
+    assert not any("air or vacuum" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(stated.cal, air.cal)
+    rv_air, rv_vac = np.asarray(air.per_star["RV"]), np.asarray(vac.per_star["RV"])
+    # the frame taken as vacuum moves to air ~1.6 Å bluer at 6000 Å: every star ~ -82 km/s (n = 1.00028)
+    assert np.all(np.abs(rv_vac - rv_air + 82.0) < 10.0)
+    write_frame(tmp_path / "g.fits", sim.flux, sim.var, sim.wave, sim.fibres, medium="air")
+    rc = main(["calibrate", str(tmp_path / "g.fits"), "--photometry", str(tmp_path / "cat.csv"), "--fwhm", "8",
+               "--medium", "vacuum", "--backend", "numpy"])
+    assert rc == 2 and not os.path.exists(tmp_path / "g_fluxcal.fits")
