@@ -165,3 +165,70 @@ def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog):
     rc = main(["calibrate", str(tmp_path / "g.fits"), "--photometry", str(tmp_path / "cat.csv"), "--fwhm", "8",
                "--medium", "vacuum", "--backend", "numpy"])
     assert rc == 2 and not os.path.exists(tmp_path / "g_fluxcal.fits")
+
+
+def _desi_fibermap(sim, objtype=True):
+    f = sim.fibres
+    typ = np.asarray(f["TYPE"]).astype(str)
+    cols = {"TARGETID": 39627000000 + np.arange(len(f)), "TARGET_RA": np.asarray(f["RA"]),
+            "TARGET_DEC": np.asarray(f["DEC"]), "NAME": np.asarray(f["NAME"]).astype(str)}
+    if objtype:
+        cols["OBJTYPE"] = np.array([{"C": "STD", "P": "TGT", "S": "SKY"}[t] for t in typ])
+    else:
+        cols["IS_STD"] = typ == "C"
+    return Table(cols)
+
+
+@pytest.mark.parametrize("objtype", [True, False])
+def test_desi_frame_in_and_out(sim, tmp_path, objtype):
+    from gpucal.io import write_desi_frame
+    from gpucal.pipeline import calibrate_frame
+
+    n_fibre, n_pix = sim.flux.shape
+    ivar = 1.0 / sim.var
+    mask = np.zeros(sim.flux.shape, dtype=np.int32)
+    mask[0, 100:110] = 4  # a masked stretch in one fibre
+    resolution = np.tile(np.array([0.05, 0.25, 0.4, 0.25, 0.05])[None, :, None], (n_fibre, 1, n_pix))
+    hdr = fits.Header()
+    hdr["AIRORVAC"] = "air"
+    write_desi_frame(tmp_path / "desi.fits", sim.flux, ivar, sim.wave, _desi_fibermap(sim, objtype), mask=mask,
+                     resolution=resolution, header=hdr)
+    frame = read_frame(tmp_path / "desi.fits")
+    assert frame.layout == "desi" and frame.medium == "air" and frame.medium_stated
+    np.testing.assert_array_equal(np.sort(frame.standards), np.sort(np.asarray(sim.truth["std_fibres"])))
+    assert frame.resolution.shape == (n_fibre, 5, n_pix)
+    assert np.all(np.isinf(frame.var[0, 100:110]))  # MASK != 0: a bad pixel
+    np.testing.assert_allclose(frame.var[1], (1.0 / np.float32(ivar[1])).astype(float), rtol=1e-6)
+    write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
+    res = calibrate_frame(str(tmp_path / "desi.fits"), photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"],
+                          smooth=51, out=tmp_path / "out.fits")
+    # the same frame in gpucal's own layout gives the same calibration
+    write_frame(tmp_path / "plain.fits", sim.flux.astype(np.float32), (1.0 / ivar.astype(np.float32)), sim.wave,
+                sim.fibres, medium="air")
+    plain = calibrate_frame(str(tmp_path / "plain.fits"), photometry=str(tmp_path / "cat.csv"),
+                            fwhm=sim.truth["fwhm"], smooth=51)
+    np.testing.assert_allclose(res.cal, plain.cal, rtol=1e-4)
+    with fits.open(tmp_path / "out.fits") as h:
+        assert [x.name for x in h] == ["FLUX", "IVAR", "MASK", "WAVELENGTH", "RESOLUTION", "FIBERMAP", "FLUXCAL",
+                                       "FLUXSTD"]
+        np.testing.assert_allclose(h["FLUX"].data, res.flux, rtol=1e-12, equal_nan=True)
+        good = np.isfinite(res.var) & (res.var > 0)
+        np.testing.assert_allclose(h["IVAR"].data[good], 1.0 / res.var[good], rtol=1e-12)
+        assert np.all(h["IVAR"].data[~good] == 0)
+        assert np.all(h["MASK"].data[0, 100:110] == 4) and np.all(h["MASK"].data[~good & (mask == 0)] == 1)
+        np.testing.assert_array_equal(h["WAVELENGTH"].data, sim.wave)
+        np.testing.assert_allclose(h["RESOLUTION"].data, resolution, rtol=1e-7)
+        assert list(h["FIBERMAP"].columns.names) == list(_desi_fibermap(sim, objtype).colnames)
+        assert "FLUXCAL" in h[0].header.get("HISTORY", "") or any(k.startswith("FLUXCAL") for k in h[0].header)
+    again = read_frame(tmp_path / "out.fits", require_standards=False)  # the output reads back as a DESI frame
+    assert again.layout == "desi"
+
+
+def test_desi_frame_without_standards_column_is_refused(sim, tmp_path):
+    from gpucal.io import write_desi_frame
+
+    fm = _desi_fibermap(sim).copy()
+    fm.remove_column("OBJTYPE")
+    write_desi_frame(tmp_path / "d.fits", sim.flux, 1.0 / sim.var, sim.wave, fm)
+    with pytest.raises(InputError, match=r"d.fits \[FIBERMAP\]: no OBJTYPE column and no standards column"):
+        read_frame(tmp_path / "d.fits")

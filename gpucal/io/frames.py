@@ -236,6 +236,10 @@ def read_frame(path, *, require_standards: bool = True) -> Frame:
     fname = os.fspath(path)
     hdul = _open(fname)
     try:
+        from .desi import is_desi_layout, read_desi_frame  # the layout dispatch (docs/layouts.md)
+
+        if is_desi_layout(hdul):
+            return read_desi_frame(hdul, fname, require_standards)
         return _read_frame(hdul, fname, require_standards)
     finally:
         hdul.close()
@@ -661,6 +665,12 @@ def write_calibrated_frame(
     Refuses (InputError) to write onto ``frame.path`` whatever ``overwrite``
     says, and onto an existing file unless ``overwrite``.
     """
+    if getattr(frame, "layout", "gpucal") == "desi":  # written back in the layout it came in (io/desi.py)
+        from .desi import write_calibrated_desi
+
+        return write_calibrated_desi(path, frame, flux, var, cal_wave=cal_wave, cal=cal, cal_var=cal_var,
+                                     cal_measured=cal_measured, per_star=per_star, keywords=keywords,
+                                     history=history, overwrite=overwrite)
     path = os.fspath(path)
     # destination checks first: cheap, and the most important refusal
     _check_destination(path, overwrite, protect=frame.path or None)
