@@ -232,3 +232,30 @@ def test_desi_frame_without_standards_column_is_refused(sim, tmp_path):
     write_desi_frame(tmp_path / "d.fits", sim.flux, 1.0 / sim.var, sim.wave, fm)
     with pytest.raises(InputError, match=r"d.fits \[FIBERMAP\]: no OBJTYPE column and no standards column"):
         read_frame(tmp_path / "d.fits")
+
+
+BOSZ2024 = os.path.join(DATA, "bosz2024")
+
+
+@pytest.mark.skipif(not os.path.isdir(BOSZ2024), reason=f"{BOSZ2024} not present (../shared/data)")
+def test_real_bosz2024_files_are_read(tmp_path):
+    """The real release files: one-decimal logg, ``v2`` in the names, the real shared wavelength files."""
+    from gpucal.templates import index_bosz, load_templates, read_bosz_spectrum, read_wave_file
+
+    ix = index_bosz(BOSZ2024)
+    assert ix.resolution == 5000 and os.path.basename(ix.wave_file) == "bosz2024_wave_r5000.txt"
+    assert [m.params for m in ix.models] == [(4750.0, 4.5, 0.0, 0.0), (6000.0, 4.0, 0.0, 0.0)]
+    assert {m.vturb for m in ix.models} == {2.0}
+    for r in (500, 2000, 5000):  # README: λ_i = exp(ln 500 + i ln 640 / (15 R)) to 5e-8
+        w = read_wave_file(os.path.join(BOSZ2024, f"bosz2024_wave_r{r}.txt"))
+        np.testing.assert_allclose(w, np.exp(np.log(500.0) + np.arange(w.size) * np.log(640.0) / (15 * r)), rtol=5e-8)
+    wave = read_wave_file(ix.wave_file)
+    for m in ix.models:
+        s = read_bosz_spectrum(m.path, wave=wave, wave_file=ix.wave_file)
+        assert abs(np.trapezoid(s.flux, s.wave) / (5.670374419e-5 * m.teff ** 4) - 1.0) < 0.01  # F = σT⁴
+        sel = (s.wave > 6550) & (s.wave < 6575)
+        assert abs(s.wave[sel][np.argmin(s.flux[sel] / s.continuum[sel])] - 6562.8) < 0.5  # Hα, air
+    grid = load_templates(BOSZ2024, wave_range=(3700.0, 9500.0), cache_dir=str(tmp_path),
+                          lsf={"fwhm": 15.0, "fwhm_poly": None, "resolution": None})
+    assert grid.n_templates == 2 and grid.resolution_fwhm == "R:5000.0"
+    assert grid.wave[0] < 3700.0 / 1.0017 - 38.2 and grid.wave[-1] > 9500.0 * 1.0017 + 38.2
