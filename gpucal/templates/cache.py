@@ -528,7 +528,7 @@ def load_or_prepare_fits_grid(src, *, cache_dir=None, **options) -> TemplateGrid
             return load_template_cache(cache, verify="stat")
         except (StaleCacheError, InputError) as exc:
             logger.info("%s; preparing it again", exc)
-    grid = prepare_fits_grid(path, **options)
+    grid = prepare_fits_grid(src, **options)  # messages name the file as the user spelled it
     try:
         write_template_cache(grid, cache, overwrite=True)
     except OSError as exc:

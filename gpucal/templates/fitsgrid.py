@@ -189,7 +189,7 @@ def _params_table(hdul, path: str, n_model: int):
     if bad.size:
         raise InputError(f"{where}: non-finite parameters for model(s) {', '.join(str(i) for i in bad[:5])}")
     ncol = _column(cols, _NAME_COLUMNS)
-    names = tuple(str(v).strip() for v in h.data[ncol]) if ncol else tuple(f"model {i}" for i in range(n_model))
+    names = tuple(str(v).strip() for v in h.data[ncol]) if ncol else tuple(f"row {i + 1}" for i in range(n_model))
     return out, names, h.name
 
 
@@ -266,7 +266,7 @@ def _positive_span(wave, flux, names, path: str):
     if bad.any():
         m = int(np.flatnonzero(bad.any(axis=1))[0])
         j = int(np.flatnonzero(bad[m])[0]) + i0
-        raise InputError(f"{path}: model {names[m]!r} has flux {flux[m, j]!r} at {wave[j]:.2f} Å, inside the "
+        raise InputError(f"{path}: model {names[m]!r} has flux {float(flux[m, j])!r} at {wave[j]:.2f} Å, inside the "
                          f"range {wave[i0]:.2f}-{wave[i1 - 1]:.2f} Å where the other pixels are positive")
     return slice(i0, i1)
 
