@@ -510,7 +510,7 @@ def _demo(args):
     out.mkdir(parents=True, exist_ok=True)
     sim = simulate_frame(seed=args.seed, snr=args.snr)
     frame_path, cat_path = out / "demo_frame.fits", out / "demo_catalogue.csv"
-    write_frame(frame_path, sim.flux, sim.var, sim.wave, sim.fibres, overwrite=True)
+    write_frame(frame_path, sim.flux, sim.var, sim.wave, sim.fibres, medium="air", overwrite=True)
     write_catalogue_csv(sim.catalogue, cat_path)
     options = calibrate_options(args, templates="demo", photometry=str(cat_path), fwhm=float(sim.truth["fwhm"]),
                                 overwrite=True)
