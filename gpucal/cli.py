@@ -277,7 +277,8 @@ def add_templates_parser(sub) -> None:
                     "grid covering the frame, the photometric bands and the velocity scan, optionally convolve "
                     "them to the instrument LSF, and write a float32 .npy + JSON cache. Negative ranges need "
                     "'=': --mh=-1:0.5.")
-    q.add_argument("src", help="BOSZ directory (bosz2024_wave_r<R>.txt and r<R>/m<±MH>/ folders)")
+    q.add_argument("src", help="BOSZ directory (bosz2024_wave_r<R>.txt and r<R>/m<±MH>/ folders) or a FITS grid "
+                               "file (docs/layouts.md)")
     q.add_argument("--out", required=True, help="cache directory to write")
     for name, what in (("teff", "Teff (K)"), ("logg", "log g"), ("mh", "[M/H]"), ("alpha", "[α/M]"),
                        ("carbon", "[C/M]"), ("vturb", "microturbulence (km/s)")):

@@ -213,3 +213,31 @@ def test_kurucz_grid_calibrates_miles_stars_through_a_throughput(tmp_path, monke
     print("MILES through Kurucz: level", np.median(rel[measured]), "shape RMS", np.std(shape))
     assert abs(np.median(rel[measured]) - 1.0) < 0.03  # level through the stars' own g, r
     assert np.sqrt(np.mean((shape - 1.0) ** 2)) < 0.03  # shape: MILES' own relative calibration is a few %
+
+
+def test_fits_grid_prepared_convolved_by_the_cli_and_stale_caches_prepared_again(tmp_path, capsys):
+    from scipy.ndimage import gaussian_filter1d
+
+    from gpucal.cli import main
+    from gpucal.templates import load_template_cache
+
+    g = _small_grid()
+    path = write_fits_grid(tmp_path / "grid.fits", g.wave, g.flux, g.params, medium="air")
+    rc = main(["templates", "prepare", str(path), "--out", str(tmp_path / "c"), "--fwhm", "6", "--wave", "4000:9000",
+               "--teff", "5750:6250", "--logg", "4.5", "--no-progress", "--backend", "numpy"])
+    assert rc == 0 and "6 templates" in capsys.readouterr().out
+    c = load_template_cache(tmp_path / "c")
+    assert c.resolution_fwhm == 6.0 and c.meta["lsf"]["convolved"] and np.all(c.params[:, 1] == 4.5)
+    k = int(np.flatnonzero(np.all(g.params == c.params[0], axis=1))[0])  # oracle: scipy, σ constant in Å ≈ pixels
+    sel = (c.wave > 6400) & (c.wave < 6700)
+    sigma_pix = 6.0 / 2.3548200450309493 / (6550.0 / 8000.0)
+    ref = gaussian_filter1d(np.interp(c.wave, g.wave, np.asarray(g.flux[k])), sigma_pix)
+    np.testing.assert_allclose(np.asarray(c.flux[0])[sel], ref[sel], rtol=3e-3)
+    assert main(["templates", "prepare", str(path), "--out", str(tmp_path / "d"), "--carbon", "0",
+                 "--no-progress"]) == 2
+    assert "carbon select BOSZ files; a FITS grid has no such parameter" in capsys.readouterr().err
+    first = load_templates(str(path), cache_dir=str(tmp_path / "cache"))
+    write_fits_grid(path, g.wave, 2.0 * np.asarray(g.flux), g.params, medium="air", overwrite=True)
+    second = load_templates(str(path), cache_dir=str(tmp_path / "cache"))  # the file changed: prepared again
+    assert second.meta["cache_path"] == first.meta["cache_path"]
+    np.testing.assert_allclose(np.asarray(second.flux), 2.0 * np.asarray(first.flux), rtol=1e-6)

@@ -447,13 +447,18 @@ def _cross_check(side: str, meta: dict, params: np.ndarray, wave: np.ndarray, n_
 
 
 def prepare_template_cache(src, out, *, overwrite: bool = False, **options) -> TemplateGrid:
-    """:func:`~gpucal.templates.prepare.prepare_bosz_grid` then :func:`write_template_cache`; returns the cache, opened."""
+    """:func:`~gpucal.templates.prepare.prepare_bosz_grid` (or, for a FITS grid file,
+    :func:`~gpucal.templates.fitsgrid.prepare_fits_grid`) then :func:`write_template_cache`; returns the cache, opened."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not _is_cache(out):
         raise InputError(f"{out}: exists and is not a gpucal template cache; choose another --out")
     if _is_cache(out) and not overwrite:
         raise InputError(f"{out}: a template cache already exists (use --overwrite to replace it)")
-    grid = prepare_bosz_grid(src, **options)
+    if is_fits_grid(src):  # a FITS grid file: the same cache, convolved when an LSF is given
+        options = {k: v for k, v in options.items() if k not in ("workers", "progress")}
+        grid = prepare_fits_grid(src, convolve=True, **options)
+    else:
+        grid = prepare_bosz_grid(src, **options)
     write_template_cache(grid, out, overwrite=overwrite)
     return load_template_cache(out, verify="none")
 

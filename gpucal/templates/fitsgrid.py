@@ -320,35 +320,67 @@ def _select(g: FitsGridFile, ranges: dict) -> np.ndarray:
     return keep
 
 
+_BOSZ_ONLY = ("carbon", "vturb", "atmos", "bosz_resolution")
+
+
 def prepare_fits_grid(src, *, teff=None, logg=None, mh=None, alpha=None, wave=None, bands=DEFAULT_BANDS,
                       vmax=DEFAULT_VMAX, dlnlam=None, medium="air", fwhm=None, fwhm_poly=None, resolution=None,
-                      **_ignored) -> TemplateGrid:
-    """A FITS grid as a TemplateGrid on a log-uniform working grid in ``medium`` (unconvolved).
+                      convolve=False, truncate=4.0, backend=None, block_size=64, **bosz_only) -> TemplateGrid:
+    """A FITS grid as a TemplateGrid on a log-uniform working grid in ``medium``.
 
     The window is :func:`~gpucal.templates.prepare.needed_wave_range` of the
-    frame range ``wave``, ``bands``, ±``vmax`` km/s and the LSF (``fwhm`` /
-    ``fwhm_poly`` / ``resolution`` widen the window; the grid keeps its own
-    resolution). Δlnλ is the grid's own (log-uniform files) or its coarsest
-    step inside the window; the flux is resampled flux-conservingly.
+    frame range ``wave``, ``bands``, ±``vmax`` km/s and the LSF ``fwhm`` /
+    ``fwhm_poly`` / ``resolution``. Δlnλ is the grid's own (log-uniform files)
+    or its coarsest step inside the window; the flux is resampled
+    flux-conservingly. ``convolve`` (``gpucal templates prepare --fwhm``):
+    the grid is stored convolved to that LSF (its own resolution removed in
+    quadrature) and ``resolution_fwhm`` is the LSF's spec; otherwise it keeps
+    its own resolution. BOSZ-only selections (carbon, vturb, atmos,
+    bosz_resolution) are refused when given; ``workers``/``progress`` ignored.
     """
+    from .prepare import _convolve_grid, _has_lsf, _lsf_args, _lsf_extension
+
     t0 = time.perf_counter()
+    given = sorted(k for k in _BOSZ_ONLY if bosz_only.get(k) is not None)
+    if given:
+        raise InputError(f"{src}: {', '.join(given)} select BOSZ files; a FITS grid has no such parameter")
     if medium not in ("air", "vacuum"):
         raise InputError(f"medium must be 'air' or 'vacuum', got {medium!r}")
+    lsf = _lsf_args(fwhm, fwhm_poly, resolution)
+    convolve = bool(convolve) and _has_lsf(lsf)
     g = read_fits_grid(src)
     sel = {"teff": teff, "logg": logg, "mh": mh, "alpha": alpha}
     keep = _select(g, sel)
     frame = DEFAULT_FRAME_RANGE if wave is None else (float(wave[0]), float(wave[1]))
-    lo, hi = needed_wave_range(wave, bands=bands, vmax=vmax, fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
+    lo, hi = needed_wave_range(wave, bands=bands, vmax=vmax, **lsf)
     native = convert_medium(g.wave, g.medium, medium)
-    _check_native_covers(native, g.path, (lo, hi), frame, bands, vmax)
+    _check_native_covers(native, os.fspath(src), (lo, hi), frame, bands, vmax)
     d = _working_step(g.wave, native, lo, hi, dlnlam)
-    wave_out = _working_grid(native, g.path, lo, hi, d, 0)
-    flux = resample_flux(native, g.flux[keep], wave_out, name=g.path).astype(np.float32)
+    ext = _lsf_extension(os.fspath(src), g.resolution_fwhm, lsf, lo, hi, d, truncate) if convolve else 0
+    wave_out = _working_grid(native, os.fspath(src), lo, hi, d, ext)
+    flux = resample_flux(native, g.flux[keep], wave_out, name=os.fspath(src)).astype(np.float32)
+    res_spec, backend_name = g.resolution_fwhm, None
+    if convolve:
+        from ..fitting.lsf import resolution_spec
+
+        flux, _, wave_out, backend_name = _convolve_grid(flux, flux, wave_out, ext, g.resolution_fwhm, lsf,
+                                                         truncate, backend, block_size)
+        res_spec = resolution_spec(**lsf)
+    meta = _meta(g, keep, sel, (lo, hi), frame, wave_out, d, medium, dlnlam, bands, vmax, lsf, convolve,
+                 backend_name, res_spec, t0)
+    return TemplateGrid(params=g.params[keep].copy(), wave=wave_out, flux=flux, continuum=None, medium=medium,
+                        resolution_fwhm=res_spec, meta=meta)
+
+
+def _meta(g, keep, sel, window, frame, wave_out, d, medium, dlnlam, bands, vmax, lsf, convolve, backend_name,
+          res_spec, t0) -> dict:
+    """The prepared grid's provenance (the cache's sidecar): the file and its SHA-256, selection, grid, LSF."""
     st = os.stat(g.path)
     files = [{"path": os.path.basename(g.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": g.sha256}]
     config = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": "FITS grid", "selection": sel,
-              "window": [lo, hi], "dlnlam": dlnlam, "medium": medium, "bands": list(bands or ()), "vmax": vmax}
-    meta = {
+              "window": list(window), "dlnlam": dlnlam, "medium": medium, "bands": list(bands or ()), "vmax": vmax,
+              "lsf": lsf if convolve else None}
+    return {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "gpucal_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"kind": "FITS grid", "layout": g.layout, "root": os.path.dirname(g.path), "files": files,
@@ -356,17 +388,14 @@ def prepare_fits_grid(src, *, teff=None, logg=None, mh=None, alpha=None, wave=No
         "selection": sel, "models": [n for n, k in zip(g.names, keep) if k],
         "flux_unit": "erg/(s cm2 Angstrom)", "flux_kind": "as in the file (arbitrary absolute scale allowed)",
         "grid": {"wave_min": float(wave_out[0]), "wave_max": float(wave_out[-1]), "n_wave": int(wave_out.size),
-                 "dlnlam": d, "medium": medium, "needed_range": [lo, hi], "frame_range": list(frame),
+                 "dlnlam": d, "medium": medium, "needed_range": list(window), "frame_range": list(frame),
                  "bands": list(bands or ()), "vmax_kms": vmax},
-        "lsf": {"convolved": False, "window_lsf": {"fwhm": fwhm, "fwhm_poly": fwhm_poly, "resolution": resolution},
-                "template_fwhm": g.resolution_fwhm},
-        "resolution_fwhm": g.resolution_fwhm, "n_templates": int(keep.sum()),
+        "lsf": {**lsf, "convolved": convolve, "backend": backend_name, "template_fwhm": g.resolution_fwhm},
+        "resolution_fwhm": res_spec, "n_templates": int(keep.sum()),
         "config_sha256": _sha256_text(config),
         "inputs_sha256": _sha256_text({"files": [(f["path"], f["sha256"]) for f in files], "config": config}),
         "timing_s": {"total": time.perf_counter() - t0},
     }
-    return TemplateGrid(params=g.params[keep].copy(), wave=wave_out, flux=flux, continuum=None, medium=medium,
-                        resolution_fwhm=g.resolution_fwhm, meta=meta)
 
 
 def write_fits_grid(path, wave, flux, params, *, medium, wcs=None, fwhm=None, names=None, overwrite=False) -> str:
