@@ -491,13 +491,17 @@ def load_or_prepare_bosz(src, *, cache_dir=None, **options) -> TemplateGrid:
             logger.info("%s; preparing it again", exc)
         except InputError as exc:
             logger.warning("unusable template cache (%s); preparing it again", exc)
-    grid = prepare_bosz_grid(root, **options)
+    return _cache_prepared(prepare_bosz_grid(root, **options), path, f"BOSZ templates from {root}")
+
+
+def _cache_prepared(grid: TemplateGrid, path: str, what: str) -> TemplateGrid:
+    """Write a grid prepared on demand to its cache ``path`` and open it; from memory when it cannot be written."""
     try:
         write_template_cache(grid, path, overwrite=True)
     except OSError as exc:
         logger.warning("cannot write the template cache %s (%s); using the grid from memory", path, exc)
         return grid
-    logger.info("prepared %d BOSZ templates from %s into %s", grid.n_templates, root, path)
+    logger.info("prepared %d %s into %s", grid.n_templates, what, path)
     return load_template_cache(path, verify="none")
 
 
@@ -512,14 +516,13 @@ def open_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     if _is_cache(path):
         return load_template_cache(path)
     if is_fits_grid(path):
-        return load_or_prepare_fits_grid(path, cache_dir=cache_dir, wave=None if wave_range is None else tuple(wave_range),
-                                         medium=medium)
+        return load_or_prepare_fits_grid(path, cache_dir=cache_dir, medium=medium,
+                                         wave=None if wave_range is None else tuple(wave_range))
     if os.path.isdir(path):
         return load_or_prepare_bosz(path, cache_dir=cache_dir, wave=None if wave_range is None else tuple(wave_range),
                                     medium=medium, workers=workers, progress=progress)
     raise InputError(f"--templates {path!r}: not 'demo', a prepared template cache, a BOSZ directory or a FITS grid "
                      f"file ({', '.join(FITS_GRID_SUFFIXES)})")
-
 
 
 def load_or_prepare_fits_grid(src, *, cache_dir=None, **options) -> TemplateGrid:
@@ -533,11 +536,5 @@ def load_or_prepare_fits_grid(src, *, cache_dir=None, **options) -> TemplateGrid
             return load_template_cache(cache, verify="stat")
         except (StaleCacheError, InputError) as exc:
             logger.info("%s; preparing it again", exc)
-    grid = prepare_fits_grid(src, **options)  # messages name the file as the user spelled it
-    try:
-        write_template_cache(grid, cache, overwrite=True)
-    except OSError as exc:
-        logger.warning("cannot write the template cache %s (%s); using the grid from memory", cache, exc)
-        return grid
-    logger.info("prepared %d templates of %s into %s", grid.n_templates, path, cache)
-    return load_template_cache(cache, verify="none")
+    # messages name the file as the user spelled it
+    return _cache_prepared(prepare_fits_grid(src, **options), cache, f"templates of {path}")
