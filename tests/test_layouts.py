@@ -259,3 +259,36 @@ def test_real_bosz2024_files_are_read(tmp_path):
                           lsf={"fwhm": 15.0, "fwhm_poly": None, "resolution": None})
     assert grid.n_templates == 2 and grid.resolution_fwhm == "R:5000.0"
     assert grid.wave[0] < 3700.0 / 1.0017 - 38.2 and grid.wave[-1] > 9500.0 * 1.0017 + 38.2
+
+
+def test_desi_fibermap_fluxes_stand_in_for_a_catalogue(sim, tmp_path):
+    """No --photometry: DESI FIBERMAP FLUX_G/R/Z (nanomaggies, PHOTSYS S = DECam) become the magnitudes."""
+    import astropy.units as u
+    import speclite.filters
+
+    from gpucal.io import write_desi_frame
+    from gpucal.pipeline import calibrate_frame
+    from gpucal.templates import demo_template
+    from gpucal.units import C_KMS
+
+    filt = speclite.filters.load_filters("decam2014-g", "decam2014-r", "decam2014-z")
+    w = np.linspace(3000.0, 11000.0, 40000)
+    rows = np.asarray(sim.truth["std_fibres"])
+    fm = _desi_fibermap(sim)
+    flux = {b: np.zeros(len(fm)) for b in "GRZ"}
+    for k, (p, v, dil) in enumerate(zip(sim.truth["params"], sim.truth["rv"], sim.truth["dilution"])):
+        f = dil * demo_template(*p, wave=w / (1.0 + v / C_KMS))  # as simulate_frame: λ_obs = λ_rest (1 + v/c)
+        m = filt.get_ab_magnitudes(f * u.erg / u.s / u.cm**2 / u.AA, w * u.AA)
+        for b in "GRZ":
+            flux[b][rows[k]] = 10 ** ((22.5 - float(m[f"decam2014-{b.lower()}"][0])) / 2.5)
+    for b in "GRZ":
+        fm[f"FLUX_{b}"] = flux[b]
+        fm[f"FLUX_IVAR_{b}"] = np.where(flux[b] > 0, 1.0 / (0.01 * np.log(10) / 2.5 * flux[b] + 1e-30) ** 2, 0.0)
+    fm["PHOTSYS"] = "S"
+    hdr = fits.Header()
+    hdr["AIRORVAC"] = "air"
+    write_desi_frame(tmp_path / "desi.fits", sim.flux, 1.0 / sim.var, sim.wave, fm, header=hdr)
+    res = calibrate_frame(str(tmp_path / "desi.fits"), fwhm=sim.truth["fwhm"], smooth=51)
+    assert res.summary["n_stars_used"] == 3 and set(np.asarray(res.per_star["PHOT_MATCH"]).tolist()) == {"fibres"}
+    rel = res.cal * sim.truth["throughput"] - 1.0
+    assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01

@@ -26,7 +26,10 @@ HDU                content
                    (else ``RA``/``DEC``), degrees; magnitude columns as the
                    fibre-table convention of
                    :func:`gpucal.photometry.photometry_from_fibres` (``g``,
-                   ``dg``, …, or a speclite name such as ``decam2014-g``).
+                   ``dg``, …, or a speclite name such as ``decam2014-g``),
+                   and DESI's ``FLUX_G/R/Z`` + ``FLUX_IVAR_G/R/Z``
+                   (nanomaggies, ``PHOTSYS`` S = DECam, N = BASS/MzLS),
+                   turned into such magnitude columns.
 =================  ==========================================================
 
 The Frame: flux as read; var = 1/IVAR, infinite where IVAR ≤ 0 or MASK ≠ 0
@@ -152,7 +155,37 @@ def _fibres(hdul, fname: str, n_fibre: int) -> tuple:
         src = next((upper[c] for c in cands if c in upper), None)
         if gp not in out.colnames and src is not None:
             out[gp] = np.asarray(fm[src], dtype=np.float64)
+    _add_legacy_magnitudes(out, fm, upper)
     return out, fm
+
+
+def _add_legacy_magnitudes(out: Table, fm: Table, upper: dict) -> None:
+    """AB magnitudes from DESI's Legacy Surveys fluxes ``FLUX_G/R/Z`` (nanomaggies) and ``FLUX_IVAR_*``.
+
+    A unit change only: m = 22.5 − 2.5 log10 f, σ = 2.5 / ln 10 / (f √ivar). ``PHOTSYS``
+    'S' rows are DECam (``decam2014-g``, ``-r``, ``-z``), 'N' rows BASS g, r and MzLS z
+    (``BASS-g``, ``BASS-r``, ``MzLS-z``); without PHOTSYS, DECam. Each band is a column
+    named by its speclite filter with ``<band>_err``; a row of the other system, a flux
+    ≤ 0 or an inverse variance ≤ 0 holds the sentinels 99 / 9.99 (missing).
+    """
+    n = len(fm)
+    sys_col = upper.get("PHOTSYS")
+    photsys = (np.char.upper(np.char.strip(np.asarray(fm[sys_col]).astype(str))) if sys_col
+               else np.full(n, "S"))
+    systems = {"S": ("decam2014-g", "decam2014-r", "decam2014-z"), "N": ("BASS-g", "BASS-r", "MzLS-z")}
+    for k, band in enumerate("GRZ"):
+        fcol, icol = upper.get(f"FLUX_{band}"), upper.get(f"FLUX_IVAR_{band}")
+        if fcol is None or icol is None:
+            continue
+        f = np.asarray(fm[fcol], dtype=np.float64)
+        iv = np.asarray(fm[icol], dtype=np.float64)
+        for code, names in systems.items():
+            ok = (photsys == code) & np.isfinite(f) & (f > 0) & np.isfinite(iv) & (iv > 0)
+            if not ok.any() or names[k] in out.colnames:
+                continue
+            fs, ivs = np.where(ok, f, 1.0), np.where(ok, iv, 1.0)
+            out[names[k]] = np.where(ok, 22.5 - 2.5 * np.log10(fs), 99.0)
+            out[f"{names[k]}_err"] = np.where(ok, 2.5 / np.log(10.0) / (fs * np.sqrt(ivs)), 9.99)
 
 
 def _resolution(hdul, fname: str, n_fibre: int, n_pix: int):
