@@ -770,7 +770,9 @@ def read_calibrated_frame(path) -> CalibratedFrame:
     fname = os.fspath(path)
     hdul = _open(fname)
     try:
-        frame = _read_frame(hdul, fname, require_standards=False)
+        from .desi import is_desi_layout, read_desi_frame
+
+        frame = (read_desi_frame if is_desi_layout(hdul) else _read_frame)(hdul, fname, False)
         if not _has(hdul, "FLUXCAL"):
             raise InputError(f"{fname}: no FLUXCAL extension (not a calibrated frame?)")
         with warnings.catch_warnings():
