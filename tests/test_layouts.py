@@ -23,6 +23,20 @@ def sim():
                           params=[(6000.0, 4.5, 0.0, 0.0), (6250.0, 4.0, -0.5, 0.0), (5750.0, 4.5, 0.0, 0.0)])
 
 
+@pytest.fixture(scope="module")
+def grid():
+    """The 30 demo templates around the standards (F/G dwarfs): a calibration takes about a second."""
+    import dataclasses
+
+    from gpucal.templates import demo_grid
+
+    g = demo_grid()
+    p = np.asarray(g.params)
+    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
+    return dataclasses.replace(g, params=p[keep], flux=np.asarray(g.flux)[keep], meta={},
+                               continuum=None if g.continuum is None else np.asarray(g.continuum)[keep])
+
+
 def _std_coords(sim):
     rows = np.asarray(sim.truth["std_fibres"])
     f = sim.fibres[rows]
@@ -50,7 +64,7 @@ def test_unreadable_catalogue_names_its_format(tmp_path):
         read_catalogue(str(bad))
 
 
-def test_fibre_table_magnitudes_stand_in_for_a_catalogue(sim, tmp_path, monkeypatch):
+def test_fibre_table_magnitudes_stand_in_for_a_catalogue(sim, tmp_path, monkeypatch, grid):
     from gpucal.pipeline import calibrate_frame
 
     fibres = Table(sim.fibres, copy=True)
@@ -61,9 +75,9 @@ def test_fibre_table_magnitudes_stand_in_for_a_catalogue(sim, tmp_path, monkeypa
         fibres[band], fibres[f"d{band}"] = mag, err
     write_frame(tmp_path / "frame.fits", sim.flux, sim.var, sim.wave, fibres, medium="air")
     write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
-    with_cat = calibrate_frame(str(tmp_path / "frame.fits"), photometry=str(tmp_path / "cat.csv"),
+    with_cat = calibrate_frame(str(tmp_path / "frame.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
                                fwhm=sim.truth["fwhm"], smooth=51)
-    alone = calibrate_frame(str(tmp_path / "frame.fits"), fwhm=sim.truth["fwhm"], smooth=51)
+    alone = calibrate_frame(str(tmp_path / "frame.fits"), templates=grid, fwhm=sim.truth["fwhm"], smooth=51)
     assert alone.summary["n_stars_used"] == 3
     assert set(np.asarray(alone.per_star["PHOT_MATCH"]).tolist()) == {"fibres"}
     np.testing.assert_allclose(alone.cal, with_cat.cal, rtol=2e-5)  # the same magnitudes, 6 decimals in the CSV
@@ -71,13 +85,13 @@ def test_fibre_table_magnitudes_stand_in_for_a_catalogue(sim, tmp_path, monkeypa
     assert np.sqrt(np.mean(rel[alone.measured] ** 2)) < 0.01
 
 
-def test_no_catalogue_and_no_fibre_magnitudes_says_what_to_give(sim, tmp_path):
+def test_no_catalogue_and_no_fibre_magnitudes_says_what_to_give(sim, tmp_path, grid):
     from gpucal.errors import PhotometryError
     from gpucal.pipeline import calibrate_frame
 
     write_frame(tmp_path / "frame.fits", sim.flux, sim.var, sim.wave, sim.fibres, medium="air")
     with pytest.raises(PhotometryError, match="--photometry CATALOGUE, or give magnitude columns"):
-        calibrate_frame(str(tmp_path / "frame.fits"), fwhm=sim.truth["fwhm"])
+        calibrate_frame(str(tmp_path / "frame.fits"), templates=grid, fwhm=sim.truth["fwhm"])
 
 
 def _log_frame(sim, tmp_path, name, cards, log10=True):
@@ -123,15 +137,15 @@ def test_log_linear_wcs_frame(sim, tmp_path, kind):
                                        rtol=1e-10)
 
 
-def test_log_linear_wcs_frame_calibrates(sim, tmp_path, monkeypatch):
+def test_log_linear_wcs_frame_calibrates(sim, tmp_path, monkeypatch, grid):
     from gpucal.pipeline import calibrate_frame
 
     cards = lambda lw, w: {"CRVAL1": float(lw[0]), "CD1_1": float(lw[1] - lw[0]), "CRPIX1": 1,  # noqa: E731
                            "DC-FLAG": 1, "AIRORVAC": "air"}
     wave = _log_frame(sim, tmp_path, "log.fits", cards)
     write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
-    res = calibrate_frame(str(tmp_path / "log.fits"), photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"],
-                          smooth=51, out=tmp_path / "out.fits")
+    res = calibrate_frame(str(tmp_path / "log.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
+                          fwhm=sim.truth["fwhm"], smooth=51, out=tmp_path / "out.fits")
     rel = res.cal * np.interp(wave, sim.wave, sim.truth["throughput"]) - 1.0
     assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01
     with fits.open(tmp_path / "out.fits") as h:  # the log WCS kept: it still describes the output's pixels
@@ -139,7 +153,7 @@ def test_log_linear_wcs_frame_calibrates(sim, tmp_path, monkeypatch):
         np.testing.assert_allclose(read_frame(tmp_path / "out.fits", require_standards=False).wave, wave, rtol=1e-12)
 
 
-def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog):
+def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog, grid):
     from gpucal.cli import main
     from gpucal.pipeline import calibrate_frame
 
@@ -149,13 +163,13 @@ def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog):
     assert frame.medium == "air" and not frame.medium_stated
     kw = dict(photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"], vrange=(-200.0, 200.0, 5.0))
     with caplog.at_level(logging.WARNING, logger="gpucal"):
-        air = calibrate_frame(str(tmp_path / "f.fits"), **kw)
+        air = calibrate_frame(str(tmp_path / "f.fits"), templates=grid, **kw)
     assert any("do not say whether the wavelengths are in air or vacuum" in r.getMessage() and "--medium" in
                r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gpucal"):
-        vac = calibrate_frame(str(tmp_path / "f.fits"), medium="vacuum", **kw)
-        stated = calibrate_frame(str(tmp_path / "f.fits"), medium="air", **kw)
+        vac = calibrate_frame(str(tmp_path / "f.fits"), templates=grid, medium="vacuum", **kw)
+        stated = calibrate_frame(str(tmp_path / "f.fits"), templates=grid, medium="air", **kw)
     assert not any("air or vacuum" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(stated.cal, air.cal)
     rv_air, rv_vac = np.asarray(air.per_star["RV"]), np.asarray(vac.per_star["RV"])
@@ -180,7 +194,7 @@ def _desi_fibermap(sim, objtype=True):
 
 
 @pytest.mark.parametrize("objtype", [True, False])
-def test_desi_frame_in_and_out(sim, tmp_path, objtype):
+def test_desi_frame_in_and_out(sim, tmp_path, objtype, grid):
     from gpucal.io import write_desi_frame
     from gpucal.pipeline import calibrate_frame
 
@@ -200,12 +214,12 @@ def test_desi_frame_in_and_out(sim, tmp_path, objtype):
     assert np.all(np.isinf(frame.var[0, 100:110]))  # MASK != 0: a bad pixel
     np.testing.assert_allclose(frame.var[1], (1.0 / np.float32(ivar[1])).astype(float), rtol=1e-6)
     write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
-    res = calibrate_frame(str(tmp_path / "desi.fits"), photometry=str(tmp_path / "cat.csv"), fwhm=sim.truth["fwhm"],
-                          smooth=51, out=tmp_path / "out.fits")
+    res = calibrate_frame(str(tmp_path / "desi.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
+                          fwhm=sim.truth["fwhm"], smooth=51, out=tmp_path / "out.fits")
     # the same frame in gpucal's own layout gives the same calibration
     write_frame(tmp_path / "plain.fits", sim.flux.astype(np.float32), (1.0 / ivar.astype(np.float32)), sim.wave,
                 sim.fibres, medium="air")
-    plain = calibrate_frame(str(tmp_path / "plain.fits"), photometry=str(tmp_path / "cat.csv"),
+    plain = calibrate_frame(str(tmp_path / "plain.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
                             fwhm=sim.truth["fwhm"], smooth=51)
     np.testing.assert_allclose(res.cal, plain.cal, rtol=1e-4)
     with fits.open(tmp_path / "out.fits") as h:
@@ -264,7 +278,7 @@ def test_real_bosz2024_files_are_read(tmp_path):
     assert grid.wave[0] < 3700.0 / 1.0017 - 38.2 and grid.wave[-1] > 9500.0 * 1.0017 + 38.2
 
 
-def test_desi_fibermap_fluxes_stand_in_for_a_catalogue(sim, tmp_path):
+def test_desi_fibermap_fluxes_stand_in_for_a_catalogue(sim, tmp_path, grid):
     """No --photometry: DESI FIBERMAP FLUX_G/R/Z (nanomaggies, PHOTSYS S = DECam) become the magnitudes."""
     import astropy.units as u
     import speclite.filters
@@ -291,7 +305,7 @@ def test_desi_fibermap_fluxes_stand_in_for_a_catalogue(sim, tmp_path):
     hdr = fits.Header()
     hdr["AIRORVAC"] = "air"
     write_desi_frame(tmp_path / "desi.fits", sim.flux, 1.0 / sim.var, sim.wave, fm, header=hdr)
-    res = calibrate_frame(str(tmp_path / "desi.fits"), fwhm=sim.truth["fwhm"], smooth=51)
+    res = calibrate_frame(str(tmp_path / "desi.fits"), templates=grid, fwhm=sim.truth["fwhm"], smooth=51)
     assert res.summary["n_stars_used"] == 3 and set(np.asarray(res.per_star["PHOT_MATCH"]).tolist()) == {"fibres"}
     rel = res.cal * sim.truth["throughput"] - 1.0
     assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01
