@@ -13,6 +13,7 @@ from gpucal.errors import InputError
 from gpucal.io import read_frame, write_frame
 from gpucal.photometry import match_photometry, read_catalogue
 from gpucal.simulate import simulate_frame, write_catalogue_csv
+from test_options import grid  # noqa: F401 -- the 30 demo F/G dwarf templates: a calibration takes about a second
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -21,20 +22,6 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 def sim():
     return simulate_frame(seed=4, n_standards=3, n_program=2, n_sky=1, n_pix=1500, snr=80.0, fwhm=8.0,
                           params=[(6000.0, 4.5, 0.0, 0.0), (6250.0, 4.0, -0.5, 0.0), (5750.0, 4.5, 0.0, 0.0)])
-
-
-@pytest.fixture(scope="module")
-def grid():
-    """The 30 demo templates around the standards (F/G dwarfs): a calibration takes about a second."""
-    import dataclasses
-
-    from gpucal.templates import demo_grid
-
-    g = demo_grid()
-    p = np.asarray(g.params)
-    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
-    return dataclasses.replace(g, params=p[keep], flux=np.asarray(g.flux)[keep], meta={},
-                               continuum=None if g.continuum is None else np.asarray(g.continuum)[keep])
 
 
 def _std_coords(sim):
