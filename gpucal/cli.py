@@ -228,10 +228,12 @@ def _add_calibrate_parser(sub):
     p.add_argument("frames", nargs="+", metavar="FRAME",
                    help="reduced FITS frame(s); several run as a batch (see --workers)")
     p.add_argument("--templates", default="demo",
-                   help="template grid: 'demo' (built in), a prepared cache, or a BOSZ 2024 directory")
-    p.add_argument("--photometry", required=True,
-                   help="catalogue CSV (name, ra, dec, g, dg, r, dr, i, di, z, dz); in a batch it may hold "
-                        "{stem} and {dir}, filled in from each frame's path")
+                   help="template grid: 'demo' (built in), a prepared cache, a BOSZ 2024 directory or a FITS grid "
+                        "file (e.g. SDSS's kurucz_stds_v5.fit; docs/layouts.md)")
+    p.add_argument("--photometry", default=None,
+                   help="catalogue (CSV, ECSV, FITS or VOTable table: name, ra, dec, g, dg, r, dr, ...); in a batch "
+                        "it may hold {stem} and {dir}, filled in from each frame's path; not given: the "
+                        "magnitudes in the frame's fibre table")
     lsf = p.add_mutually_exclusive_group(required=True)
     lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
@@ -246,6 +248,10 @@ def _add_calibrate_parser(sub):
     add_batch_options(p)
     _add_calibration_options(p)
     _add_common(p)
+    # issue 15 (layouts)
+    p.add_argument("--medium", choices=("air", "vacuum"), default=None,
+                   help="wavelength medium of frames whose headers do not say (no WAVEMED/AIRORVAC, CTYPE1 neither "
+                        "AWAV nor WAVE); without it such a frame is taken as air, with a warning")
 
 
 def _add_demo_parser(sub):
@@ -271,7 +277,8 @@ def add_templates_parser(sub) -> None:
                     "grid covering the frame, the photometric bands and the velocity scan, optionally convolve "
                     "them to the instrument LSF, and write a float32 .npy + JSON cache. Negative ranges need "
                     "'=': --mh=-1:0.5.")
-    q.add_argument("src", help="BOSZ directory (bosz2024_wave_r<R>.txt and r<R>/m<±MH>/ folders)")
+    q.add_argument("src", help="BOSZ directory (bosz2024_wave_r<R>.txt and r<R>/m<±MH>/ folders) or a FITS grid "
+                               "file (docs/layouts.md)")
     q.add_argument("--out", required=True, help="cache directory to write")
     for name, what in (("teff", "Teff (K)"), ("logg", "log g"), ("mh", "[M/H]"), ("alpha", "[α/M]"),
                        ("carbon", "[C/M]"), ("vturb", "microturbulence (km/s)")):
@@ -504,7 +511,7 @@ def _demo(args):
     out.mkdir(parents=True, exist_ok=True)
     sim = simulate_frame(seed=args.seed, snr=args.snr)
     frame_path, cat_path = out / "demo_frame.fits", out / "demo_catalogue.csv"
-    write_frame(frame_path, sim.flux, sim.var, sim.wave, sim.fibres, overwrite=True)
+    write_frame(frame_path, sim.flux, sim.var, sim.wave, sim.fibres, medium="air", overwrite=True)
     write_catalogue_csv(sim.catalogue, cat_path)
     options = calibrate_options(args, templates="demo", photometry=str(cat_path), fwhm=float(sim.truth["fwhm"]),
                                 overwrite=True)

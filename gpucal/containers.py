@@ -215,6 +215,12 @@ class Frame(_FibreAxes):
     wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
     ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
         reused by the writer for their non-structural cards.
+    layout : ``"gpucal"`` or ``"desi"``, the layout it was read in (the writer
+        writes the calibrated frame back in it; docs/layouts.md).
+    medium_stated : False when no header said air or vacuum (``medium`` is then
+        air until ``calibrate_frame(medium=...)`` says otherwise, with a warning).
+    resolution : DESI's RESOLUTION (n_fibre, n_diag, n_pix) as read, or None.
+    layout_extras : what a layout's writer needs back (its HDUs, headers, tables).
     """
 
     path: str
@@ -228,6 +234,11 @@ class Frame(_FibreAxes):
     wave_source: str = "WAVELA"
     wave_ndim: int = 1
     ext_headers: dict = field(default_factory=dict)
+    # issue 15 (layouts): the layout it came in, whether the medium was stated, DESI's RESOLUTION
+    layout: str = "gpucal"
+    medium_stated: bool = True
+    resolution: Any = None
+    layout_extras: dict = field(default_factory=dict)
 
     @property
     def fibre_types(self) -> np.ndarray:

@@ -11,6 +11,7 @@ This module orchestrates and computes nothing itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -39,9 +40,12 @@ from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
+    fibre_bands,
+    fibres_ebv,
     fit_colour_relations,
     match_ebv,
     match_photometry,
+    photometry_from_fibres,
     photometric_consistency,
     read_catalogue,
     redden,
@@ -69,7 +73,7 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     if isinstance(photometry, Photometry):
         return photometry, ["given"] * n, np.full(n, default_ebv)
     if photometry is None:
-        raise PhotometryError(f"{frame.path}: no photometry given for the standards (use --photometry CSV)")
+        return _fibre_photometry(frame, names, bands, default_ebv)
     cat = read_catalogue(photometry, bands=bands)
     fib = frame.fibres
     idx = frame.standards
@@ -81,6 +85,35 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
     phot, info = match_photometry(cat, names, ra, dec, bands=bands, radius_arcsec=radius_arcsec)
     ebvs = match_ebv(cat, names, ra, dec, radius_arcsec=radius_arcsec, default=default_ebv)
     return phot, info, np.asarray(ebvs, dtype=float)
+
+
+def _with_medium(frame: Frame, medium) -> Frame:
+    """The frame in the medium its headers state, else ``medium`` (``--medium``), else air with a warning."""
+    if medium is not None and medium not in ("air", "vacuum"):
+        raise InputError(f"--medium must be 'air' or 'vacuum', got {medium!r}")
+    if frame.medium_stated:
+        if medium is not None and medium != frame.medium:
+            raise InputError(f"{frame.path}: --medium {medium} contradicts the frame's headers, which say "
+                             f"{frame.medium}")
+        return frame
+    if medium is None:
+        logger.warning("%s: the headers do not say whether the wavelengths are in air or vacuum (no WAVEMED or "
+                       "AIRORVAC, CTYPE1 neither AWAV nor WAVE); taking air; pass --medium air|vacuum", frame.path)
+        return frame
+    return dataclasses.replace(frame, medium=medium, medium_stated=True)
+
+
+def _fibre_photometry(frame: Frame, names, bands, default_ebv):
+    """No catalogue: the standards' magnitudes from the frame's fibre table (issue 15; columns as in
+    :func:`gpucal.photometry.photometry_from_fibres`), or a PhotometryError saying what to give."""
+    rows = frame.fibres[frame.standards]
+    use = fibre_bands(rows) if bands is None else bands
+    if not use:
+        raise PhotometryError(f"{frame.path}: no photometry given for the standards (use --photometry CATALOGUE, or "
+                              "give magnitude columns such as g, dg, r, dr in the fibre table)")
+    phot = photometry_from_fibres(rows, use)
+    phot.names = tuple(names)
+    return phot, ["fibres"] * len(names), np.asarray(fibres_ebv(rows, default=default_ebv), dtype=float)
 
 
 _NO_PRIOR = (None, None, None)
@@ -272,7 +305,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, medium=None) -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -295,18 +328,20 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     span more (mag) is excluded as photometrically inconsistent; max_frame_chi2_dof (default
     1000) and max_scatter (RMS between the standards' vectors, default 0.2) — a frame beyond
     either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
-    medium); None = no bound.
+    medium); None = no bound. medium : ``"air"``/``"vacuum"`` for a frame whose headers do not
+    say (without it such a frame is taken as air, with a warning); one that contradicts the
+    headers is an InputError.
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     be = get_backend(backend)
-    frame = frame if isinstance(frame, Frame) else read_frame(frame)
+    frame = _with_medium(frame if isinstance(frame, Frame) else read_frame(frame), medium)
     std, names, fibres = _standard_ids(frame)
+    lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
-                          medium=frame.medium)
+                          medium=frame.medium, lsf=lsf, vmax=max(abs(float(vrange[0])), abs(float(vrange[1]))))
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
-    lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     clock.lap("load")
     prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR

@@ -50,6 +50,7 @@ OPTIONS = {
     "fast": (["--fast"], True),
     "max_frame_chi2_dof": (["--max-frame-chi2-dof", "none"], None),
     "max_scatter": (["--max-scatter", "0.5"], 0.5),
+    "medium": (["--medium", "air"], "air"),  # issue 15: these frames state no medium
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),
@@ -61,7 +62,7 @@ PATH_OPTIONS = {"templates", "photometry"}
 #: `gpucal calibrate` options that are not calibrate_frame parameters.
 CLI_ONLY = {"help", "frames", "out", "summary", "qc", "workers", "scheduler", "batch_summary", "batch_panel", "debug"}
 #: calibrate_frame parameters the demo supplies itself (its own frame, grid, catalogue and LSF).
-DEMO_SUPPLIED = {"templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite"}
+DEMO_SUPPLIED = {"templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "medium"}
 
 
 @pytest.fixture(scope="module")

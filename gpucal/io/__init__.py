@@ -4,6 +4,7 @@ Modules
 -------
 frames : read_frame / write_frame (the input layouts), write_calibrated_frame /
     read_calibrated_frame (the output layout), wavelength WCS, medium and unit helpers.
+desi : the DESI-style layout (FLUX, IVAR, MASK, WAVELENGTH, RESOLUTION, FIBERMAP) in and out.
 guard : the hostile-FITS checks every input file passes before it is read.
 files : file_sha256, check_output_path, write_text and the atomic writes behind every output.
 
@@ -11,6 +12,7 @@ Other rooms import from here (``from ..io import read_frame``), not from the mod
 """
 
 from ..containers import CalibratedFrame, Frame
+from .desi import is_desi_layout, read_desi_frame, write_desi_frame
 from .files import check_output_path, file_sha256, write_text
 from .frames import (
     FLUX_BUNIT,
@@ -29,6 +31,9 @@ __all__ = [
     "write_frame",
     "write_calibrated_frame",
     "read_calibrated_frame",
+    "write_desi_frame",
+    "read_desi_frame",
+    "is_desi_layout",
     "check_output_path",
     "write_text",
     "file_sha256",

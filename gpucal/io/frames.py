@@ -23,12 +23,13 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
                Per-fibre rows must agree to 1e-6 Å (they are collapsed to one
                grid); frames whose fibres have different solutions must be
                resampled onto a common grid first.
-               Without ``WAVELA``, a linear WCS on axis 1 of the primary header
-               is used: ``CRVAL1``, ``CDELT1`` (or ``CD1_1``), ``CRPIX1``
-               (FITS default 0 when absent), optional ``CUNIT1`` (Å, nm, µm, m;
-               default Å; logarithmic units refused) and ``CTYPE1`` (``WAVE``/``AWAV``/``LINEAR``/...;
-               non-linear algorithm codes such as ``WAVE-LOG`` and IRAF
-               ``DC-FLAG = 1`` are refused).
+               Without ``WAVELA``, the spectral WCS on axis 1 of the primary
+               header (:mod:`gpucal.spectral_wcs`): linear (``CRVAL1``,
+               ``CDELT1`` or ``CD1_1``, ``CRPIX1``, FITS default 0 when absent,
+               ``CUNIT1`` Å/nm/µm/m, default Å; logarithmic units refused),
+               IRAF log-linear (``DC-FLAG = 1``: log10 λ), ``WAVE``/``AWAV``
+               with any astropy.wcs algorithm (``WAVE-LOG``, …), SDSS
+               ``COEFF0``/``COEFF1``; frequency and velocity axes refused.
 ``FIBRES``     binary table, one row per fibre (row i = image row i = fibre
                number i + 1), with a ``TYPE`` column (``'C'`` marks a
                standard star) and optionally NAME, RA, DEC and magnitudes.
@@ -38,8 +39,13 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
 
 The wavelength medium is read from ``WAVEMED`` or ``AIRORVAC`` (in the
 ``WAVELA`` header, else the primary header; ``AIR``/``VAC``/``VACUUM``), else
-from ``CTYPE1`` when the WCS is used (``AWAV`` = air, ``WAVE`` = vacuum), else
-it defaults to air.
+from ``CTYPE1`` when the WCS is used (``AWAV`` = air, ``WAVE`` = vacuum). When
+none says, ``Frame.medium`` is air with ``Frame.medium_stated`` False: the
+pipeline warns and takes ``--medium`` (``calibrate_frame(medium=...)``).
+
+Other layouts: a DESI-style frame (``FLUX``, ``IVAR``, ``MASK``,
+``WAVELENGTH``, ``FIBERMAP``) is read by :mod:`gpucal.io.desi` and written
+back in its own layout (``Frame.layout``); docs/layouts.md lists every layout.
 
 Wavelengths that decrease strictly along the pixel axis are accepted: the
 pixel axis of flux, variance and wavelength is reversed together so that
@@ -75,7 +81,6 @@ and any damage astropy meets becomes an InputError naming the file and HDU
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import textwrap
@@ -88,6 +93,7 @@ from astropy.table import Table
 
 from ..containers import Frame, CalibratedFrame
 from ..errors import InputError, NoStandardsError
+from ..spectral_wcs import length_unit_to_angstrom, medium_from_headers, medium_word, wcs_wavelengths
 from .files import _atomic_write, _check_destination
 from .guard import _open
 
@@ -112,12 +118,7 @@ WAVE_TOL = 1e-6
 #: Relative tolerance for a wavelength grid to count as linear (write_frame, WCS).
 _LINEAR_RTOL = 1e-6
 
-_MEDIUM_KEYS = ("WAVEMED", "AIRORVAC")
-_AIR_WORDS = {"AIR", "A"}
-_VAC_WORDS = {"VAC", "VACUUM", "V"}
 _MEDIUM_CARD = {"air": "AIR", "vacuum": "VACUUM"}  # the WAVEMED value written for a medium
-_LINEAR_CTYPES = {"", "WAVE", "AWAV", "LINEAR", "LAMBDA", "WAVELENGTH", "WAV"}
-_ANGSTROM_WORDS = {"A", "AA", "ANGSTROM", "ANGSTROMS", "ANGSTROEM", "ÅNGSTRÖM", "Å"}
 # Cards never copied from an input header into an output HDU (astropy writes
 # the structural ones itself; scaling and checksums no longer apply).
 _DROP_KEYS = {
@@ -181,104 +182,23 @@ def _native_table(t: Table) -> Table:
 
 
 #: A logarithmic unit spelled out: ``log(...)``, ``ln(...)``, ``dex(...)``, ``exp(...)`` or bare ``dex``.
-_LOG_UNIT = re.compile(r"^\s*(?:(?:log|log10|ln|dex|exp)\s*\(|dex\s*$)", re.IGNORECASE)
-
-
-def _refuse_log_unit(s: str, unit, where: str) -> None:
-    """InputError when ``s`` (parsed as ``unit``, or None) is a logarithmic or other function unit.
-
-    astropy reads ``dex(Angstrom)`` as a length (10 Å per unit), which would
-    turn log10 λ into a wrong linear λ without a word; it is refused instead.
-    """
-    parts = () if unit is None else (unit, *getattr(unit, "bases", ()))
-    if _LOG_UNIT.match(s) or any(
-        isinstance(p, u.FunctionUnitBase) or type(p).__module__.startswith("astropy.units.function") for p in parts
-    ):
-        raise InputError(
-            f"{where}: wavelength unit {s!r} is logarithmic; give wavelengths as a length (Angstrom, nm, um, m)"
-        )
-
-
-def _length_unit_to_angstrom(unit_str, where: str) -> float:
-    """Factor that converts a length unit (header string) to Å; logarithmic units are refused."""
-    if unit_str is None:
-        return 1.0
-    s = str(unit_str).strip()
-    if s == "" or s.upper() in _ANGSTROM_WORDS:
-        return 1.0
-    _refuse_log_unit(s, None, where)
-    try:
-        unit = u.Unit(s, format="fits", parse_strict="raise")
-    except (ValueError, TypeError, u.UnitsError):
-        try:
-            unit = u.Unit(s, parse_strict="raise")
-        except (ValueError, TypeError, u.UnitsError):
-            raise InputError(f"{where}: unrecognised wavelength unit {s!r}") from None
-    _refuse_log_unit(s, unit, where)
-    try:
-        factor = float(unit.to(u.AA))
-    except (u.UnitsError, ValueError, TypeError):  # not a length, or a structured unit such as "(m, s)"
-        raise InputError(f"{where}: wavelength unit {s!r} is not a length") from None
-    if not (math.isfinite(factor) and factor > 0):
-        raise InputError(f"{where}: wavelength unit {s!r} is not a positive length")
-    return factor
-
-
-def _medium_word(value, where: str) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{where}: wavelength medium must be 'AIR' or 'VACUUM', got {value!r}")
-    word = str(value).strip().upper()
-    if word in _AIR_WORDS:
-        return "air"
-    if word in _VAC_WORDS:
-        return "vacuum"
-    raise InputError(f"{where}: wavelength medium must be 'AIR' or 'VACUUM', got {value!r}")
+_length_unit_to_angstrom = length_unit_to_angstrom
+_medium_word = medium_word
 
 
 def _medium_from_headers(headers, fname: str):
-    for hdr, hname in headers:
-        if hdr is None:
-            continue
-        for key in _MEDIUM_KEYS:
-            if key in hdr:
-                return _medium_word(hdr[key], f"{fname} [{hname}] {key}")
-    return None
+    """The medium keyword (WAVEMED, AIRORVAC) of the first header that has one, else None."""
+    return medium_from_headers(headers, fname)
 
 
 def _wcs_wave(hdr: fits.Header, n_pix: int, fname: str):
-    """Wavelengths (Å) from a linear WCS on axis 1, or None when there is none."""
-    if "CRVAL1" not in hdr or ("CDELT1" not in hdr and "CD1_1" not in hdr):
-        return None, None
-    where = f"{fname} [PRIMARY] WCS"
-    ctype = str(hdr.get("CTYPE1", "")).strip().upper()
-    if ctype not in _LINEAR_CTYPES:
-        raise InputError(
-            f"{where}: CTYPE1 = {ctype!r} is not a linear wavelength axis; "
-            "add a WAVELA extension with the wavelength of each pixel"
-        )
-    dc_flag = hdr.get("DC-FLAG", 0)
-    if isinstance(dc_flag, str) or dc_flag not in (0, 1):
-        raise InputError(f"{where}: DC-FLAG = {dc_flag!r} must be 0 (linear) or 1 (log-linear)")
-    if dc_flag == 1:
-        raise InputError(
-            f"{where}: DC-FLAG = 1 (log-linear dispersion) is not supported; "
-            "add a WAVELA extension with the wavelength of each pixel"
-        )
-    try:
-        crval = float(hdr["CRVAL1"])
-        cdelt = float(hdr["CDELT1"]) if "CDELT1" in hdr else float(hdr["CD1_1"])
-        crpix = float(hdr.get("CRPIX1", 0.0))
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: CRVAL1/CDELT1/CD1_1/CRPIX1 must be numbers") from None
-    factor = _length_unit_to_angstrom(hdr.get("CUNIT1"), where + " CUNIT1")
-    pix = np.arange(1, n_pix + 1, dtype=np.float64)  # FITS pixel numbers are 1-based
-    wave = (crval + cdelt * (pix - crpix)) * factor
-    medium = None
-    if ctype == "AWAV":
-        medium = "air"
-    elif ctype == "WAVE":
-        medium = "vacuum"
-    return wave, medium
+    """(wavelengths (n_pix,) Å, CTYPE1's medium or None) from the spectral WCS on axis 1, or (None, None).
+
+    Any wavelength WCS :func:`gpucal.spectral_wcs.wcs_wavelengths` reads: linear,
+    IRAF log-linear (``DC-FLAG = 1``), ``WAVE``/``AWAV`` with any astropy.wcs
+    algorithm (``WAVE-LOG``, ...), ``CUNIT1``; SDSS ``COEFF0``/``COEFF1``.
+    """
+    return wcs_wavelengths(hdr, n_pix, f"{fname} [PRIMARY] WCS")
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +236,10 @@ def read_frame(path, *, require_standards: bool = True) -> Frame:
     fname = os.fspath(path)
     hdul = _open(fname)
     try:
+        from .desi import is_desi_layout, read_desi_frame  # the layout dispatch (docs/layouts.md)
+
+        if is_desi_layout(hdul):
+            return read_desi_frame(hdul, fname, require_standards)
         return _read_frame(hdul, fname, require_standards)
     finally:
         hdul.close()
@@ -333,7 +257,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         ext_headers["WAVELA"] = wave_hdr.copy()
     hname = "WAVELA" if wave_source == "WAVELA" else "PRIMARY"
     wave, flux, var, flipped = _increasing(wave, flux, var, f"{fname} [{hname}]")
-    medium = _frame_medium(wave_hdr, prim.header, wcs_medium, fname)
+    medium, medium_stated = _frame_medium(wave_hdr, prim.header, wcs_medium, fname)
     fibres = _read_fibres(hdul, fname, n_fibre)
     _check_variance_values(var, fname)
     frame = Frame(
@@ -348,6 +272,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         wave_source=wave_source,
         wave_ndim=int(wave_ndim),
         ext_headers=ext_headers,
+        medium_stated=medium_stated,
     )
     if require_standards and frame.standards.size == 0:
         types = sorted(set(frame.fibre_types.tolist()))
@@ -459,17 +384,20 @@ def _increasing(wave, flux, var, where: str):
     )
 
 
-def _frame_medium(wave_hdr, prim_hdr, wcs_medium, fname: str) -> str:
-    """The medium keyword (WAVELA header, then primary), else CTYPE1's, else air; a conflict is an error."""
+def _frame_medium(wave_hdr, prim_hdr, wcs_medium, fname: str):
+    """(medium, stated): the medium keyword (WAVELA header, then primary), else CTYPE1's; a conflict is an error.
+
+    Neither: ``("air", False)``; the pipeline warns and takes ``--medium`` (never a silent guess).
+    """
     medium = _medium_from_headers([(wave_hdr, "WAVELA"), (prim_hdr, "PRIMARY")], fname)
     if medium is None:
-        return wcs_medium or "air"
+        return (wcs_medium, True) if wcs_medium else ("air", False)
     if wcs_medium is not None and wcs_medium != medium:
         raise InputError(
             f"{fname} [PRIMARY]: CTYPE1 = {prim_hdr['CTYPE1']!r} says {wcs_medium} "
             f"but the medium keyword says {medium}"
         )
-    return medium
+    return medium, True
 
 
 def _read_fibres(hdul, fname: str, n_fibre: int) -> Table:
@@ -737,6 +665,12 @@ def write_calibrated_frame(
     Refuses (InputError) to write onto ``frame.path`` whatever ``overwrite``
     says, and onto an existing file unless ``overwrite``.
     """
+    if getattr(frame, "layout", "gpucal") == "desi":  # written back in the layout it came in (io/desi.py)
+        from .desi import write_calibrated_desi
+
+        return write_calibrated_desi(path, frame, flux, var, cal_wave=cal_wave, cal=cal, cal_var=cal_var,
+                                     cal_measured=cal_measured, per_star=per_star, keywords=keywords,
+                                     history=history, overwrite=overwrite)
     path = os.fspath(path)
     # destination checks first: cheap, and the most important refusal
     _check_destination(path, overwrite, protect=frame.path or None)
@@ -836,7 +770,9 @@ def read_calibrated_frame(path) -> CalibratedFrame:
     fname = os.fspath(path)
     hdul = _open(fname)
     try:
-        frame = _read_frame(hdul, fname, require_standards=False)
+        from .desi import is_desi_layout, read_desi_frame
+
+        frame = (read_desi_frame if is_desi_layout(hdul) else _read_frame)(hdul, fname, False)
         if not _has(hdul, "FLUXCAL"):
             raise InputError(f"{fname}: no FLUXCAL extension (not a calibrated frame?)")
         with warnings.catch_warnings():

@@ -13,7 +13,15 @@ Modules (other rooms import from this package, not from them):
 
 from ..containers import ColourTeffRelation, Photometry
 from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band
-from .catalogue import fibres_ebv, match_ebv, match_photometry, photometry_from_fibres, read_catalogue
+from .catalogue import (
+    CATALOGUE_FORMATS,
+    fibre_bands,
+    fibres_ebv,
+    match_ebv,
+    match_photometry,
+    photometry_from_fibres,
+    read_catalogue,
+)
 from .consistency import photometric_consistency
 from .extinction import DEFAULT_LAW, DEFAULT_RV, extinction_curve, extinction_law, redden
 from .priors import (
@@ -51,6 +59,8 @@ __all__ = [
     "match_ebv",
     "photometry_from_fibres",
     "fibres_ebv",
+    "fibre_bands",
+    "CATALOGUE_FORMATS",
     # colour priors
     "ColourTeffRelation",
     "PRIOR_COLOURS",

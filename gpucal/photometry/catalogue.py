@@ -1,7 +1,7 @@
 """Catalogue photometry: read standard-star magnitudes and match them to the frame's standards.
 
 Step of the mission: the edge of the photometry room, where catalogue text
-becomes arrays. Refcat2-style CSV rows (``name, ra, dec, g, dg, ..., BP, dBP,
+becomes arrays. Refcat2-style rows (CSV, ECSV, FITS or VOTable tables) (``name, ra, dec, g, dg, ..., BP, dBP,
 ..., J, dJ, ...``; degrees and magnitudes) and magnitude columns of a frame's
 FIBRES table are read (:func:`read_catalogue`, :func:`photometry_from_fibres`)
 and matched to the ``n_star`` standards by name or sky position
@@ -33,7 +33,8 @@ from ..errors import InputError, PhotometryError
 from ._host import host_float
 from .bands import BAND_ALIASES, REFCAT2_BANDS, as_bands, band_system, resolve_band
 
-__all__ = ["read_catalogue", "match_photometry", "match_ebv", "photometry_from_fibres", "fibres_ebv"]
+__all__ = ["read_catalogue", "match_photometry", "match_ebv", "photometry_from_fibres", "fibres_ebv", "fibre_bands",
+           "CATALOGUE_FORMATS"]
 
 logger = logging.getLogger("gpucal.photometry")
 
@@ -146,12 +147,15 @@ def _present_bands(table, bands) -> tuple:
 
 
 def read_catalogue(path, *, bands=("g", "r", "i", "z")):
-    """Read a Refcat2-style CSV of standard-star photometry.
+    """Read a Refcat2-style table of standard-star photometry.
 
     Parameters
     ----------
     path : str or os.PathLike
-        CSV with a header row. Columns (names case-insensitive): ``name``
+        Any table astropy reads, chosen by the name's ending
+        (:data:`CATALOGUE_FORMATS`: ``.csv``, ``.ecsv``, ``.fits``/``.fit``
+        (the first table HDU), ``.vot``/``.xml``; other names: astropy's own
+        guess, then its text-table guesses). Columns (names case-insensitive): ``name``
         and/or ``ra``, ``dec`` (degrees), and per band a magnitude column
         named as the band (``g``, ``BP``, ``J``, or the speclite name) with
         its error ``d<band>`` (``dg``, ``dBP``, ...); optionally ``ebv``
@@ -197,16 +201,41 @@ def read_catalogue(path, *, bands=("g", "r", "i", "z")):
     return out
 
 
+#: Catalogue formats by file name ending (anything else: astropy's own format guess, then its text-table guesses).
+CATALOGUE_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fits.gz": "fits",
+                     ".fit.gz": "fits", ".vot": "votable", ".votable": "votable", ".xml": "votable"}
+_FORMAT_WORDS = {"ascii": "a text table", "ascii.csv": "CSV", "ascii.ecsv": "ECSV", "fits": "a FITS table", "votable": "a VOTable"}
+
+
+def _catalogue_format(path: str):
+    low = path.lower()
+    return next((f for end, f in sorted(CATALOGUE_FORMATS.items(), key=lambda kv: -len(kv[0])) if low.endswith(end)),
+                None)
+
+
 def _read_csv(path: str):
-    """The CSV at ``path`` as an astropy Table; InputError naming the file otherwise."""
+    """The table at ``path`` (CSV, ECSV, FITS, VOTable by its name, else astropy's guess) as an astropy Table;
+    InputError naming the file and the format tried otherwise."""
+    import warnings
+
     from astropy.table import Table
 
     if not os.path.isfile(path):
         raise InputError(f"photometry catalogue {path}: no such file")
+    fmt = _catalogue_format(path)
     try:
-        return Table.read(path, format="ascii.csv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy's "hdu= was not specified" and unit-parsing chatter
+            if fmt is not None:
+                return Table.read(path, format=fmt)
+            try:
+                return Table.read(path)  # FITS and VOTable are recognised by their content
+            except Exception:  # noqa: BLE001 -- no format recognised: astropy's text guesses (ECSV, CSV, ...)
+                fmt = "ascii"
+                return Table.read(path, format=fmt, guess=True)
     except Exception as exc:  # astropy raises many types for malformed text
-        raise InputError(f"photometry catalogue {path}: cannot read as CSV ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"photometry catalogue {path}: cannot read as {_FORMAT_WORDS[fmt]} "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
 def _name_strings(table, col) -> list:
@@ -532,6 +561,29 @@ def fibres_ebv(fibres, *, default=None):
     col = _find_column(table, _EBV_NAMES)
     values = _float_column(table, col) if col is not None else np.full(len(table), np.nan)
     return _ebv_values(values, default, "FIBRES table")
+
+
+def fibre_bands(fibres) -> tuple:
+    """The bands with a magnitude and an error column in a fibre table: every :data:`REFCAT2_BANDS` band
+    present, then columns named by a speclite filter (``decam2014-g``, ``sdss2010-r``, ...), in column order."""
+    from astropy.table import Table
+
+    from .bands import resolve_band as _resolve
+
+    table = fibres if hasattr(fibres, "colnames") else Table(fibres)
+    out = list(_present_bands(table, REFCAT2_BANDS))
+    seen = {resolve_band(b) for b in out}
+    for col in table.colnames:
+        if "-" not in col or col in seen:
+            continue
+        try:
+            rb = _resolve(col)
+        except (InputError, ValueError):
+            continue
+        if rb not in seen and _band_arrays(table, col, source="fibre table")[2].any():
+            out.append(col)
+            seen.add(rb)
+    return tuple(out)
 
 
 def photometry_from_fibres(fibres, bands=("g", "r", "i", "z"), *, default_err=None):

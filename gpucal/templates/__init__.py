@@ -8,6 +8,7 @@ prepare : a BOSZ subgrid -> one log-uniform working grid (window, flux-conservin
 keys : the cache format and version, and the SHA-256 digests that key and verify grids.
 cache : the prepared grid as ``.npy`` + JSON, written atomically, memory-mapped and verified on load,
     prepared on demand for a BOSZ directory.
+fitsgrid : template grids in one FITS file (a generic layout, SDSS's ``kurucz_stds_v5.fit``).
 load : ``load_templates``: ``"demo"``, a TemplateGrid, a cache or a BOSZ directory -> a TemplateGrid.
 demo : the analytic demo grid (``demo_grid``, ``demo_template``).
 
@@ -36,10 +37,19 @@ from .bosz import (
 from .cache import (
     default_cache_dir,
     load_or_prepare_bosz,
+    load_or_prepare_fits_grid,
     load_template_cache,
     open_templates,
     prepare_template_cache,
     write_template_cache,
+)
+from .fitsgrid import (
+    FITS_GRID_SUFFIXES,
+    FitsGridFile,
+    is_fits_grid,
+    prepare_fits_grid,
+    read_fits_grid,
+    write_fits_grid,
 )
 from .demo import DEMO_ALPHA, DEMO_LOGG, DEMO_MH, DEMO_TEFF, demo_grid, demo_template, demo_wave
 from .keys import CACHE_FORMAT, CACHE_VERSION
@@ -90,6 +100,14 @@ __all__ = [
     "load_or_prepare_bosz",
     "open_templates",
     "default_cache_dir",
+    "load_or_prepare_fits_grid",
+    # fitsgrid
+    "FITS_GRID_SUFFIXES",
+    "FitsGridFile",
+    "is_fits_grid",
+    "read_fits_grid",
+    "prepare_fits_grid",
+    "write_fits_grid",
     # load
     "load_templates",
     # demo (the grid; the frame simulator is not part of this room)

@@ -40,7 +40,9 @@ Loading (:func:`load_template_cache`)
 Prepared on demand (:func:`load_or_prepare_bosz`, :func:`open_templates`)
     a BOSZ directory given where a grid is expected is prepared once and
     cached under :func:`default_cache_dir`, keyed by the source path and the
-    preparation options; a stale cache is prepared again.
+    preparation options; a stale cache is prepared again. A FITS grid file
+    (:mod:`gpucal.templates.fitsgrid`) goes the same way
+    (:func:`load_or_prepare_fits_grid`, caches named ``fits-<key>``).
 
 In: a TemplateGrid (write) or a cache directory (load). Out: a TemplateGrid
 whose flux and continuum are read-only float32 memory maps. NumPy on the host.
@@ -62,6 +64,7 @@ from ..containers import TemplateGrid
 from ..errors import CorruptCacheError, InputError, StaleCacheError
 from .bosz import BoszIndex, parse_bosz_name
 from .keys import CACHE_FORMAT, CACHE_VERSION, _sha256_file, _sha256_text, _sidecar_sha256
+from .fitsgrid import FITS_GRID_SUFFIXES, is_fits_grid, prepare_fits_grid
 from .prepare import prepare_bosz_grid
 
 __all__ = [
@@ -69,6 +72,7 @@ __all__ = [
     "load_template_cache",
     "prepare_template_cache",
     "load_or_prepare_bosz",
+    "load_or_prepare_fits_grid",
     "open_templates",
     "default_cache_dir",
 ]
@@ -162,6 +166,8 @@ def _input_changes(meta: dict, *, full: bool):
         if full or st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns"):
             if _sha256_file(p) != rec.get("sha256"):
                 changes.append(f"changed {rec['path']}")
+    if src.get("kind") == "FITS grid":  # one file, no selection over a folder
+        return changes
     # new files the selection would take, looked for in the folders the inputs
     # came from (not a walk of the whole library, which may hold 10⁵ files)
     had = {rec["path"] for rec in src.get("files") or []}
@@ -441,13 +447,18 @@ def _cross_check(side: str, meta: dict, params: np.ndarray, wave: np.ndarray, n_
 
 
 def prepare_template_cache(src, out, *, overwrite: bool = False, **options) -> TemplateGrid:
-    """:func:`~gpucal.templates.prepare.prepare_bosz_grid` then :func:`write_template_cache`; returns the cache, opened."""
+    """:func:`~gpucal.templates.prepare.prepare_bosz_grid` (or, for a FITS grid file,
+    :func:`~gpucal.templates.fitsgrid.prepare_fits_grid`) then :func:`write_template_cache`; returns the cache, opened."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not _is_cache(out):
         raise InputError(f"{out}: exists and is not a gpucal template cache; choose another --out")
     if _is_cache(out) and not overwrite:
         raise InputError(f"{out}: a template cache already exists (use --overwrite to replace it)")
-    grid = prepare_bosz_grid(src, **options)
+    if is_fits_grid(src):  # a FITS grid file: the same cache, convolved when an LSF is given
+        options = {k: v for k, v in options.items() if k not in ("workers", "progress")}
+        grid = prepare_fits_grid(src, convolve=True, **options)
+    else:
+        grid = prepare_bosz_grid(src, **options)
     write_template_cache(grid, out, overwrite=overwrite)
     return load_template_cache(out, verify="none")
 
@@ -480,13 +491,17 @@ def load_or_prepare_bosz(src, *, cache_dir=None, **options) -> TemplateGrid:
             logger.info("%s; preparing it again", exc)
         except InputError as exc:
             logger.warning("unusable template cache (%s); preparing it again", exc)
-    grid = prepare_bosz_grid(root, **options)
+    return _cache_prepared(prepare_bosz_grid(root, **options), path, f"BOSZ templates from {root}")
+
+
+def _cache_prepared(grid: TemplateGrid, path: str, what: str) -> TemplateGrid:
+    """Write a grid prepared on demand to its cache ``path`` and open it; from memory when it cannot be written."""
     try:
         write_template_cache(grid, path, overwrite=True)
     except OSError as exc:
         logger.warning("cannot write the template cache %s (%s); using the grid from memory", path, exc)
         return grid
-    logger.info("prepared %d BOSZ templates from %s into %s", grid.n_templates, root, path)
+    logger.info("prepared %d %s into %s", grid.n_templates, what, path)
     return load_template_cache(path, verify="none")
 
 
@@ -500,8 +515,26 @@ def open_templates(spec, *, wave_range=None, medium="air", cache_dir=None, worke
     path = os.fspath(spec)
     if _is_cache(path):
         return load_template_cache(path)
+    if is_fits_grid(path):
+        return load_or_prepare_fits_grid(path, cache_dir=cache_dir, medium=medium,
+                                         wave=None if wave_range is None else tuple(wave_range))
     if os.path.isdir(path):
         return load_or_prepare_bosz(path, cache_dir=cache_dir, wave=None if wave_range is None else tuple(wave_range),
                                     medium=medium, workers=workers, progress=progress)
-    raise InputError(f"--templates {path!r}: not 'demo', a prepared template cache or a BOSZ directory")
+    raise InputError(f"--templates {path!r}: not 'demo', a prepared template cache, a BOSZ directory or a FITS grid "
+                     f"file ({', '.join(FITS_GRID_SUFFIXES)})")
 
+
+def load_or_prepare_fits_grid(src, *, cache_dir=None, **options) -> TemplateGrid:
+    """The cached working grid of a FITS template grid file (:mod:`gpucal.templates.fitsgrid`), prepared when
+    missing or stale (the file's size, mtime and SHA-256 are its inputs), as :func:`load_or_prepare_bosz` does."""
+    path = os.path.abspath(os.fspath(src))
+    opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(options.items())}
+    cache = os.path.join(cache_dir or default_cache_dir(), f"fits-{_sha256_text({'file': path, 'options': opts})[:16]}")
+    if _is_cache(cache):
+        try:
+            return load_template_cache(cache, verify="stat")
+        except (StaleCacheError, InputError) as exc:
+            logger.info("%s; preparing it again", exc)
+    # messages name the file as the user spelled it
+    return _cache_prepared(prepare_fits_grid(src, **options), cache, f"templates of {path}")
