@@ -25,8 +25,11 @@ not from the modules, so the modules may be cut differently later.
 
 from .continuum import fit_continuum, legendre_basis
 from .lsf import (
+    convolve_fwhm,
     convolve_to_instrument,
+    fwhm_on_grid,
     instrument_fwhm,
+    representative_fwhm_poly,
     parse_resolution_spec,
     resolution_spec,
     template_fwhm_at,
@@ -47,6 +50,9 @@ from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
 __all__ = [
     # lsf
     "convolve_to_instrument",
+    "convolve_fwhm",
+    "representative_fwhm_poly",
+    "fwhm_on_grid",
     "instrument_fwhm",
     "resolution_spec",
     "parse_resolution_spec",

@@ -33,7 +33,9 @@ comes from the curvature (Δχ² = 1, inflated by χ²/dof when that exceeds 1).
 recomputes its χ² on the frame's own pixels (an honest χ²/dof) and steps
 in the grid parameters.
 
-Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); prepared templates
+Shapes: wave_obs (n_pix,) Å, or (n_star, n_pix) when each standard has its own
+wavelengths (the data are then moved into the rest frame row by row, in one
+batched interpolation); standards (n_star, n_pix); prepared templates
 (n_t, n_q); χ² tables (n_t, n_star). Velocities in km/s (relativistic
 Doppler), positive = receding.
 """
@@ -47,7 +49,7 @@ from typing import Any
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp, to_numpy
+from ..backends import array_namespace, backend_of, interp, interp_rows, to_numpy
 from ..containers import MatchResult, PreparedGrid, SpectraBatch
 from ..errors import InputError
 from ..units import C_KMS, doppler_factor
@@ -166,7 +168,7 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
     shape = (n_star, n_ph, length)
 
     def shift(a):
-        return xp.reshape(interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0), shape)
+        return xp.reshape(_to_rest(xq, wave_obs, xp.astype(a, dtype)), shape)
 
     d = shift(dn)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
@@ -182,6 +184,18 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
     c = xp.permute_dims(c, (2, 0, 1))
     flat = (n_star * n_ph, length)
     return _Shifted(d=d, w=w, wd=xp.reshape(wd, flat), ww=xp.reshape(w, flat), c=c, vidx=vidx, start=start, nq=nq)
+
+
+def _to_rest(xq, wave_obs, a):
+    """The standards ``a`` (n_star, n_pix) read at the rest-frame positions ``xq`` (n,), 0 outside.
+
+    On one wavelength grid (n_pix,) a shared interpolation; with per-fibre
+    wavelengths (n_star, n_pix) one batched interpolation on each star's own
+    row (:func:`gpucal.backends.interp_rows`).
+    """
+    if wave_obs.ndim == 1:
+        return interp(xq, wave_obs, a, left=0.0, right=0.0)
+    return interp_rows(xq[None, :], wave_obs, a, left=0.0, right=0.0)
 
 
 def _trial_rows(sh: _Shifted, k):
