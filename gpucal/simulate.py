@@ -117,15 +117,16 @@ def _fibre_waves(wave, n_src, wave_jitter, seed):
     """Each source's own wavelengths (n_src, n_pix) and its (offset px, dispersion) draw.
 
     ``wave_jitter`` = (max offset in pixels, max relative dispersion change):
-    λ_k(p) = λ_c + (λ(p) − λ_c)(1 + ε_k) + δ_k Δλ, δ_k ~ U(±offset), ε_k ~ U(±dispersion),
-    λ_c the grid's centre. None: every source on ``wave``.
+    λ_k(p) = λ_c + (λ(p) − λ_c)(1 + ε_k) + δ_k Δλ, δ_k and ε_k spread evenly over ±offset and
+    ±dispersion and shuffled (seeded), λ_c the grid's centre. None: every source on ``wave``.
     """
     if wave_jitter is None:
         return np.broadcast_to(wave, (n_src, wave.size)), np.zeros(n_src), np.zeros(n_src)
     max_off, max_disp = (float(v) for v in wave_jitter)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 15]))
-    off = rng.uniform(-max_off, max_off, n_src)
-    disp = rng.uniform(-max_disp, max_disp, n_src)
+    # evenly spread over the range and shuffled, so the extremes are always there
+    off = rng.permutation(np.linspace(-max_off, max_off, n_src))
+    disp = rng.permutation(np.linspace(-max_disp, max_disp, n_src))
     centre, step = 0.5 * (wave[0] + wave[-1]), (wave[-1] - wave[0]) / (wave.size - 1)
     return centre + (wave[None, :] - centre) * (1.0 + disp[:, None]) + off[:, None] * step, off, disp
 
