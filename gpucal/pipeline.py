@@ -204,16 +204,20 @@ def _apply(frame, res, be):
     return (*apply_flux_calibration(flux, var, cal, cal_var, fibre_axis=0), bad)
 
 
-def _frame_lsf(frame, std, spectra, lsf, be):
-    """The frame's LSF image (FWHM per fibre and pixel) when no LSF option is given: (lsf, fwhm_star).
+def _frame_lsf(frame, std, spectra, lsf, frame_lsf, be):
+    """The frame's LSF image (FWHM per fibre and pixel), used when asked or when no LSF option is given: (lsf, fwhm_star).
 
     The scan runs on one representative LSF (a cubic in λ through the standards'
     median FWHM); the per-star vectors use each star's own (n_star, n_pix).
-    An LSF option given explicitly wins over the image.
+    Without ``frame_lsf`` an LSF option given explicitly wins over the image.
     """
+    given = any(v is not None for v in lsf.values())
+    if frame_lsf and (frame.lsf_fwhm is None or given):
+        why = "the frame has no LSF image" if frame.lsf_fwhm is None else "an LSF option is given too"
+        raise InputError(f"{frame.path}: --frame-lsf: {why}")
     if frame.lsf_fwhm is None:
         return lsf, None
-    if any(v is not None for v in lsf.values()):
+    if given:
         logger.info("%s: the LSF option given replaces the frame's LSF image", frame.path)
         return lsf, None
     fw = to_backend(np.ascontiguousarray(np.broadcast_to(frame.lsf_fwhm, frame.flux.shape)[std]), be,
@@ -305,13 +309,13 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, frame_lsf=None) -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
     TemplateGrid, a prepared cache or a BOSZ directory; photometry : a catalogue path or a
     Photometry aligned with the standards; fwhm / fwhm_poly / resolution : the instrument
-    resolution (exactly one); out, overwrite : the output FITS; backend : name or Backend
+    resolution (exactly one; none: the frame's LSF image, ``frame_lsf=True`` requires it); out, overwrite : the output FITS; backend : name or Backend
     (default ``GPUCAL_BACKEND`` / auto).
 
     combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
@@ -339,7 +343,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                           medium=frame.medium)
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
-    lsf, fwhm_star = _frame_lsf(frame, std, spectra, dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution), be)
+    lsf, fwhm_star = _frame_lsf(frame, std, spectra, dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution),
+                                frame_lsf, be)
     clock.lap("load")
     prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR

@@ -261,3 +261,14 @@ def test_exact_per_fibre_lsf_beats_a_single_lsf(tmp_path, grid):
     assert err["exact"] < 3e-3, err
     out = fits.getdata(tmp_path / "exact.fits", "LSF")  # the LSF image travels with the calibrated frame
     np.testing.assert_array_equal(out, sim.truth["fwhm_fibre"])
+
+
+def test_frame_lsf_needs_an_lsf_image_and_no_other_lsf_option(tmp_path, grid):
+    sim = simulate_frame(seed=1, n_standards=2, n_program=0, n_sky=1, n_pix=300, wave_range=(5000.0, 5600.0),
+                         wave_jitter=(0.3, 1e-4), fwhm=3.0)
+    plain, cat = _write(tmp_path, "plain", sim)
+    with pytest.raises(InputError, match=r"plain.fits: --frame-lsf: the frame has no LSF image"):
+        calibrate_frame(plain, photometry=cat, templates=grid, frame_lsf=True, **RUN)
+    with_lsf, _ = _write(tmp_path, "with", sim, lsf=np.full((3, 300), 3.0))
+    with pytest.raises(InputError, match=r"with.fits: --frame-lsf: an LSF option is given too"):
+        calibrate_frame(with_lsf, photometry=cat, templates=grid, frame_lsf=True, fwhm=3.0, **RUN)
