@@ -39,7 +39,8 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates, representative_fwhm_poly
+from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refined_templates,
+                      representative_fwhm_poly)
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fit_colour_relations,
@@ -212,17 +213,30 @@ def _frame_lsf(frame, std, spectra, lsf, frame_lsf, be):
     Without ``frame_lsf`` an LSF option given explicitly wins over the image.
     """
     given = any(v is not None for v in lsf.values())
-    if frame_lsf and (frame.lsf_fwhm is None or given):
-        why = "the frame has no LSF image" if frame.lsf_fwhm is None else "an LSF option is given too"
+    fw = _standards_fwhm(frame, std, be)
+    if frame_lsf and (fw is None or given):
+        why = "the frame has no LSF image (nor a RESOLUTION matrix)" if fw is None else "an LSF option is given too"
         raise InputError(f"{frame.path}: --frame-lsf: {why}")
-    if frame.lsf_fwhm is None:
+    if fw is None:
         return lsf, None
     if given:
         logger.info("%s: the LSF option given replaces the frame's LSF image", frame.path)
         return lsf, None
-    fw = to_backend(np.ascontiguousarray(np.broadcast_to(frame.lsf_fwhm, frame.flux.shape)[std]), be,
-                    dtype=be.xp.float64)
     return dict(fwhm=None, fwhm_poly=representative_fwhm_poly(spectra.wave, fw), resolution=None), fw
+
+
+def _standards_fwhm(frame, std, be):
+    """The standards' LSF FWHM (n_star, n_pix) Å: the frame's LSF image, else from its RESOLUTION matrix, else None."""
+    xp = be.xp
+    if frame.lsf_fwhm is not None:
+        return to_backend(np.ascontiguousarray(np.broadcast_to(frame.lsf_fwhm, frame.flux.shape)[std]), be,
+                          dtype=xp.float64)
+    rdata = getattr(frame, "resolution", None)  # DESI's (n_fibre, n_diag, n_pix), when the reader hands it on
+    if rdata is None:
+        return None
+    wave = frame.wave[std] if frame.wave.ndim == 2 else frame.wave
+    return fwhm_from_resolution(to_backend(wave, be, dtype=xp.float64),
+                                to_backend(np.ascontiguousarray(np.asarray(rdata)[std]), be, dtype=xp.float64))
 
 
 def _on_common_grid(frame, std, vec, be):

@@ -267,8 +267,40 @@ def test_frame_lsf_needs_an_lsf_image_and_no_other_lsf_option(tmp_path, grid):
     sim = simulate_frame(seed=1, n_standards=2, n_program=0, n_sky=1, n_pix=300, wave_range=(5000.0, 5600.0),
                          wave_jitter=(0.3, 1e-4), fwhm=3.0)
     plain, cat = _write(tmp_path, "plain", sim)
-    with pytest.raises(InputError, match=r"plain.fits: --frame-lsf: the frame has no LSF image"):
+    with pytest.raises(InputError, match=r"plain.fits: --frame-lsf: the frame has no LSF image \(nor a RESOLUTION"):
         calibrate_frame(plain, photometry=cat, templates=grid, frame_lsf=True, **RUN)
     with_lsf, _ = _write(tmp_path, "with", sim, lsf=np.full((3, 300), 3.0))
     with pytest.raises(InputError, match=r"with.fits: --frame-lsf: an LSF option is given too"):
         calibrate_frame(with_lsf, photometry=cat, templates=grid, frame_lsf=True, fwhm=3.0, **RUN)
+
+
+def test_fwhm_from_a_desi_resolution_matrix(backend):
+    from gpucal.fitting import fwhm_from_resolution
+
+    wave = 5000.0 + 0.8 * np.arange(200) + 2e-4 * np.arange(200) ** 2
+    sig = np.stack([np.linspace(0.9, 1.4, 200), np.linspace(1.3, 1.0, 200)])  # px, per fibre and pixel (DESI: ~1)
+    k = 5 - np.arange(11)
+    r = np.exp(-0.5 * (k[None, :, None] / sig[:, None, :]) ** 2)
+    r = r / r.sum(axis=1, keepdims=True)
+    r[:, 0, :] -= 1e-4  # a little negative ringing in the wings is clipped
+    got = to_numpy(fwhm_from_resolution(backend.asarray(wave), backend.asarray(r)))
+    want = 2.0 * math.sqrt(2.0 * math.log(2.0)) * sig * np.gradient(wave)[None, :]
+    np.testing.assert_allclose(got, want, rtol=5e-3)  # sampled at whole pixels, cut at ±5: its moment is ~σ²
+
+
+def test_the_pipeline_takes_each_standards_lsf_from_a_resolution_matrix(tmp_path):
+    from gpucal.backends import get_backend
+    from gpucal.pipeline import _standards_fwhm
+
+    sim = simulate_frame(seed=1, n_standards=2, n_program=1, n_sky=1, n_pix=600, wave_range=(5000.0, 5600.0),
+                         wave_jitter=(0.3, 1e-4), fwhm_poly=[1.0, 4e-4], fwhm_scatter=0.2)
+    path, _ = _write(tmp_path, "res", sim)
+    frame = read_frame(path)
+    assert frame.lsf_fwhm is None and _standards_fwhm(frame, frame.standards, get_backend("numpy")) is None
+    disp = np.gradient(frame.wave, axis=1)
+    sig = sim.truth["fwhm_fibre"] / (2.0 * math.sqrt(2.0 * math.log(2.0))) / disp  # px, about 1.1-1.7
+    k = 5 - np.arange(11)
+    r = np.exp(-0.5 * (k[None, :, None] / sig[:, None, :]) ** 2)
+    frame.resolution = r / r.sum(axis=1, keepdims=True)  # as the DESI reader hands it on (Frame.resolution)
+    got = _standards_fwhm(frame, frame.standards, get_backend("numpy"))
+    np.testing.assert_allclose(got, sim.truth["fwhm_fibre"][frame.standards], rtol=2e-2)

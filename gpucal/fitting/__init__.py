@@ -27,6 +27,7 @@ from .continuum import fit_continuum, legendre_basis
 from .lsf import (
     convolve_fwhm,
     convolve_to_instrument,
+    fwhm_from_resolution,
     fwhm_on_grid,
     instrument_fwhm,
     representative_fwhm_poly,
@@ -53,6 +54,7 @@ __all__ = [
     "convolve_fwhm",
     "representative_fwhm_poly",
     "fwhm_on_grid",
+    "fwhm_from_resolution",
     "instrument_fwhm",
     "resolution_spec",
     "parse_resolution_spec",
