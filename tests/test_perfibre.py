@@ -304,3 +304,26 @@ def test_the_pipeline_takes_each_standards_lsf_from_a_resolution_matrix(tmp_path
     frame.resolution = r / r.sum(axis=1, keepdims=True)  # as the DESI reader hands it on (Frame.resolution)
     got = _standards_fwhm(frame, frame.standards, get_backend("numpy"))
     np.testing.assert_allclose(got, sim.truth["fwhm_fibre"][frame.standards], rtol=2e-2)
+
+
+def test_per_fibre_wavelengths_and_lsf_read_flipped_and_written_back_as_they_came(tmp_path):
+    from gpucal.io import write_calibrated_frame
+
+    sim = simulate_frame(seed=4, n_standards=2, n_program=1, n_sky=1, n_pix=200, wave_range=(5000.0, 5400.0),
+                         wave_jitter=(0.3, 1e-4), fwhm=3.0)
+    wave_in, lsf_in = sim.wave[:, ::-1], np.linspace(2.0, 3.0, 4 * 200).reshape(4, 200)  # red to blue on disk
+    path, _ = _write(tmp_path, "flip", dataclasses.replace(sim, flux=sim.flux[:, ::-1], var=sim.var[:, ::-1],
+                                                           wave=wave_in), lsf=lsf_in)
+    frame = read_frame(path)
+    assert frame.flipped and frame.wave.shape == (4, 200)
+    np.testing.assert_array_equal(frame.wave, sim.wave)
+    np.testing.assert_array_equal(frame.lsf_fwhm, lsf_in[:, ::-1])
+    np.testing.assert_array_equal(frame.flux, sim.flux)
+    out = tmp_path / "flip_out.fits"
+    n = frame.n_pix
+    write_calibrated_frame(out, frame, frame.flux * 2.0, frame.var * 4.0, cal_wave=common_grid(frame.wave),
+                           cal=np.full(n, 2.0), cal_var=np.zeros(n), cal_measured=np.ones(n, bool))
+    with fits.open(out) as h:
+        np.testing.assert_array_equal(h["WAVELA"].data, wave_in)
+        np.testing.assert_array_equal(h["LSF"].data, lsf_in)
+        np.testing.assert_array_equal(h[0].data, 2.0 * sim.flux[:, ::-1])
