@@ -2,7 +2,8 @@
 
 Step of the mission: the first and the last of a frame's calibration. In: a
 reduced fibre frame on disk -> :class:`~gpucal.containers.Frame` (flux, var
-(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, the FIBRES table).
+(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, or (n_fibre, n_pix) when
+the fibres have their own solutions, the FIBRES table).
 Out: calibrated flux and variance (n_fibre, n_pix) in erg/s/cm²/Å, the
 calibration vector (n_cal,) and the per-star table -> a FITS file in the
 input's layout. Computes nothing beyond unit factors and pixel order.
@@ -62,8 +63,8 @@ primary (calibrated flux, ``BUNIT = 'erg/(s cm2 Angstrom)'``, the input's
 primary header plus the caller's FLUXCAL* keywords and one HISTORY card (or
 more, when a long line wraps) per history string), ``VARIANCE``
 (``BUNIT = 'erg2/(s2 cm4 Angstrom2)'``), ``WAVELA`` (Å, only when the input had
-one; otherwise the input's WCS keywords are kept and still apply because the
-pixel order is the input's), ``FIBRES`` (copied), and two calibration
+one, per fibre when the input's was; otherwise the input's WCS keywords are kept and still apply because the
+pixel order is the input's), ``LSF`` (when the input had one), ``FIBRES`` (copied), and two calibration
 extensions: ``FLUXCAL`` (columns ``WAVE`` [Angstrom], ``CAL``, ``CAL_VAR``,
 ``MEASURED`` [logical; False = interpolated across telluric or uncovered
 pixels], in increasing wavelength) and ``FLUXSTD`` (the per-star table). The
