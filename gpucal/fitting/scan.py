@@ -412,7 +412,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     plan = _phase_plan(prepared.wave, velocities)
     if block_size is None:
         block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
-                                 4 if dtype == xp.float32 else 8, budget)
+                                 4 if dtype == xp.float32 else 8, budget, per_row=spectra.wave.ndim == 2)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
     chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
     if prior is not None:
@@ -436,18 +436,20 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
                        chi2=chi2_pix, dof=dof, meta=meta)
 
 
-def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget) -> int:
+def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget, per_row=False) -> int:
     """Templates per GEMM block that keep every array the scan holds within ``budget`` bytes.
 
     Fixed: the shifted data (D, W and W·D in the scan dtype) with the
     interpolation's temporaries while they are built (positions, indices,
     weights, the good fraction, the float64 sums), and the per-template
     results (generously: 48 bytes a cell). Per template: its row and its
-    square, and per lag the two products with the χ² temporaries.
+    square, and per lag the two products with the χ² temporaries. With
+    per-fibre wavelengths (``per_row``) the interpolation's positions and
+    indices are per star too: 48 bytes a cell more.
     """
     n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
     cells = n_star * n_ph * length
-    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
+    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize + (48 if per_row else 0)) + 16 * n_star * n_t
     per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if fixed + per_template > budget:
         raise InputError(
