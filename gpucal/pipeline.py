@@ -206,7 +206,7 @@ def _apply(frame, res, be):
 
 
 def _frame_lsf(frame, std, spectra, lsf, frame_lsf, be):
-    """The frame's LSF image (FWHM per fibre and pixel), used when asked or when no LSF option is given: (lsf, fwhm_star).
+    """The frame's LSF (FWHM per fibre and pixel), used when asked or when no LSF option is given: (lsf, fwhm_star).
 
     The scan runs on one representative LSF (a cubic in λ through the standards'
     median FWHM); the per-star vectors use each star's own (n_star, n_pix).
@@ -329,8 +329,9 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
     TemplateGrid, a prepared cache or a BOSZ directory; photometry : a catalogue path or a
     Photometry aligned with the standards; fwhm / fwhm_poly / resolution : the instrument
-    resolution (exactly one; none: the frame's LSF image, ``frame_lsf=True`` requires it); out, overwrite : the output FITS; backend : name or Backend
-    (default ``GPUCAL_BACKEND`` / auto).
+    resolution (exactly one; none: the frame's LSF image or RESOLUTION, which ``frame_lsf=True``
+    requires); out, overwrite : the output FITS; backend : name or Backend (default
+    ``GPUCAL_BACKEND`` / auto).
 
     combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
     metric : ``"chi2"`` or ``"huber"``; vrange : (vmin, vmax, step) km/s; mask_regions : (lo, hi) Å

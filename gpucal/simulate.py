@@ -417,7 +417,8 @@ def simulate_frame(
     }
     if varying:  # per source -> frame row order; the nominal grid's throughput stays the true 1/Cal(λ)
         truth.update(wave_fibre=src_wave[perm], throughput_fibre=thr[perm], fwhm_fibre=src_fwhm[perm],
-                     throughput=_throughput_shape(wave) * (c / m), telluric=telluric_transmission(wave) if telluric else np.ones(n_pix))
+                     throughput=_throughput_shape(wave) * (c / m),
+                     telluric=telluric_transmission(wave) if telluric else np.ones(n_pix))
         wave = truth["wave_fibre"] if wave_jitter is not None else wave
     return DemoFrame(wave=wave, flux=flux, var=var, fibres=fibres, catalogue=catalogue, truth=truth)
 

@@ -33,7 +33,7 @@ __all__ = ["common_grid", "to_common_grid", "cal_at_fibres"]
 
 
 def common_grid(wave):
-    """(n_pix,) Å: the mean over fibres of ``wave`` (n_fibre, n_pix) at each pixel; a 1-D ``wave`` is returned as is."""
+    """(n_pix,) Å: the mean over fibres of ``wave`` (n_fibre, n_pix) at each pixel; a 1-D ``wave`` as it is."""
     xp = array_namespace(wave)
     return wave if wave.ndim == 1 else xp.mean(wave, axis=0)
 
