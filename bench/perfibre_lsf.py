@@ -5,8 +5,8 @@ per-fibre wavelengths (±0.3 px, dispersions ±1e-4) and an LSF image
 FWHM(λ) = 1 + 4e-4 λ Å scaled per fibre by a seeded factor in [0.6, 1.4].
 For seeds 2, 3, 4 it calibrates with
 
-* ``exact``: the LSF image (each star's vector with its own LSF, the scan with
-  the standards' median as one representative LSF);
+* ``exact``: the LSF image (each star's vector and parameter refinement with
+  its own LSF, the scan with the standards' median as one representative LSF);
 * ``single``: that representative LSF everywhere;
 * ``nominal``: the unscaled FWHM(λ) everywhere;
 * ``own_scan``: each standard alone (the others relabelled), so the scan's one

@@ -39,8 +39,8 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refined_templates,
-                      representative_fwhm_poly)
+from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refine_on_own_lsf,
+                      refined_templates, representative_fwhm_poly)
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fit_colour_relations,
@@ -366,6 +366,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     clock.lap("prepare_grid")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
+    if fwhm_star is not None:  # per-fibre LSF: the scan ran on one; the refinement on each star's own
+        match = refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
     clock.lap("match")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)

@@ -24,6 +24,7 @@ not from the modules, so the modules may be cut differently later.
 """
 
 from .continuum import fit_continuum, legendre_basis
+from .perstar import refine_on_own_lsf
 from .lsf import (
     convolve_fwhm,
     convolve_to_instrument,
@@ -55,6 +56,7 @@ __all__ = [
     "representative_fwhm_poly",
     "fwhm_on_grid",
     "fwhm_from_resolution",
+    "refine_on_own_lsf",
     "instrument_fwhm",
     "resolution_spec",
     "parse_resolution_spec",
