@@ -238,6 +238,9 @@ def _add_calibrate_parser(sub):
     lsf.add_argument("--fwhm", type=float, help="instrument FWHM in Å (constant)")
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
     lsf.add_argument("--resolution", type=float, help="constant resolving power λ/Δλ")
+    lsf.add_argument("--frame-lsf", action="store_true", default=None,
+                     help="the frame's LSF image (FWHM in Å per fibre and pixel): exact in each star's vector, "
+                          "the standards' median in the grid scan")
     p.add_argument("--out", default=None,
                    help="output FITS (default FRAME_fluxcal.fits); in a batch, a directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

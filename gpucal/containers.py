@@ -53,9 +53,10 @@ class _FibreAxes:
 
 @dataclass
 class SpectraBatch(_FibreAxes):
-    """Observed spectra of several fibres on one wavelength grid.
+    """Observed spectra of several fibres, on one wavelength grid or each on its own.
 
-    wave : (n_pix,) Å, strictly increasing.
+    wave : (n_pix,) Å, strictly increasing; or (n_spec, n_pix), each spectrum on
+        its own wavelengths (per-fibre solutions), every row strictly increasing.
     flux, var : (n_spec, n_pix) counts and counts²; NaN flux marks a bad pixel.
     mask : (n_spec, n_pix) bool, True = good pixel.
     fibre_ids : (n_spec,) int host array, 1-based fibre numbers in the frame.
@@ -205,7 +206,9 @@ class Frame(_FibreAxes):
 
     path : the file it was read from ("" for one built in memory).
     flux, var : (n_fibre, n_pix) native float64; fibre axis 0 (image NAXIS2).
-    wave : (n_pix,) float64 Å, strictly increasing.
+    wave : (n_pix,) float64 Å, strictly increasing, shared by every fibre; or
+        (n_fibre, n_pix) when the fibres carry their own wavelength solutions
+        (each row strictly increasing; rows that agree to 1e-6 Å are read as one grid).
     fibres : astropy Table, one row per fibre (row i = fibre number i + 1).
     header : copy of the primary header as read.
     medium : "air" or "vacuum" (of ``wave``).
@@ -213,7 +216,7 @@ class Frame(_FibreAxes):
         and the pixel axis was reversed on reading.
     wave_source : "WAVELA" or "wcs", where the wavelengths came from.
     wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
-    ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
+    ext_headers : copies of the VARIANCE (and WAVELA, LSF) extension headers,
         reused by the writer for their non-structural cards.
     layout : ``"gpucal"`` or ``"desi"``, the layout it was read in (the writer
         writes the calibrated frame back in it; docs/layouts.md).
@@ -221,6 +224,8 @@ class Frame(_FibreAxes):
         air until ``calibrate_frame(medium=...)`` says otherwise, with a warning).
     resolution : DESI's RESOLUTION (n_fibre, n_diag, n_pix) as read, or None.
     layout_extras : what a layout's writer needs back (its HDUs, headers, tables).
+    lsf_fwhm : the instrument's line-spread FWHM in Å, (n_fibre, n_pix) per fibre
+        and pixel or (n_pix,) for all fibres, on ``wave``; None when the frame has none.
     """
 
     path: str
@@ -239,6 +244,7 @@ class Frame(_FibreAxes):
     medium_stated: bool = True
     resolution: Any = None
     layout_extras: dict = field(default_factory=dict)
+    lsf_fwhm: Any = None
 
     @property
     def fibre_types(self) -> np.ndarray:

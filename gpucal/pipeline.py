@@ -21,10 +21,13 @@ import numpy as np
 from .backends import array_namespace, get_backend, to_backend, to_numpy
 from .calibration import (
     apply_flux_calibration,
+    cal_at_fibres,
     calibration_vectors,
+    common_grid,
     combine_calibration_vectors,
     scale_template_to_photometry,
     shift_to_observed,
+    to_common_grid,
 )
 from .calibration.verdicts import (
     MAX_FRAME_CHI2_DOF,
@@ -37,7 +40,8 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
+from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refine_on_own_lsf,
+                      refined_templates, representative_fwhm_poly)
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fibre_bands,
@@ -170,7 +174,8 @@ def _standards_batch(frame: Frame, std, names, fibres, medium, be) -> SpectraBat
     longer uniform in ln λ, which the LSF convolution and the velocity scan need.
     """
     xp = be.xp
-    wave = to_backend(convert_medium(frame.wave, frame.medium, medium), be, dtype=xp.float64)
+    own = frame.wave[std] if frame.wave.ndim == 2 else frame.wave  # per-fibre wavelengths: each its own row
+    wave = to_backend(convert_medium(own, frame.medium, medium), be, dtype=xp.float64)
     flux = to_backend(frame.flux[std], be, dtype=xp.float64)
     var = to_backend(frame.var[std], be, dtype=xp.float64)
     mask = xp.isfinite(flux) & xp.isfinite(var) & (var > 0)
@@ -199,7 +204,7 @@ def _models(grid, match, ebv_star, be):
 def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
     """Every check before the combination, in one place; the photometric reasons (host)."""
     xp = array_namespace(vec.cal)
-    n_pix = spectra.wave.shape[0]
+    n_pix = spectra.flux.shape[1]
     floor = MIN_GOOD_FRACTION * n_pix
     n_in = xp.sum(xp.astype(spectra.mask, xp.int64), axis=1)
     n_good = xp.sum(xp.astype(vec.mask, xp.int64), axis=1)
@@ -221,12 +226,65 @@ def _reduced_chi2(match):
 
 
 def _apply(frame, res, be):
-    """Every fibre calibrated, and each fibre's count of bad input pixels."""
+    """Every fibre calibrated (at its own wavelengths when it has them), and each fibre's count of bad input pixels."""
     xp = be.xp
     flux = to_backend(frame.flux, be, dtype=xp.float64)
     var = to_backend(frame.var, be, dtype=xp.float64)
     bad = xp.sum(xp.astype(~(xp.isfinite(flux) & xp.isfinite(var) & (var > 0)), xp.int64), axis=1)
-    return (*apply_flux_calibration(flux, var, res.cal, res.var, fibre_axis=0), bad)
+    cal, cal_var = res.cal, res.var
+    if frame.wave.ndim == 2:
+        cal, cal_var, _ = cal_at_fibres(to_backend(frame.wave, be, dtype=xp.float64), res.wave, cal, cal_var,
+                                        res.measured)
+    return (*apply_flux_calibration(flux, var, cal, cal_var, fibre_axis=0), bad)
+
+
+def _frame_lsf(frame, std, spectra, lsf, frame_lsf, be):
+    """The frame's LSF (FWHM per fibre and pixel), used when asked or when no LSF option is given: (lsf, fwhm_star).
+
+    The scan runs on one representative LSF (a cubic in λ through the standards'
+    median FWHM); the per-star vectors use each star's own (n_star, n_pix).
+    Without ``frame_lsf`` an LSF option given explicitly wins over the image.
+    """
+    given = any(v is not None for v in lsf.values())
+    fw = _standards_fwhm(frame, std, be)
+    if frame_lsf and (fw is None or given):
+        why = "the frame has no LSF image (nor a RESOLUTION matrix)" if fw is None else "an LSF option is given too"
+        raise InputError(f"{frame.path}: --frame-lsf: {why}")
+    if fw is None:
+        return lsf, None
+    if given:
+        logger.info("%s: the LSF option given replaces the frame's LSF image", frame.path)
+        return lsf, None
+    return dict(fwhm=None, fwhm_poly=representative_fwhm_poly(spectra.wave, fw), resolution=None), fw
+
+
+def _window_lsf(frame, lsf):
+    """The LSF the template window must allow for: the option given, else the widest FWHM of the frame's LSF image."""
+    if any(v is not None for v in lsf.values()) or frame.lsf_fwhm is None:
+        return lsf
+    return dict(fwhm=float(np.max(frame.lsf_fwhm)), fwhm_poly=None, resolution=None)
+
+
+def _standards_fwhm(frame, std, be):
+    """The standards' LSF FWHM (n_star, n_pix) Å: the frame's LSF image, else from its RESOLUTION matrix, else None."""
+    xp = be.xp
+    if frame.lsf_fwhm is not None:
+        return to_backend(np.ascontiguousarray(np.broadcast_to(frame.lsf_fwhm, frame.flux.shape)[std]), be,
+                          dtype=xp.float64)
+    rdata = getattr(frame, "resolution", None)  # DESI's (n_fibre, n_diag, n_pix), when the reader hands it on
+    if rdata is None:
+        return None
+    wave = frame.wave[std] if frame.wave.ndim == 2 else frame.wave
+    return fwhm_from_resolution(to_backend(wave, be, dtype=xp.float64),
+                                to_backend(np.ascontiguousarray(np.asarray(rdata)[std]), be, dtype=xp.float64))
+
+
+def _on_common_grid(frame, std, vec, be):
+    """Per-fibre wavelengths: the per-star vectors on the frame's common grid (one grid: unchanged)."""
+    if frame.wave.ndim == 1:
+        return vec
+    rows = to_backend(frame.wave[std], be, dtype=be.xp.float64)
+    return to_common_grid(vec, rows, common_grid(to_backend(frame.wave, be, dtype=be.xp.float64)))
 
 
 def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad):
@@ -305,14 +363,15 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER, medium=None) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, medium=None, frame_lsf=None) -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
     TemplateGrid, a prepared cache or a BOSZ directory; photometry : a catalogue path or a
     Photometry aligned with the standards; fwhm / fwhm_poly / resolution : the instrument
-    resolution (exactly one); out, overwrite : the output FITS; backend : name or Backend
-    (default ``GPUCAL_BACKEND`` / auto).
+    resolution (exactly one; none: the frame's LSF image or RESOLUTION, which ``frame_lsf=True``
+    requires); out, overwrite : the output FITS; backend : name or Backend (default
+    ``GPUCAL_BACKEND`` / auto).
 
     combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
     metric : ``"chi2"`` or ``"huber"``; vrange : (vmin, vmax, step) km/s; mask_regions : (lo, hi) Å
@@ -339,23 +398,28 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     std, names, fibres = _standard_ids(frame)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
-                          medium=frame.medium, lsf=lsf, vmax=max(abs(float(vrange[0])), abs(float(vrange[1]))))
+                          medium=frame.medium, lsf=_window_lsf(frame, lsf),
+                          vmax=max(abs(float(vrange[0])), abs(float(vrange[1]))))
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
+    lsf, fwhm_star = _frame_lsf(frame, std, spectra, lsf, frame_lsf, be)
     clock.lap("load")
     prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR
     clock.lap("prepare_grid")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
+    if fwhm_star is not None:  # per-fibre LSF: the scan ran on one; the refinement on each star's own
+        match = refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
     clock.lap("match")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
                               sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
-                              mask_regions=mask_regions, **lsf)
+                              mask_regions=mask_regions, fwhm_star=fwhm_star, **lsf)
     verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
-    res = combine_calibration_vectors(vec, usable=verdicts.usable, method=combine, smooth=smooth)
+    res = combine_calibration_vectors(_on_common_grid(frame, std, vec, be), usable=verdicts.usable, method=combine,
+                                      smooth=smooth)
     verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
     cal_flux, cal_var, bad = _apply(frame, res, be)
     clock.lap("calibrate")
@@ -377,7 +441,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
 def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templates, timing, settings):
     """Reasons, per-star table and summary of the host results, as a CalibrationOutput."""
     names, fibres = ids
-    reasons = _reasons(h, fibres, frame.wave.size, match_info, phot_reasons, settings["vrange"],
+    reasons = _reasons(h, fibres, frame.n_pix, match_info, phot_reasons, settings["vrange"],
                        settings["max_chi2_dof"])
     per_star = per_star_table(names, fibres, h, bands, match_info, reasons,
                               teff_colour=None if prior[0] is None else prior[:2])
@@ -385,7 +449,7 @@ def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templat
         frame_path=frame.path, backend=be, names=names, fibres=fibres, h=h, reasons=reasons, options=settings,
         n_templates=n_templates, bad_per_fibre=dict(zip(_all_fibre_numbers(frame), h["bad"].tolist())),
         timing=timing, warnings=_warn(names, fibres, reasons, prior, h))
-    return CalibrationOutput(flux=h["flux"], var=h["var"], wave=np.asarray(frame.wave), cal=h["cal"],
+    return CalibrationOutput(flux=h["flux"], var=h["var"], wave=common_grid(np.asarray(frame.wave)), cal=h["cal"],
                              cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
                              summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
 

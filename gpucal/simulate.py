@@ -110,6 +110,61 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     return np.stack([np.interp(wave_frame, fine, row) for row in out])
 
 
+# --- per-fibre wavelengths and LSF (issue 15) -------------------------------------------------
+
+
+def _fibre_waves(wave, n_src, wave_jitter, seed):
+    """Each source's own wavelengths (n_src, n_pix) and its (offset px, dispersion) draw.
+
+    ``wave_jitter`` = (max offset in pixels, max relative dispersion change):
+    λ_k(p) = λ_c + (λ(p) − λ_c)(1 + ε_k) + δ_k Δλ, δ_k and ε_k spread evenly over ±offset and
+    ±dispersion and shuffled (seeded), λ_c the grid's centre. None: every source on ``wave``.
+    """
+    if wave_jitter is None:
+        return np.broadcast_to(wave, (n_src, wave.size)), np.zeros(n_src), np.zeros(n_src)
+    max_off, max_disp = (float(v) for v in wave_jitter)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 15]))
+    # evenly spread over the range and shuffled, so the extremes are always there
+    off = rng.permutation(np.linspace(-max_off, max_off, n_src))
+    disp = rng.permutation(np.linspace(-max_disp, max_disp, n_src))
+    centre, step = 0.5 * (wave[0] + wave[-1]), (wave[-1] - wave[0]) / (wave.size - 1)
+    return centre + (wave[None, :] - centre) * (1.0 + disp[:, None]) + off[:, None] * step, off, disp
+
+
+def _fibre_fwhm(waves, fwhm, fwhm_poly, fwhm_scatter, seed):
+    """FWHM (Å) of each source at its own pixels (n_src, n_pix): FWHM(λ) × (1 + s_k), s_k ~ U(±fwhm_scatter)."""
+    base = np.full(waves.shape, float(fwhm)) if fwhm_poly is None else np.polynomial.polynomial.polyval(
+        waves, np.asarray(fwhm_poly, dtype=np.float64))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 151]))
+    s = rng.uniform(-fwhm_scatter, fwhm_scatter, waves.shape[0]) if fwhm_scatter else np.zeros(waves.shape[0])
+    out = base * (1.0 + s[:, None])
+    if not np.all(np.isfinite(out) & (out > 0)):
+        raise ValueError("fwhm_poly / fwhm_scatter give a non-positive FWHM in the wavelength range")
+    return out
+
+
+def _convolved_varying(params, rv, waves, fw, fine_step, margin):
+    """Like :func:`_convolved_on_frame`, each source at its own wavelengths with its own FWHM(λ).
+
+    Brute force on a fine linear grid: out(λ_i) = Σ_j f_j G(λ_j − λ_i; σ(λ_i)) / Σ_j G,
+    a Gaussian in Å whose width is that of the output pixel (the convention of
+    :mod:`gpucal.fitting.lsf`), summed to ±8 σ. A loop over sources (host simulation).
+    """
+    lo, hi = waves.min() - margin, waves.max() + margin
+    fine = lo + fine_step * np.arange(int(math.ceil((hi - lo) / fine_step)) + 1)
+    half = int(math.ceil(8.0 * fw.max() / FWHM_PER_SIGMA / fine_step))
+    offs = np.arange(-half, half + 1)
+    out = np.empty(waves.shape)
+    for k in range(params.shape[0]):
+        f = demo_model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
+        j0 = np.rint((waves[k] - lo) / fine_step).astype(np.int64)
+        idx = np.clip(j0[:, None] + offs[None, :], 0, fine.size - 1)
+        sig = fw[k] / FWHM_PER_SIGMA
+        g = np.exp(-0.5 * ((fine[idx] - waves[k][:, None]) / sig[:, None]) ** 2)
+        out[k] = np.sum(g * f[idx], axis=1) / np.sum(g, axis=1)
+    return out
+
+
 def simulate_frame(
     *,
     n_standards=5,
@@ -128,6 +183,9 @@ def simulate_frame(
     noise=True,
     read_noise=3.0,
     mag_noise=False,
+    wave_jitter=None,
+    fwhm_poly=None,
+    fwhm_scatter=0.0,
 ) -> DemoFrame:
     """Simulate a reduced fibre frame from demo templates with known calibration.
 
@@ -165,6 +223,19 @@ def simulate_frame(
     ``true_flux`` itself outside the telluric bands; 'program_params',
     'program_rv'; 'dilution', 'program_dilution'; 'mags' (n_std, 4) exact
     g r i z; 'counts_true' (n_fibre, n_pix); 'fwhm', 'snr', 'read_noise'.
+
+    Per-fibre wavelengths and LSF (issue 15): ``wave_jitter`` = (max offset px,
+    max relative dispersion change), e.g. (0.3, 1e-4), gives every fibre its own
+    solution about the nominal grid (seeded; :func:`_fibre_waves`), and then
+    ``DemoFrame.wave`` is (n_fibre, n_pix); ``fwhm_poly`` (ascending
+    coefficients, Å) makes the FWHM vary with λ and ``fwhm_scatter`` (s) scales
+    each fibre's by a seeded factor in [1 − s, 1 + s]. With any of the three the
+    spectra are convolved by brute force at each fibre's own pixels
+    (:func:`_convolved_varying`), the throughput and telluric are evaluated at
+    each fibre's wavelengths, and truth gains 'wave_fibre', 'throughput_fibre',
+    'fwhm_fibre' (n_fibre, n_pix, frame row order); 'std_true_flux' and
+    'program_true_flux' are then at each star's own wavelengths. The noise draw
+    is that of the same frame without these options.
     """
     n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
     if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
@@ -236,24 +307,36 @@ def simulate_frame(
     std_mags = _ab_mags(full_wave, std_full) if n_standards else np.empty((0, 4))
 
     # convolved spectra at the pixel centres
+    varying = wave_jitter is not None or fwhm_poly is not None or bool(fwhm_scatter)
+    src_wave, _, _ = _fibre_waves(wave, n_fibre, wave_jitter, seed)  # source order: std, program, sky
+    src_fwhm = _fibre_fwhm(src_wave, fwhm, fwhm_poly, fwhm_scatter, seed) if varying else None
     fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
     margin = 10.0 * fwhm + 5.0
-    if n_star:
+    if varying and n_star:
+        fine_step = min(0.1, float(src_fwhm.min()) / 10.0)
+        margin = 10.0 * float(src_fwhm.max()) + 5.0
+        conv = _convolved_varying(all_params, all_rv, src_wave[:n_star], src_fwhm[:n_star], fine_step, margin)
+        conv = conv * dilution[:, None]
+    elif n_star:
         conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin) * dilution[:, None]
     else:
         conv = np.empty((0, n_pix))
     std_true, prog_true = conv[:n_standards], conv[n_standards:]
 
-    tell = telluric_transmission(wave) if telluric else np.ones(n_pix)
+    at = src_wave if varying else wave  # where throughput and telluric are evaluated, per source
+    tell = telluric_transmission(at) if telluric else np.ones(at.shape)
     if throughput is None:
-        shape = _throughput_shape(wave)
+        shape = _throughput_shape(at)
         ref = std_true if n_standards else prog_true
         if ref.size:
-            m = float(np.median(ref * shape * tell))
+            sel = slice(0, n_standards) if n_standards else slice(n_standards, n_star)
+            m = float(np.median(ref * (shape[sel] if varying else shape) * (tell[sel] if varying else tell)))
         else:  # only sky fibres: any positive scale will do
             m = float(np.median(shape)) * 1e-15
         c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))  # counts with c/√(c+rn²) = snr
         thr = shape * (c / m)
+    elif varying:
+        raise ValueError("a given throughput cannot be combined with per-fibre wavelengths or LSF")
     else:
         thr = np.asarray(throughput, dtype=np.float64).ravel()
         if thr.shape != (n_pix,) or not np.all(np.isfinite(thr)) or np.any(thr <= 0):
@@ -273,7 +356,7 @@ def simulate_frame(
     # perm[row] = index into the (std, program, sky) ordering
     row_of = np.argsort(perm)
 
-    counts_src = np.concatenate([conv, np.zeros((n_sky, n_pix))]) * thr[None, :] * tell[None, :]
+    counts_src = np.concatenate([conv, np.zeros((n_sky, n_pix))]) * thr * tell  # (n_pix,) or per source
     counts_true = counts_src[perm]
     var = counts_true + read_noise**2
     if noise:
@@ -332,6 +415,11 @@ def simulate_frame(
         "snr": float(snr),
         "read_noise": float(read_noise),
     }
+    if varying:  # per source -> frame row order; the nominal grid's throughput stays the true 1/Cal(λ)
+        truth.update(wave_fibre=src_wave[perm], throughput_fibre=thr[perm], fwhm_fibre=src_fwhm[perm],
+                     throughput=_throughput_shape(wave) * (c / m),
+                     telluric=telluric_transmission(wave) if telluric else np.ones(n_pix))
+        wave = truth["wave_fibre"] if wave_jitter is not None else wave
     return DemoFrame(wave=wave, flux=flux, var=var, fibres=fibres, catalogue=catalogue, truth=truth)
 
 

@@ -56,13 +56,14 @@ LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),
     "fwhm_poly": (["--fwhm-poly", "2.0,0"], [2.0, 0.0]),
     "resolution": (["--resolution", "3000"], 3000.0),
+    "frame_lsf": (["--frame-lsf"], True),
 }
 #: Options given per test (paths): the grid and the catalogues.
 PATH_OPTIONS = {"templates", "photometry"}
 #: `gpucal calibrate` options that are not calibrate_frame parameters.
 CLI_ONLY = {"help", "frames", "out", "summary", "qc", "workers", "scheduler", "batch_summary", "batch_panel", "debug"}
 #: calibrate_frame parameters the demo supplies itself (its own frame, grid, catalogue and LSF).
-DEMO_SUPPLIED = {"templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "medium"}
+DEMO_SUPPLIED = {"templates", "photometry", "fwhm", "fwhm_poly", "resolution", "overwrite", "medium", "frame_lsf"}
 
 
 @pytest.fixture(scope="module")

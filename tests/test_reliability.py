@@ -282,9 +282,10 @@ FRAME_CASES = [
                 "[WAVELA]", "not strictly monotonic", "pixels 500 and 501"),
     _frame_case("wavela-negative", "wavelengths below zero",
                 _set("WAVELA", "data", lambda d: d - 5500.0), "[WAVELA]", "positive"),
-    _frame_case("wavela-per-fibre-differ", "2-D WAVELA whose fibre 4 row differs",
-                _set("WAVELA", "data", lambda d: np.tile(d, (7, 1)) + 0.5 * (np.arange(7) == 3)[:, None]),
-                "[WAVELA]", "fibre(s) 4", "common wavelength grid"),
+    _frame_case("wavela-per-fibre-non-monotonic", "2-D WAVELA whose fibre 4 row goes back at pixel 501",
+                _set("WAVELA", "data", lambda d: np.tile(d, (7, 1)) - (d[500] - d[100]) * (
+                    (np.arange(7) == 3)[:, None] & (np.arange(d.size) == 500)[None, :])),
+                "[WAVELA]", "fibre 4", "not strictly monotonic", "pixels 500 and 501"),
     _frame_case("wavela-3d", "3-D WAVELA", _set("WAVELA", "data", lambda d: d[None, None]),
                 "[WAVELA]", "1-D or 2-D"),
     _frame_case("wavela-unit-not-length", "WAVELA BUNIT = 'Jy'",
@@ -327,6 +328,15 @@ FRAME_CASES = [
                 "[WAVELA] BUNIT", "'dex(Angstrom)' is logarithmic"),
     _frame_case("wcs-unit-log", "CUNIT1 = 'log(Angstrom)'", _wcs_instead_of_wavela(CUNIT1="log(Angstrom)"),
                 "CUNIT1", "'log(Angstrom)' is logarithmic"),
+    # per-fibre wavelengths and LSF (issue 15): tests/test_perfibre.py
+    _frame_case("wavela-per-fibre-reversed", "2-D WAVELA whose fibre 4 row runs red to blue, the others blue to red",
+                _set("WAVELA", "data", lambda d: np.where((np.arange(7) == 3)[:, None], d[::-1], d)),
+                "[WAVELA]", "different directions", "fibre(s) 4"),
+    _frame_case("lsf-shape", "LSF image one pixel short",
+                lambda h: h.append(fits.ImageHDU(np.full((7, 999), 2.0), name="LSF")), "[LSF]", "(7, 999)"),
+    _frame_case("lsf-non-positive", "LSF image with FWHM 0 in fibre 2",
+                lambda h: h.append(fits.ImageHDU(np.where((np.arange(7) == 1)[:, None], 0.0, np.full((7, 1000), 2.0)),
+                                                 name="LSF")), "[LSF]", "not finite and positive", "fibre(s) 2"),
 ]
 
 CATALOGUE_CASES = [
@@ -735,6 +745,8 @@ DOC_ONLY_IDS = (
     "frame-chi2-absurd", "clean-frames-within-bounds", "corrupted-frames-quiet",
     # issue 15: accepted now (tests/test_layouts.py, tests/test_fitsgrid.py)
     "wcs-log-linear", "medium-unknown", "catalogue-fits-table", "photometry-from-fibres", "fits-grid-missing-node",
+    # issue 15: per-fibre wavelengths are accepted (tests/test_perfibre.py)
+    "wavela-per-fibre-differ",
 )
 
 

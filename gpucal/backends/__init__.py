@@ -29,6 +29,7 @@ from ._select import (
 from ._ops import (
     batched_lstsq,
     interp,
+    interp_rows,
     masked_median,
     savgol_filter,
     sigma_clip,
@@ -45,6 +46,7 @@ __all__ = [
     "to_backend",
     "to_numpy",
     "interp",
+    "interp_rows",
     "masked_median",
     "savgol_filter",
     "batched_lstsq",

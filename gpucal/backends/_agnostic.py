@@ -15,6 +15,7 @@ from array_api_compat import device as _device
 
 __all__ = [
     "interp",
+    "interp_rows",
     "masked_median",
     "savgol_filter",
     "batched_lstsq",
@@ -233,3 +234,57 @@ def sigma_clip(x, *, weights=None, mask=None, nsigma=3.0, maxiter=5, axis=0, cen
         # an entry once clipped stays clipped, so extra iterations after convergence change nothing
         kept = kept & (xp.abs(xf - c) <= nsigma * s)
     return kept
+
+
+def _row_keys(xp, grid, x):
+    """Each row of ``grid`` (R, n) and of ``x`` (R, m) moved to its own band of one increasing axis.
+
+    Row r is shifted by r·span (span > every row's extent), and each x is first
+    clipped into its own row's range, so one 1-D ``searchsorted`` (or interp) on
+    the flattened keys finds every point within its own row. float64 keys.
+    """
+    g = xp.astype(grid, xp.float64)
+    lo_all = xp.min(g)
+    span = (xp.max(g) - lo_all) * 1.5 + 1.0
+    r = xp.arange(g.shape[0], dtype=xp.float64, device=_device(g))[:, None] * span
+    n = g.shape[-1]
+    xc = xp.clip(xp.astype(x, xp.float64), g[:, :1], g[:, n - 1:])
+    return (g - lo_all) + r, (xc - lo_all) + r
+
+
+def interp_rows(x, grid, fp, *, left=None, right=None):
+    """Linear interpolation with one abscissa grid per row (see ``_ops.interp_rows``); inputs broadcast to (R, ·)."""
+    xp = array_namespace(x, grid, fp)
+    dtype = _float_dtype(xp, fp)
+    n, m = grid.shape[-1], x.shape[-1]
+    lead = broadcast_shapes(x.shape[:-1], grid.shape[:-1], fp.shape[:-1])
+    R = 1
+    for d in lead:
+        R *= d
+    g = xp.reshape(xp.broadcast_to(grid, lead + (n,)), (R, n))
+    f = xp.reshape(xp.broadcast_to(xp.astype(fp, dtype, copy=False), lead + (n,)), (R, n))
+    xr = xp.reshape(xp.broadcast_to(x, lead + (m,)), (R, m))
+    keys, xk = _row_keys(xp, g, xr)
+    if n == 1:
+        out = xp.broadcast_to(f, (R, m)) + xp.zeros((R, m), dtype=dtype, device=_device(f))
+    else:
+        pos = xp.searchsorted(xp.reshape(keys, (-1,)), xp.reshape(xk, (-1,)), side="right")
+        base = xp.arange(R, dtype=pos.dtype, device=_device(pos))[:, None] * n
+        hi = xp.clip(xp.reshape(pos, (R, m)) - base, 1, n - 1)
+        lo = hi - 1
+        x0, x1 = xp.take_along_axis(g, lo, axis=1), xp.take_along_axis(g, hi, axis=1)
+        t = xp.astype(xp.clip((xp.astype(xr, x0.dtype) - x0) / (x1 - x0), 0.0, 1.0), dtype)
+        f0 = xp.take_along_axis(f, lo, axis=1)
+        out = f0 + (xp.take_along_axis(f, hi, axis=1) - f0) * t
+    return _edges(xp, xp.reshape(out, lead + (m,)), xp.reshape(xr, lead + (m,)),
+                  xp.reshape(g, lead + (n,)), left, right, dtype)
+
+
+def _edges(xp, out, x, g, left, right, dtype):
+    """``left`` / ``right`` where x lies below / above its own row's grid (None: keep the edge values)."""
+    n = g.shape[-1]
+    if left is not None:
+        out = xp.where(x < g[..., :1], xp.asarray(left, dtype=dtype, device=_device(out)), out)
+    if right is not None:
+        out = xp.where(x > g[..., n - 1:], xp.asarray(right, dtype=dtype, device=_device(out)), out)
+    return out

@@ -4,11 +4,14 @@
 * :mod:`.vectors` — per-star vectors Cal(λ) = scaled model / observed counts;
 * :mod:`.verdicts` — each star used, or why not, decided once;
 * :mod:`.combine` — the robust combination of the per-star vectors;
+* :mod:`.resample` — per-fibre wavelengths: per-star vectors onto one grid, the
+  combined vector back to every fibre's own wavelengths;
 * :mod:`.apply` — the combined vector applied to every fibre.
 """
 
 from .apply import apply_flux_calibration
 from .combine import combine_calibration_vectors, fill_masked, star_outliers
+from .resample import cal_at_fibres, common_grid, to_common_grid
 from .scale import scale_template_to_photometry
 from .vectors import calibration_vectors, shift_to_observed
 
@@ -20,4 +23,7 @@ __all__ = [
     "combine_calibration_vectors",
     "fill_masked",
     "apply_flux_calibration",
+    "common_grid",
+    "to_common_grid",
+    "cal_at_fibres",
 ]

@@ -6,7 +6,8 @@
   counts, with its variance σ²(Cal) = Cal² (σ²_obs / C²_obs + (σ_s/s)²) and
   the mask of pixels where it is measured.
 
-Shapes: observed (n_star, n_pix) counts on ``wave_obs`` (n_pix,) Å; templates
+Shapes: observed (n_star, n_pix) counts on ``wave_obs`` (n_pix,) Å or each on
+its own wavelengths (n_star, n_pix) Å; templates
 (n_star, n_w) erg/s/cm²/Å on ``wave_t`` (n_w,) Å. Cal in erg/s/cm²/Å per count.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from ..backends import array_namespace, interp
 from ..containers import CalibrationVectors
-from ..fitting import TELLURIC_DEFAULT, convolve_to_instrument, region_mask
+from ..fitting import TELLURIC_DEFAULT, convolve_fwhm, convolve_to_instrument, fwhm_on_grid, region_mask
 from ..units import doppler_factor
 
 __all__ = ["shift_to_observed", "calibration_vectors"]
@@ -27,28 +28,36 @@ def shift_to_observed(wave, flux, rv, *, wave_out=None):
     """
     xp = array_namespace(wave, flux, rv)
     wave_out = wave if wave_out is None else wave_out
-    x = wave_out[None, :] / doppler_factor(rv)[:, None]
+    # wave_out (n_pix,) shared, or (n, n_pix): each star at its own wavelengths
+    x = (wave_out if wave_out.ndim == 2 else wave_out[None, :]) / doppler_factor(rv)[:, None]
     return interp(x, wave, flux, left=xp.nan, right=xp.nan)
 
 
 def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, scale, scale_err, *,
                         fwhm=None, fwhm_poly=None, resolution=None, template_fwhm=0.0,
-                        mask_regions=TELLURIC_DEFAULT) -> CalibrationVectors:
+                        mask_regions=TELLURIC_DEFAULT, fwhm_star=None) -> CalibrationVectors:
     """Cal(λ) = scale · (template ⊗ LSF)(λ / (1+z)) / observed, per star.
 
     flux, var, mask : (n_star, n_pix) observed standards (counts); NaN flux
     is a bad pixel. template_flux : (n_star, n_w) rest-frame templates on
     ``wave_t``. Pixels are good where the observed pixel is good and
     positive, the model is finite and positive, and outside ``mask_regions``.
-    σ²(Cal) = Cal² (σ²_obs / C_obs² + (σ_s / s)²).
+    σ²(Cal) = Cal² (σ²_obs / C_obs² + (σ_s / s)²). ``wave_obs`` may be per star
+    (n_star, n_pix); ``fwhm_star`` (n_star, n_pix), each star's LSF FWHM (Å) at
+    its pixels, replaces fwhm / fwhm_poly / resolution (each template convolved
+    with its own star's LSF, :func:`~gpucal.fitting.lsf.fwhm_on_grid`).
     """
     xp = array_namespace(flux, template_flux)
-    conv = convolve_to_instrument(wave_t, template_flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
-                                  resolution=resolution, template_fwhm=template_fwhm)
+    if fwhm_star is not None:
+        conv = convolve_fwhm(wave_t, template_flux, fwhm_on_grid(wave_t, wave_obs, fwhm_star),
+                             template_fwhm=template_fwhm)
+    else:
+        conv = convolve_to_instrument(wave_t, template_flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
+                                      resolution=resolution, template_fwhm=template_fwhm)
     model = shift_to_observed(wave_t, conv, rv, wave_out=wave_obs) * scale[:, None]
     good = (mask & xp.isfinite(flux) & (flux > 0) & xp.isfinite(var) & (var > 0)
             & xp.isfinite(model) & (model > 0))
-    good = good & region_mask(wave_obs, mask_regions)[None, :]
+    good = good & region_mask(wave_obs, mask_regions)
     safe_flux = xp.where(good, flux, 1.0)
     cal = xp.where(good, model / safe_flux, xp.nan)
     frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + ((scale_err / scale) ** 2)[:, None]

@@ -24,9 +24,14 @@ not from the modules, so the modules may be cut differently later.
 """
 
 from .continuum import fit_continuum, legendre_basis
+from .perstar import refine_on_own_lsf
 from .lsf import (
+    convolve_fwhm,
     convolve_to_instrument,
+    fwhm_from_resolution,
+    fwhm_on_grid,
     instrument_fwhm,
+    representative_fwhm_poly,
     parse_resolution_spec,
     resolution_spec,
     template_fwhm_at,
@@ -47,6 +52,11 @@ from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
 __all__ = [
     # lsf
     "convolve_to_instrument",
+    "convolve_fwhm",
+    "representative_fwhm_poly",
+    "fwhm_on_grid",
+    "fwhm_from_resolution",
+    "refine_on_own_lsf",
     "instrument_fwhm",
     "resolution_spec",
     "parse_resolution_spec",

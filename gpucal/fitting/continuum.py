@@ -32,15 +32,27 @@ _LN_MAX = math.log(sys.float_info.max)
 
 
 def legendre_basis(wave, degree: int):
-    """Legendre polynomials P_0..P_degree of ln λ mapped to [-1, 1]: (n_pix, degree+1)."""
+    """Legendre polynomials P_0..P_degree of ln λ mapped to [-1, 1]: (..., n_pix, degree+1).
+
+    ``wave`` (n_pix,), or (n_spec, n_pix) with each row on its own wavelengths
+    (each row mapped over its own range).
+    """
     xp = array_namespace(wave)
     lnw = xp.log(wave)
-    n = wave.shape[0]
-    x = 2.0 * (lnw - lnw[0]) / (lnw[n - 1] - lnw[0]) - 1.0
+    n = wave.shape[-1]
+    x = 2.0 * (lnw - lnw[..., :1]) / (lnw[..., n - 1:] - lnw[..., :1]) - 1.0
     cols = [xp.ones_like(x), x]
     for k in range(1, degree):
         cols.append(((2 * k + 1) * x * cols[k] - k * cols[k - 1]) / (k + 1))
-    return xp.stack(cols[: degree + 1], axis=1)
+    return xp.stack(cols[: degree + 1], axis=-1)
+
+
+def _evaluate(coef, basis):
+    """Σ_k coef[..., k] basis[..., n, k]: (n_spec, n_pix), for a shared (n, k) or per-row (n_spec, n, k) basis."""
+    xp = array_namespace(coef, basis)
+    if basis.ndim == 2:
+        return coef @ xp.permute_dims(basis, (1, 0))
+    return (basis @ coef[..., None])[..., 0]
 
 
 def fit_continuum(wave, flux, weights, *, degree: int = 7, niter: int = 6,
@@ -49,7 +61,7 @@ def fit_continuum(wave, flux, weights, *, degree: int = 7, niter: int = 6,
 
     Parameters
     ----------
-    wave : (n_pix,) Å.
+    wave : (n_pix,) Å, or (n_spec, n_pix): each spectrum on its own wavelengths.
     flux : (n_spec, n_pix); pixels with zero weight may hold any value (NaN too).
     weights : (n_spec, n_pix) inverse variance of ``flux`` (0 = bad pixel);
         pass ones for noise-free templates.
@@ -82,14 +94,14 @@ def fit_continuum(wave, flux, weights, *, degree: int = 7, niter: int = 6,
     for _ in range(niter):
         wk = xp.where(keep, wl, xp.zeros_like(wl))
         coef = batched_lstsq(basis, lnf, weights=wk, ridge=1e-12)
-        model = coef @ xp.permute_dims(basis, (1, 0))
+        model = _evaluate(coef, basis)
         resid = lnf - model
         norm = xp.sum(wk, axis=1, keepdims=True)
         sigma = xp.sqrt(xp.sum(wk * resid * resid, axis=1, keepdims=True) / xp.where(norm > 0, norm, 1.0))
         keep = positive & (resid > -clip_low * sigma) & (resid < clip_high * sigma)
     wk = xp.where(keep, wl, xp.zeros_like(wl))
     coef = batched_lstsq(basis, lnf, weights=wk, ridge=1e-12)
-    return _exp_or_inf(coef @ xp.permute_dims(basis, (1, 0)))
+    return _exp_or_inf(_evaluate(coef, basis))
 
 
 def _exp_or_inf(x):

@@ -51,7 +51,7 @@ from collections.abc import Mapping
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace
+from ..backends import array_namespace, interp_rows, to_numpy
 from ..errors import InputError
 from ..units import FWHM_TO_SIGMA
 
@@ -61,6 +61,10 @@ __all__ = [
     "parse_resolution_spec",
     "template_fwhm_at",
     "convolve_to_instrument",
+    "convolve_fwhm",
+    "representative_fwhm_poly",
+    "fwhm_on_grid",
+    "fwhm_from_resolution",
 ]
 
 
@@ -260,14 +264,26 @@ def convolve_to_instrument(wave, flux, *, fwhm=None, fwhm_poly=None, resolution=
         anywhere in ``wave`` (a deconvolution is never faked), or ``wave`` is
         not log-uniform.
     """
-    xp = array_namespace(wave, flux)
+    fw = instrument_fwhm(wave, fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
+    return convolve_fwhm(wave, flux, fw, template_fwhm=template_fwhm, truncate=truncate)
+
+
+def convolve_fwhm(wave, flux, fw, *, template_fwhm=0.0, truncate: float = 4.0):
+    """:func:`convolve_to_instrument` with the instrument FWHM given as an array.
+
+    ``fw`` : FWHM in Å at each pixel of ``wave``, (n_w,) or per spectrum
+    (..., n_w), broadcasting against ``flux`` (..., n_w): a per-fibre LSF
+    (each star's row) is applied to each star's template in the same pass.
+    """
+    xp = array_namespace(wave, flux, fw)
     n = wave.shape[0]
     if flux.ndim < 1 or flux.shape[-1] != n:
         raise InputError(f"flux {flux.shape} does not match the wavelength grid ({n},) on its last axis")
+    if fw.shape[-1] != n:
+        raise InputError(f"the FWHM array {fw.shape} does not match the wavelength grid ({n},) on its last axis")
     if not (truncate > 0 and math.isfinite(truncate)):
         raise InputError(f"truncate must be a positive number of σ, got {truncate!r}")
     dlnlam = _log_dlnlam(wave)
-    fw = instrument_fwhm(wave, fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     tf = template_fwhm_at(wave, template_fwhm)
     eff2 = fw * fw - tf * tf
     # One host check at set-up time (not in a scan): refuse an LSF narrower
@@ -275,7 +291,8 @@ def convolve_to_instrument(wave, flux, *, fwhm=None, fwhm_poly=None, resolution=
     # this resolution) are allowed up to rounding and give the identity.
     bad = eff2 < -1e-9 * (tf * tf)
     if bool(xp.any(bad | ~xp.isfinite(fw))):
-        first = float(wave[int(xp.argmax(xp.astype(bad | ~xp.isfinite(fw), xp.int32)))])
+        anywhere = xp.reshape(xp.any(xp.reshape(bad | ~xp.isfinite(fw), (-1, n)), axis=0), (n,))
+        first = float(wave[int(xp.argmax(xp.astype(anywhere, xp.int32)))])
         raise InputError(
             f"the instrument FWHM is below the template grid's own resolution ({template_fwhm!r}) "
             f"or not finite, first at {first:.1f} Å (grid {float(wave[0]):.1f}-{float(wave[n - 1]):.1f} Å)"
@@ -283,3 +300,72 @@ def convolve_to_instrument(wave, flux, *, fwhm=None, fwhm_poly=None, resolution=
     rel_sigma = xp.sqrt(xp.clip(eff2, 0.0, None)) * FWHM_TO_SIGMA / wave
     half = int(math.ceil(truncate * float(xp.max(rel_sigma)) / dlnlam))
     return _convolve_log(flux, rel_sigma, dlnlam, half)
+
+
+def representative_fwhm_poly(wave, fw, *, degree: int = 3):
+    """One LSF for a batch of fibres: ascending coefficients of a polynomial FWHM(λ) in Å.
+
+    ``wave``, ``fw`` : (n_spec, n_pix) or (n_pix,) Å, each fibre's wavelengths and
+    FWHM there. The median FWHM over the fibres at each pixel, fitted by a
+    least-squares polynomial of ``degree`` in λ (Å; the fit is done in a
+    centred, scaled variable and converted back). Used where one LSF must
+    serve every fibre (the grid scan); set-up time, host floats out.
+    """
+    xp = array_namespace(wave, fw)
+    shape = fw.shape if fw.ndim >= wave.ndim else wave.shape
+    w2 = xp.reshape(xp.broadcast_to(wave, shape), (-1, shape[-1]))
+    f2 = xp.reshape(xp.broadcast_to(fw, shape), w2.shape)
+    x = xp.mean(w2, axis=0)
+    y = xp.sort(f2, axis=0)[(f2.shape[0] - 1) // 2, :]
+    mid = float(x[x.shape[0] // 2])
+    half = float(xp.max(xp.abs(x - mid)))
+    t = (x - mid) / half
+    powers = xp.stack([t ** k for k in range(degree + 1)], axis=1)
+    coef = xp.linalg.solve(xp.permute_dims(powers, (1, 0)) @ powers, xp.permute_dims(powers, (1, 0)) @ y)
+    c = [float(v) for v in to_numpy(coef).tolist()]
+    # Σ c_k ((λ − mid)/half)^k as ascending coefficients in λ (binomial expansion).
+    out = [0.0] * (degree + 1)
+    for k, ck in enumerate(c):
+        for j in range(k + 1):
+            out[j] += ck * math.comb(k, j) * (-mid) ** (k - j) / half ** k
+    return out
+
+
+def fwhm_on_grid(wave_t, wave_obs, fw):
+    """Each star's LSF FWHM (Å) carried from its pixels onto a template grid: (n_star, n_w).
+
+    ``wave_obs`` (n_pix,) or (n_star, n_pix) the stars' wavelengths, ``fw``
+    (n_star, n_pix) the FWHM there; beyond a star's range its edge value holds.
+    One batched interpolation (:func:`gpucal.backends.interp_rows`).
+    """
+    xp = array_namespace(wave_t, fw)
+    rows = xp.broadcast_to(wave_obs, fw.shape)
+    return interp_rows(wave_t[None, :], rows, fw)
+
+
+def fwhm_from_resolution(wave, rdata):
+    """FWHM in Å per fibre and pixel from a DESI-style resolution matrix: (n_fibre, n_pix).
+
+    ``rdata`` (n_fibre, n_diag, n_pix): the band-diagonal kernel of each output
+    pixel (row d is the diagonal at pixel offset n_diag//2 − d; the sign does
+    not enter the width). ``wave`` (n_pix,) or (n_fibre, n_pix) Å. The kernel's
+    second central moment in pixels (negative ringing clipped to 0) is taken as
+    a Gaussian σ and converted with the local dispersion |dλ/dpix|:
+    FWHM = √(8 ln 2) σ |dλ/dpix|. The kernel describes binned pixels, so σ
+    includes the pixel's own 1/12 px², as a point-sampled model needs.
+    """
+    xp = array_namespace(wave, rdata)
+    n_diag = rdata.shape[-2]
+    k = xp.astype(xp.arange(n_diag, device=_device(rdata)), xp.float64)
+    k = (n_diag // 2 - k)[:, None]
+    r = xp.clip(xp.astype(rdata, xp.float64), 0.0, None)
+    norm = xp.sum(r, axis=-2)
+    norm = xp.where(norm > 0, norm, xp.nan)
+    mean = xp.sum(r * k, axis=-2) / norm
+    var = xp.sum(r * k * k, axis=-2) / norm - mean * mean
+    n = wave.shape[-1]
+    w = xp.astype(wave, xp.float64)
+    # |dλ/dpix| by central differences, one-sided at the ends
+    inner = 0.5 * (w[..., 2:] - w[..., :-2])
+    disp = xp.abs(xp.concat([w[..., 1:2] - w[..., :1], inner, w[..., n - 1:] - w[..., n - 2:n - 1]], axis=-1))
+    return math.sqrt(8.0 * math.log(2.0)) * xp.sqrt(xp.clip(var, 0.0, None)) * disp

@@ -12,7 +12,7 @@ velocities (:func:`velocity_grid`) are whole sub-pixel steps of the same
 working grid. :func:`gather_templates` and :func:`template_blocks` read a
 prepared grid that may live on the host (memory-mapped) onto the backend.
 
-Shapes: wave_obs (n_pix,) Å; grid flux (n_t, n_w) on its own wavelengths;
+Shapes: wave_obs (n_pix,) Å, or (n_star, n_pix) per-fibre wavelengths; grid flux (n_t, n_w) on its own wavelengths;
 working grid (n_q,) Å, log-uniform; prepared norm_flux (n_t, n_q), float32
 by default; standards (n_star, n_pix). Velocities in km/s, positive = receding.
 """
@@ -73,11 +73,12 @@ def working_grid(wave_obs, vstep: float | None = None):
     every trial velocity.
     """
     xp = array_namespace(wave_obs)
-    n = wave_obs.shape[0]
-    lo, hi = float(wave_obs[0]), float(wave_obs[n - 1])
+    # Per-fibre wavelengths (n_spec, n_pix): one grid over every fibre's range.
+    n = wave_obs.shape[-1]
+    lo, hi = float(xp.min(wave_obs[..., 0])), float(xp.max(wave_obs[..., n - 1]))
     # Median of Δλ/λ: the working grid keeps about the frame's number of pixels.
-    rel = xp.log(wave_obs[1:] / wave_obs[:-1])
-    dln = float(xp.sort(rel)[(n - 1) // 2])
+    rel = xp.reshape(xp.log(wave_obs[..., 1:] / wave_obs[..., :-1]), (-1,))
+    dln = float(xp.sort(rel)[(rel.shape[0] - 1) // 2])
     if vstep is not None:
         delta = math.atanh(vstep / C_KMS)
         dln = max(1, round(dln / delta)) * delta
@@ -201,7 +202,7 @@ def normalise_observed(spectra: SpectraBatch, *, good_regions=TELLURIC_DEFAULT, 
     xp = array_namespace(spectra.flux)
     f, v = spectra.flux, spectra.var
     good = spectra.mask & xp.isfinite(f) & xp.isfinite(v) & (v > 0)
-    good = good & region_mask(spectra.wave, good_regions)[None, :]
+    good = good & region_mask(spectra.wave, good_regions)  # (n_pix,) or per fibre (n_star, n_pix)
     w = xp.where(good, 1.0 / xp.where(good, v, 1.0), 0.0)
     ff = xp.where(good, f, 1.0)
     cont = fit_continuum(spectra.wave, ff, w, degree=continuum_degree)

@@ -15,7 +15,7 @@ pixels (the working grid shifted by v and interpolated back):
 * :func:`refined_templates` — each star's template at its refined
   parameters, the linear blend of the node and its neighbours.
 
-Shapes: wave_obs (n_pix,) Å; dn, wn, good (n_star, n_pix) (normalised flux,
+Shapes: wave_obs (n_pix,) Å, or (n_star, n_pix) per-fibre wavelengths; dn, wn, good (n_star, n_pix) (normalised flux,
 its weight, usable pixels: :func:`gpucal.fitting.prepare.normalise_observed`);
 templates (n_star, n_q) on the working grid wave_q (n_q,) Å; params (n_t, 4);
 rv (n_star,) km/s.
@@ -40,6 +40,8 @@ def shifted_model(wave_obs, wave_q, m, v):
     float64, NaN where a shifted pixel falls outside the working grid.
     """
     xp = array_namespace(m)
+    if wave_obs.ndim == 2 and getattr(v, "ndim", 0) > 1:  # per-fibre wavelengths: each star's own row, per candidate
+        wave_obs = xp.reshape(wave_obs, (wave_obs.shape[0],) + (1,) * (v.ndim - 1) + (wave_obs.shape[1],))
     x = wave_obs / doppler_factor(v)[..., None]
     return interp(x, wave_q, xp.astype(m, xp.float64), left=xp.nan, right=xp.nan)
 

@@ -33,7 +33,9 @@ comes from the curvature (Δχ² = 1, inflated by χ²/dof when that exceeds 1).
 recomputes its χ² on the frame's own pixels (an honest χ²/dof) and steps
 in the grid parameters.
 
-Shapes: wave_obs (n_pix,) Å; standards (n_star, n_pix); prepared templates
+Shapes: wave_obs (n_pix,) Å, or (n_star, n_pix) when each standard has its own
+wavelengths (the data are then moved into the rest frame row by row, in one
+batched interpolation); standards (n_star, n_pix); prepared templates
 (n_t, n_q); χ² tables (n_t, n_star). Velocities in km/s (relativistic
 Doppler), positive = receding.
 """
@@ -47,7 +49,7 @@ from typing import Any
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp, to_numpy
+from ..backends import array_namespace, backend_of, interp, interp_rows, to_numpy
 from ..containers import MatchResult, PreparedGrid, SpectraBatch
 from ..errors import InputError
 from ..units import C_KMS, doppler_factor
@@ -166,7 +168,7 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
     shape = (n_star, n_ph, length)
 
     def shift(a):
-        return xp.reshape(interp(xq, wave_obs, xp.astype(a, dtype), left=0.0, right=0.0), shape)
+        return xp.reshape(_to_rest(xq, wave_obs, xp.astype(a, dtype)), shape)
 
     d = shift(dn)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
@@ -182,6 +184,18 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
     c = xp.permute_dims(c, (2, 0, 1))
     flat = (n_star * n_ph, length)
     return _Shifted(d=d, w=w, wd=xp.reshape(wd, flat), ww=xp.reshape(w, flat), c=c, vidx=vidx, start=start, nq=nq)
+
+
+def _to_rest(xq, wave_obs, a):
+    """The standards ``a`` (n_star, n_pix) read at the rest-frame positions ``xq`` (n,), 0 outside.
+
+    On one wavelength grid (n_pix,) a shared interpolation; with per-fibre
+    wavelengths (n_star, n_pix) one batched interpolation on each star's own
+    row (:func:`gpucal.backends.interp_rows`).
+    """
+    if wave_obs.ndim == 1:
+        return interp(xq, wave_obs, a, left=0.0, right=0.0)
+    return interp_rows(xq[None, :], wave_obs, a, left=0.0, right=0.0)
 
 
 def _trial_rows(sh: _Shifted, k):
@@ -398,7 +412,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     plan = _phase_plan(prepared.wave, velocities)
     if block_size is None:
         block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
-                                 4 if dtype == xp.float32 else 8, budget)
+                                 4 if dtype == xp.float32 else 8, budget, per_row=spectra.wave.ndim == 2)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
     chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
     if prior is not None:
@@ -422,18 +436,20 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
                        chi2=chi2_pix, dof=dof, meta=meta)
 
 
-def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget) -> int:
+def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget, per_row=False) -> int:
     """Templates per GEMM block that keep every array the scan holds within ``budget`` bytes.
 
     Fixed: the shifted data (D, W and W·D in the scan dtype) with the
     interpolation's temporaries while they are built (positions, indices,
     weights, the good fraction, the float64 sums), and the per-template
     results (generously: 48 bytes a cell). Per template: its row and its
-    square, and per lag the two products with the χ² temporaries.
+    square, and per lag the two products with the χ² temporaries. With
+    per-fibre wavelengths (``per_row``) the interpolation's positions and
+    indices are per star too: 48 bytes a cell more.
     """
     n_ph, length = (n_vel, nq) if plan is None else (plan[0], nq + max(plan[1]) - min(plan[1]))
     cells = n_star * n_ph * length
-    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize) + 16 * n_star * n_t
+    fixed = 48 * n_ph * length + cells * (48 + 2 * itemsize + (48 if per_row else 0)) + 16 * n_star * n_t
     per_template = 2 * nq * itemsize + n_star * n_ph * (2 * itemsize + 48) + 40 * n_star
     if fixed + per_template > budget:
         raise InputError(

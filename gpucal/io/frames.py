@@ -2,7 +2,8 @@
 
 Step of the mission: the first and the last of a frame's calibration. In: a
 reduced fibre frame on disk -> :class:`~gpucal.containers.Frame` (flux, var
-(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, the FIBRES table).
+(n_fibre, n_pix) float64, wave (n_pix,) Å increasing, or (n_fibre, n_pix) when
+the fibres have their own solutions, the FIBRES table).
 Out: calibrated flux and variance (n_fibre, n_pix) in erg/s/cm²/Å, the
 calibration vector (n_cal,) and the per-star table -> a FITS file in the
 input's layout. Computes nothing beyond unit factors and pixel order.
@@ -20,9 +21,11 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
 ``WAVELA``     optional image: wavelength of each pixel, ``(n_pix,)`` or
                ``(n_fibre, n_pix)``; unit from its ``BUNIT`` (default Å;
                a logarithmic unit such as ``dex(Angstrom)`` is refused).
-               Per-fibre rows must agree to 1e-6 Å (they are collapsed to one
-               grid); frames whose fibres have different solutions must be
-               resampled onto a common grid first.
+               Per-fibre rows that agree to 1e-6 Å are collapsed to one grid
+               (``Frame.wave`` (n_pix,)); rows that differ are kept as each
+               fibre's own solution (``Frame.wave`` (n_fibre, n_pix)). Every
+               row must be finite, positive and strictly monotonic, all in the
+               same direction.
                Without ``WAVELA``, the spectral WCS on axis 1 of the primary
                header (:mod:`gpucal.spectral_wcs`): linear (``CRVAL1``,
                ``CDELT1`` or ``CD1_1``, ``CRPIX1``, FITS default 0 when absent,
@@ -30,6 +33,11 @@ primary        image ``(n_fibre, n_pix)``: ``NAXIS2`` = fibres (axis 0),
                IRAF log-linear (``DC-FLAG = 1``: log10 λ), ``WAVE``/``AWAV``
                with any astropy.wcs algorithm (``WAVE-LOG``, …), SDSS
                ``COEFF0``/``COEFF1``; frequency and velocity axes refused.
+``LSF``        optional image: the instrument's line-spread FWHM in Å at each
+               pixel, ``(n_fibre, n_pix)`` (one LSF per fibre and wavelength)
+               or ``(n_pix,)`` (one for all fibres); unit from ``BUNIT``
+               (default Å). Finite and positive everywhere. Read into
+               ``Frame.lsf_fwhm`` and written back out with the calibrated frame.
 ``FIBRES``     binary table, one row per fibre (row i = image row i = fibre
                number i + 1), with a ``TYPE`` column (``'C'`` marks a
                standard star) and optionally NAME, RA, DEC and magnitudes.
@@ -61,8 +69,8 @@ primary (calibrated flux, ``BUNIT = 'erg/(s cm2 Angstrom)'``, the input's
 primary header plus the caller's FLUXCAL* keywords and one HISTORY card (or
 more, when a long line wraps) per history string), ``VARIANCE``
 (``BUNIT = 'erg2/(s2 cm4 Angstrom2)'``), ``WAVELA`` (Å, only when the input had
-one; otherwise the input's WCS keywords are kept and still apply because the
-pixel order is the input's), ``FIBRES`` (copied), and two calibration
+one, per fibre when the input's was; otherwise the input's WCS keywords are kept and still apply because the
+pixel order is the input's), ``LSF`` (when the input had one), ``FIBRES`` (copied), and two calibration
 extensions: ``FLUXCAL`` (columns ``WAVE`` [Angstrom], ``CAL``, ``CAL_VAR``,
 ``MEASURED`` [logical; False = interpolated across telluric or uncovered
 pixels], in increasing wavelength) and ``FLUXSTD`` (the per-star table). The
@@ -260,6 +268,9 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
     medium, medium_stated = _frame_medium(wave_hdr, prim.header, wcs_medium, fname)
     fibres = _read_fibres(hdul, fname, n_fibre)
     _check_variance_values(var, fname)
+    lsf_fwhm, lsf_hdr = _read_lsf(hdul, fname, flux.shape, flipped)
+    if lsf_hdr is not None:
+        ext_headers["LSF"] = lsf_hdr
     frame = Frame(
         path=fname,
         flux=flux,
@@ -273,6 +284,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         wave_ndim=int(wave_ndim),
         ext_headers=ext_headers,
         medium_stated=medium_stated,
+        lsf_fwhm=lsf_fwhm,
     )
     if require_standards and frame.standards.size == 0:
         types = sorted(set(frame.fibre_types.tolist()))
@@ -358,29 +370,37 @@ def _one_wave_grid(w: np.ndarray, fname: str, shape: tuple) -> np.ndarray:
     if w.ndim == 1:
         return w
     dev = np.abs(w - w[0:1]).max(axis=1)
-    differ = np.flatnonzero(dev > WAVE_TOL)
-    if differ.size:
-        raise InputError(
-            f"{fname} [WAVELA]: per-fibre wavelength solutions differ (fibre(s) "
-            f"{_fibre_list(differ)} differ from fibre 1 by up to {dev.max():.3g} Å); "
-            "resample the frame onto a common wavelength grid first"
-        )
+    if np.any(dev > WAVE_TOL):  # each fibre keeps its own solution
+        return w.copy()
     return w[0].copy()
 
 
 def _increasing(wave, flux, var, where: str):
-    """(wave, flux, var, flipped) with wave increasing: a strictly decreasing grid reverses the pixel axis."""
+    """(wave, flux, var, flipped) with wave increasing: a strictly decreasing grid reverses the pixel axis.
+
+    ``wave`` (n_pix,) or per fibre (n_fibre, n_pix): every row monotonic, all in one direction.
+    """
     if np.any(wave <= 0):
         raise InputError(f"{where}: wavelengths must be positive")
-    d = np.diff(wave)
-    if np.all(d > 0):
+    d = np.diff(np.atleast_2d(wave), axis=1)
+    up, down = np.all(d > 0, axis=1), np.all(d < 0, axis=1)
+    if np.all(up):
         return wave, flux, var, False
-    if np.all(d < 0):
-        return wave[::-1].copy(), flux[:, ::-1].copy(), var[:, ::-1].copy(), True
-    k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
+    if np.all(down):
+        return wave[..., ::-1].copy(), flux[:, ::-1].copy(), var[:, ::-1].copy(), True
+    rows = np.flatnonzero(~(up | down))
+    if rows.size:
+        r = int(rows[0])
+        dr = d[r]
+        k = int(np.flatnonzero(dr <= 0)[0] if dr[0] > 0 else np.flatnonzero(dr >= 0)[0])
+        fib = f"fibre {r + 1}: " if wave.ndim == 2 else ""
+        raise InputError(
+            f"{where}: wavelengths are not strictly monotonic "
+            f"({fib}first break between pixels {k + 1} and {k + 2}, 1-based)"
+        )
     raise InputError(
-        f"{where}: wavelengths are not strictly monotonic "
-        f"(first break between pixels {k + 1} and {k + 2}, 1-based)"
+        f"{where}: per-fibre wavelengths run in different directions (fibre(s) "
+        f"{_fibre_list(np.flatnonzero(down if up.sum() >= down.sum() else up))} against the others)"
     )
 
 
@@ -690,7 +710,7 @@ def write_calibrated_frame(
     if frame.flipped:
         flux = flux[:, ::-1]
         var = var[:, ::-1]
-        wave = wave[::-1]
+        wave = wave[..., ::-1]
 
     phdr = _clean_header(frame.header)
     phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
@@ -705,6 +725,8 @@ def write_calibrated_frame(
     hdus.append(fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE"))
     if frame.wave_source == "WAVELA":
         hdus.append(_wavela_hdu(frame, wave))
+    if getattr(frame, "lsf_fwhm", None) is not None:
+        hdus.append(_lsf_hdu(frame))
     # else: the input's WCS keywords are in phdr and still describe the pixel order
     hdus.append(_table_hdu(frame.fibres, "FIBRES", "write_calibrated_frame: frame.fibres"))
     hdus.append(_fluxcal_hdu(*cal_columns, _cal_unit(frame.header.get("BUNIT")), frame.medium))
@@ -741,10 +763,40 @@ def _wavela_hdu(frame: Frame, wave: np.ndarray) -> fits.ImageHDU:
     """The output WAVELA (Å, the input's pixel order), per fibre again when the input's was."""
     whdr = _clean_header(frame.ext_headers.get("WAVELA"))
     whdr["BUNIT"] = ("Angstrom", "wavelength unit")
-    wdata = np.ascontiguousarray(wave)
+    wdata = np.ascontiguousarray(wave)  # (n_fibre, n_pix) stays each fibre's own solution
     if frame.wave_ndim == 2:
         wdata = np.ascontiguousarray(np.broadcast_to(wdata, (frame.n_fibre, frame.n_pix)))
     return fits.ImageHDU(wdata, header=whdr, name="WAVELA")
+
+
+def _lsf_hdu(frame: Frame) -> fits.ImageHDU:
+    """The output LSF image (FWHM in Å, the input's pixel order and shape)."""
+    hdr = _clean_header(frame.ext_headers.get("LSF"))
+    hdr["BUNIT"] = ("Angstrom", "line-spread FWHM")
+    data = np.asarray(frame.lsf_fwhm, dtype=np.float64)
+    if frame.flipped:
+        data = data[..., ::-1]
+    return fits.ImageHDU(np.ascontiguousarray(data), header=hdr, name="LSF")
+
+
+def _read_lsf(hdul, fname: str, shape: tuple, flipped: bool):
+    """The optional LSF image: FWHM in Å, (n_fibre, n_pix) or (n_pix,), in increasing wavelength; None without one."""
+    if not _has(hdul, "LSF"):
+        return None, None
+    where = f"{fname} [LSF]"
+    lsf = _image(hdul, "LSF", fname)
+    if lsf.shape not in (shape, shape[1:], (1, shape[1])):
+        raise InputError(f"{where}: shape {lsf.shape} matches neither (n_pix,) = ({shape[1]},) "
+                         f"nor (n_fibre, n_pix) = {shape}")
+    hdr = hdul["LSF"].header
+    lsf = lsf.reshape(-1, shape[1])[0] if lsf.shape == (1, shape[1]) else lsf
+    lsf = lsf * _length_unit_to_angstrom(hdr.get("BUNIT"), f"{where} BUNIT")
+    bad = ~(np.isfinite(lsf) & (lsf > 0))
+    if bad.any():
+        rows = f" (fibre(s) {_fibre_list(np.flatnonzero(bad.any(axis=1)))})" if lsf.ndim == 2 else ""
+        raise InputError(f"{where}: {int(bad.sum())} FWHM value(s) not finite and positive{rows}")
+    lsf = lsf[..., ::-1] if flipped else lsf
+    return np.ascontiguousarray(lsf, dtype=np.float64), hdr.copy()
 
 
 def _fluxcal_hdu(cw, cv, cvv, cm, cal_unit: str, medium: str) -> fits.BinTableHDU:
