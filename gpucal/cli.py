@@ -208,6 +208,10 @@ def _add_calibration_options(p):
     p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
                    help="scan the whole grid even when colours give a Teff prior")
     p.add_argument("--fast", action="store_true", help="fast-path scan (velocity from fiducial templates first)")
+    p.add_argument("--telluric", choices=("correct", "mask"), default="correct",
+                   help="telluric bands: correct them with the absorption the standards measured (default; "
+                        "pixels fewer than 3 standards measure or below 10%% transmission are flagged and "
+                        "bridged) or mask them (bridged by the throughput around them)")
 
 
 def add_batch_options(parser) -> None:

@@ -25,6 +25,7 @@ from .calibration import (
     scale_template_to_photometry,
     shift_to_observed,
 )
+from .calibration.telluric import TELLURIC_MIN_STARS
 from .calibration.verdicts import (
     MAX_FRAME_CHI2_DOF,
     MAX_SCATTER,
@@ -207,8 +208,18 @@ def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, 
         n_good=xp.sum(xp.astype(vec.mask, xp.int64), axis=1), level=res.summary["level"],
         n_outlier=res.summary["n_outlier_pixels"], rms=res.summary["rms_scatter"], cal=res.cal,
         cal_var=res.var, measured=res.measured, flux=cal_flux, var=cal_var, star_cal=vec.cal,
-        star_mask=vec.mask, bad=bad,
+        star_mask=vec.mask, bad=bad, **_telluric_arrays(res),
     ).items()}
+
+
+def _check_telluric(telluric):
+    if telluric not in ("correct", "mask"):
+        raise InputError(f"--telluric must be 'correct' or 'mask', got {telluric!r}")
+
+
+def _telluric_arrays(res) -> dict:
+    """The telluric part's per-pixel results of the combination (none in the masked mode)."""
+    return {k: v for k, v in res.summary.items() if k.startswith("telluric_")}
 
 
 def _reasons(h, fibres, n_pix, match_info, phot_reasons, vrange, max_chi2_dof) -> list:
@@ -272,7 +283,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, telluric="correct") -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -296,9 +307,15 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     1000) and max_scatter (RMS between the standards' vectors, default 0.2) — a frame beyond
     either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
     medium); None = no bound.
+
+    telluric : ``"correct"`` (default) — inside ``mask_regions`` the vector carries the
+    absorption the standards measured (at full resolution; pixels fewer than
+    TELLURIC_MIN_STARS = 3 standards measure, or below 10 % transmission, are flagged and
+    bridged as in ``"mask"``); ``"mask"`` — the bands are bridged by the throughput around them.
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
+    _check_telluric(telluric)
     be = get_backend(backend)
     frame = frame if isinstance(frame, Frame) else read_frame(frame)
     std, names, fibres = _standard_ids(frame)
@@ -318,14 +335,15 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
                               sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
-                              mask_regions=mask_regions, **lsf)
+                              mask_regions=mask_regions, keep_bands=telluric == "correct", **lsf)
     verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
     res = combine_calibration_vectors(vec, usable=verdicts.usable, method=combine, smooth=smooth)
     verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
     cal_flux, cal_var, bad = _apply(frame, res, be)
     clock.lap("calibrate")
     h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
-    settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof)
+    settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof,
+                    telluric=telluric, telluric_min_stars=TELLURIC_MIN_STARS)
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
@@ -352,7 +370,8 @@ def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templat
         timing=timing, warnings=_warn(names, fibres, reasons, prior, h))
     return CalibrationOutput(flux=h["flux"], var=h["var"], wave=np.asarray(frame.wave), cal=h["cal"],
                              cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
-                             summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
+                             summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"],
+                             extra={k: v for k, v in h.items() if k.startswith("telluric_")})
 
 
 def _all_fibre_numbers(frame: Frame) -> list:

@@ -33,7 +33,7 @@ def shift_to_observed(wave, flux, rv, *, wave_out=None):
 
 def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, scale, scale_err, *,
                         fwhm=None, fwhm_poly=None, resolution=None, template_fwhm=0.0,
-                        mask_regions=TELLURIC_DEFAULT) -> CalibrationVectors:
+                        mask_regions=TELLURIC_DEFAULT, keep_bands=False) -> CalibrationVectors:
     """Cal(λ) = scale · (template ⊗ LSF)(λ / (1+z)) / observed, per star.
 
     flux, var, mask : (n_star, n_pix) observed standards (counts); NaN flux
@@ -41,15 +41,28 @@ def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, sc
     ``wave_t``. Pixels are good where the observed pixel is good and
     positive, the model is finite and positive, and outside ``mask_regions``.
     σ²(Cal) = Cal² (σ²_obs / C_obs² + (σ_s / s)²).
+
+    keep_bands : the star is fitted outside ``mask_regions`` as always, and inside them
+    the vectors keep the absorption for the telluric correction
+    (:mod:`gpucal.calibration.telluric`): ``resp`` = observed / model (1/Cal, also where
+    the counts are ≤ 0), σ²(resp) = σ²_obs / model² + resp² (σ_s / s)², and ``band``.
     """
     xp = array_namespace(flux, template_flux)
     conv = convolve_to_instrument(wave_t, template_flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
                                   resolution=resolution, template_fwhm=template_fwhm)
     model = shift_to_observed(wave_t, conv, rv, wave_out=wave_obs) * scale[:, None]
-    good = (mask & xp.isfinite(flux) & (flux > 0) & xp.isfinite(var) & (var > 0)
-            & xp.isfinite(model) & (model > 0))
-    good = good & region_mask(wave_obs, mask_regions)[None, :]
+    valid = mask & xp.isfinite(flux) & xp.isfinite(var) & (var > 0) & xp.isfinite(model) & (model > 0)
+    outside = region_mask(wave_obs, mask_regions)
+    good = valid & (flux > 0) & outside[None, :]
     safe_flux = xp.where(good, flux, 1.0)
     cal = xp.where(good, model / safe_flux, xp.nan)
-    frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + ((scale_err / scale) ** 2)[:, None]
-    return CalibrationVectors(wave=wave_obs, cal=cal, var=cal * cal * frac, mask=good)
+    frac_s = ((scale_err / scale) ** 2)[:, None]
+    frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + frac_s
+    vec = CalibrationVectors(wave=wave_obs, cal=cal, var=cal * cal * frac, mask=good)
+    if keep_bands:
+        inside = valid & ~outside[None, :]
+        safe_model = xp.where(inside, model, 1.0)
+        resp = xp.where(inside, flux / safe_model, xp.nan)
+        vec.resp, vec.band = resp, ~outside
+        vec.resp_var = xp.where(inside, var / (safe_model * safe_model), xp.nan) + resp * resp * frac_s
+    return vec

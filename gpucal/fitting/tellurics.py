@@ -14,7 +14,7 @@ flux absorbed at a band's deepest point.
 
 from __future__ import annotations
 
-__all__ = ["TELLURIC_BANDS", "TELLURIC_DEFAULT"]
+__all__ = ["TELLURIC_BANDS", "TELLURIC_DEFAULT", "TELLURIC_KINDS", "TELLURIC_KIND"]
 
 #: Telluric bands as (lo, hi, depth): edges in Å and the demo simulator's peak depth
 #: (O2 B band, H2O, O2 A band, H2O, H2O; the O2 A and B bands are the deep ones).
@@ -28,3 +28,10 @@ TELLURIC_BANDS = (
 
 #: The same bands as (lo, hi) edges in Å: the regions excluded by default from matching and calibration.
 TELLURIC_DEFAULT = tuple((lo, hi) for lo, hi, _ in TELLURIC_BANDS)
+
+#: What absorbs in each band of :data:`TELLURIC_BANDS` (same order): O2 (A, B bands; their depth
+#: scales with airmass only) or H2O (scales with the precipitable water as well).
+TELLURIC_KINDS = ("O2_B", "H2O", "O2_A", "H2O", "H2O")
+
+#: The absorber of a band, keyed by its (lo, hi) edges in Å.
+TELLURIC_KIND = {(lo, hi): kind for (lo, hi, _), kind in zip(TELLURIC_BANDS, TELLURIC_KINDS)}
