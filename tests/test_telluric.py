@@ -178,3 +178,156 @@ def test_fill_masked_bridges_each_row_alike(backend):
 
 def test_saturation_threshold_constant():
     assert TELLURIC_SATURATION == 0.1 and TELLURIC_MIN_STARS == 3
+
+
+# --------------------------------------------------------------------------- the pipeline on simulated frames
+
+from gpucal.fitting import TELLURIC_DEFAULT  # noqa: E402
+from gpucal.report.summary import fits_keywords  # noqa: E402
+
+WAVE_RANGE, N_PIX = (5000.0, 9300.0), 3000
+
+
+def _in_bands(wave):
+    band = np.zeros(wave.shape, bool)
+    for lo, hi in TELLURIC_DEFAULT:
+        band |= (wave >= lo) & (wave <= hi)
+    return band
+
+
+@pytest.fixture(scope="module")
+def fg_grid():
+    """The demo grid cut to F/G dwarfs around the standards (30 templates): a frame takes seconds."""
+    import dataclasses
+
+    from gpucal.templates.demo import demo_grid
+
+    grid = demo_grid()
+    p = np.asarray(grid.params)
+    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
+    return dataclasses.replace(grid, params=p[keep], flux=np.asarray(grid.flux)[keep], meta={},
+                               continuum=None if grid.continuum is None else np.asarray(grid.continuum)[keep])
+
+
+def _lined_frame(n_std, seed, **transmission):
+    """A frame whose atmosphere has resolved O2/H2O lines; off-node F/G standards at RVs in ±200 km/s."""
+    from gpucal.simulate import simulate_frame
+    from gpucal.simulate_tellurics import REALISTIC_BANDS, line_transmission
+
+    rng = np.random.default_rng(seed)
+    params = np.stack([rng.uniform(5600, 6400, n_std), rng.uniform(4.05, 4.45, n_std),
+                       rng.uniform(-0.45, -0.05, n_std), np.zeros(n_std)], axis=1)
+    tr = functools.partial(line_transmission, bands=REALISTIC_BANDS, **transmission)
+    return simulate_frame(n_standards=n_std, n_program=3, n_sky=0, seed=seed, snr=50.0, params=params,
+                          rvs=rng.uniform(-200.0, 200.0, n_std), telluric=tr, wave_range=WAVE_RANGE, n_pix=N_PIX)
+
+
+def _on_disk(sim, d):
+    """The frame (read back as a Frame, to be calibrated more than once) and its catalogue path."""
+    from gpucal.io import read_frame, write_frame
+    from gpucal.simulate import write_catalogue_csv
+
+    write_frame(d / "frame.fits", sim.flux, sim.var, sim.wave, sim.fibres)
+    return read_frame(d / "frame.fits"), str(write_catalogue_csv(sim.catalogue, d / "cat.csv"))
+
+
+def _calibrate(frame, cat, grid, **kw):
+    from gpucal.pipeline import calibrate_frame
+
+    return calibrate_frame(frame, templates=grid, photometry=cat, fwhm=2.0, backend="numpy", smooth=51, **kw)
+
+
+def _program_rms5(res, sim, pixels):
+    """RMS over the program fibres and ``pixels`` of the 5-px running median of cal/true − 1, the
+    calibration applied to the noiseless counts (the vector's error, not the fibres' noise)."""
+    from scipy.ndimage import median_filter
+
+    prog = np.asarray(sim.truth["program_fibres"])
+    rel = res.cal[None, :] * sim.truth["counts_true"][prog] / sim.truth["program_true_flux"] - 1.0
+    rel5 = median_filter(rel, size=(1, 5), mode="nearest")
+    return float(np.sqrt(np.mean(rel5[:, pixels] ** 2))), float(np.median(rel5[:, pixels]))
+
+
+@pytest.fixture(scope="module")
+def six(fg_grid, tmp_path_factory):
+    sim = _lined_frame(6, seed=1)
+    frame, cat = _on_disk(sim, tmp_path_factory.mktemp("tell6"))
+    return sim, frame, cat, _calibrate(frame, cat, fg_grid), _calibrate(frame, cat, fg_grid, telluric="mask")
+
+
+def test_six_standards_correct_the_bands_and_leave_the_rest(six):
+    """Inside the bands ≤ 1 % RMS (masked: > 10 %); outside bit for bit the masked mode; A and B bands gone."""
+    sim, _, _, res, masked = six
+    band = _in_bands(sim.wave)
+    rms_in, _ = _program_rms5(res, sim, band)
+    rms_masked, _ = _program_rms5(masked, sim, band)
+    assert rms_in <= 0.01 and rms_masked > 0.10
+    np.testing.assert_array_equal(res.cal[~band], masked.cal[~band])  # within 0.05 %: exactly
+    np.testing.assert_array_equal(res.cal_var[~band], masked.cal_var[~band])
+    a_band = (sim.wave >= 7594.0) & (sim.wave <= 7700.0)
+    assert abs(_program_rms5(res, sim, a_band)[1]) < 0.005 and _program_rms5(masked, sim, a_band)[1] < -0.15
+    tell = res.summary["telluric"]
+    assert tell["mode"] == "correct" and tell["n_corrected"] == tell["n_band"] == int(band.sum())
+    kw = fits_keywords(res.summary)
+    assert kw["FCALTELL"][0] == "correct" and kw["FCALTCOR"][0] == int(band.sum()) and kw["FCALTSAT"][0] == 0
+    assert fits_keywords(masked.summary)["FCALTELL"][0] == "mask" and "FCALTCOR" not in fits_keywords(masked.summary)
+    # the per-pixel flags, for the output's mask plane
+    assert set(res.extra) >= {"telluric_saturated", "telluric_uncovered", "telluric_corrected"}
+    assert res.extra["telluric_saturated"].dtype == bool and not res.extra["telluric_uncovered"].any()
+    # the measured transmission follows the true one (convolved) at full resolution
+    t = res.extra["telluric_transmission"][band] / sim.truth["telluric"][band]
+    assert np.median(np.abs(t / np.median(t) - 1)) < 0.01
+
+
+def test_twenty_standards_correct_the_bands(fg_grid, tmp_path):
+    sim = _lined_frame(20, seed=2)
+    frame, cat = _on_disk(sim, tmp_path)
+    res = _calibrate(frame, cat, fg_grid)
+    rms_in, _ = _program_rms5(res, sim, _in_bands(sim.wave))
+    assert rms_in <= 0.01
+    assert res.summary["telluric"]["n_corrected"] == res.summary["telluric"]["n_band"]
+
+
+def test_two_standards_leave_the_bands_masked_and_flagged(six, fg_grid):
+    """Fewer standards than TELLURIC_MIN_STARS: every band pixel is flagged, nothing is amplified."""
+    sim, frame, cat, _, _ = six
+    import copy
+
+    two = copy.deepcopy(frame)
+    std = np.flatnonzero(np.asarray(two.fibres["TYPE"]) == "C")
+    two.fibres["TYPE"][std[2:]] = "P"
+    res = _calibrate(two, cat, fg_grid)
+    band = _in_bands(sim.wave)
+    np.testing.assert_array_equal(res.extra["telluric_uncovered"], band)
+    assert res.summary["telluric"]["mode"] == "mask" and fits_keywords(res.summary)["FCALTUNC"][0] == band.sum()
+    true_cal = 1.0 / sim.truth["throughput"]
+    assert np.max(np.abs(res.cal[band] / true_cal[band] - 1)) < 0.05  # bridged, not 1/T (up to ×2.9)
+
+
+def test_a_saturated_band_is_flagged_not_amplified(fg_grid, tmp_path):
+    """The A band ×30 in optical depth: pixels below 10 % transmission flagged and bridged."""
+    sim = _lined_frame(4, seed=3, saturate=(2,))
+    frame, cat = _on_disk(sim, tmp_path)
+    res = _calibrate(frame, cat, fg_grid)
+    sat = res.extra["telluric_saturated"]
+    t_true = sim.truth["telluric"]
+    assert sat.sum() >= 10 and np.all(t_true[sat] < 0.2) and not sat[~_in_bands(sim.wave)].any()
+    assert np.all(sat[t_true < 0.05])
+    true_cal = 1.0 / sim.truth["throughput"]
+    assert np.max(np.abs(res.cal[sat] / true_cal[sat] - 1)) < 0.05  # the bridge, not 1/T (> ×20)
+    assert fits_keywords(res.summary)["FCALTSAT"][0] == int(sat.sum())
+    ok = res.extra["telluric_corrected"] & (t_true > 0.3)  # the rest of the bands is corrected
+    assert ok.sum() > 300
+
+
+def test_telluric_option(tmp_path):
+    """--telluric reaches calibrate_frame; a wrong value is an InputError before any work."""
+    from gpucal.cli import build_parser, calibrate_options
+    from gpucal.pipeline import calibrate_frame
+
+    args = build_parser().parse_args(["calibrate", "f.fits", "--photometry", "c.csv", "--fwhm", "2", "--telluric", "mask"])
+    assert calibrate_options(args)["telluric"] == "mask"
+    args = build_parser().parse_args(["calibrate", "f.fits", "--photometry", "c.csv", "--fwhm", "2"])
+    assert calibrate_options(args)["telluric"] == "correct"
+    with pytest.raises(InputError, match="--telluric must be 'correct' or 'mask'"):
+        calibrate_frame(str(tmp_path / "missing.fits"), telluric="fix", fwhm=2.0)
