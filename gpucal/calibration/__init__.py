@@ -4,6 +4,7 @@
 * :mod:`.vectors` — per-star vectors Cal(λ) = scaled model / observed counts;
 * :mod:`.verdicts` — each star used, or why not, decided once;
 * :mod:`.combine` — the robust combination of the per-star vectors;
+* :mod:`.telluric` — the telluric part of the combined vector, measured by the standards;
 * :mod:`.apply` — the combined vector applied to every fibre.
 """
 

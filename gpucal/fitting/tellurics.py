@@ -1,12 +1,13 @@
-"""Telluric absorption: the bands of the Earth's atmosphere, and (to come) their correction.
+"""Telluric absorption: the bands of the Earth's atmosphere.
 
-Step of the mission: the pixels the template match and the calibration
-vectors must not trust as they stand. Today the bands are excluded
-(:func:`gpucal.fitting.masks.region_mask` with :data:`TELLURIC_DEFAULT`) and
-the demo simulator imprints them (:data:`TELLURIC_BANDS`, with depths); the
-telluric correction of a later issue (absorption at rest in the
-observatory frame, fitted or taken from a model, kept in the vector and
-never smoothed across) goes in this module.
+Step of the mission: the pixels the template match must not trust as they
+stand. The bands are excluded from the fit
+(:func:`gpucal.fitting.masks.region_mask` with :data:`TELLURIC_DEFAULT`);
+the demo simulator imprints them (:data:`TELLURIC_BANDS`, with depths;
+:mod:`gpucal.simulate_tellurics` resolves their lines by absorber,
+:data:`TELLURIC_KINDS`). The correction itself — the absorption the
+standards measure, kept in the vector at full resolution and never smoothed
+across — is a step of the calibration room: :mod:`gpucal.calibration.telluric`.
 
 Units: band edges in Å (the frame's medium), depths as the fraction of the
 flux absorbed at a band's deepest point.

@@ -87,8 +87,8 @@ def _telluric_keywords(tell: dict) -> dict:
     out = {"FCALTELL": (tell.get("mode", "mask"), "telluric bands: correct (standards) or mask")}
     if "n_corrected" in tell:
         out.update(FCALTCOR=(tell["n_corrected"], "telluric pixels corrected by the standards"),
-                   FCALTSAT=(tell["n_saturated"], "telluric pixels saturated (T < 0.1), uncorrected"),
-                   FCALTUNC=(tell["n_uncovered"], f"telluric pixels with < {tell['min_stars']} standards"))
+                   FCALTSAT=(tell["n_saturated"], "telluric pixels saturated (T < 0.1), bridged"),
+                   FCALTUNC=(tell["n_uncovered"], f"telluric pixels bridged: < {tell['min_stars']} standards"))
     return out
 
 
