@@ -78,7 +78,7 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
     outlier_nsigma : each star's own outlier pixels are masked, and its
         inverse variances capped, first (:func:`star_outliers`).
     telluric : options of :func:`~gpucal.calibration.telluric.telluric_part` (min_stars,
-        saturation, level_window). When the vectors kept the bands (``vectors.resp``), the
+        saturation, outlier_nsigma, level_window). When the vectors kept the bands (``vectors.resp``), the
         combined vector is the smooth part bridged as here times the telluric part measured
         by the stars at full resolution, never smoothed; its flags go into the summary.
 
@@ -111,8 +111,7 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
 
     tell = None
     if vectors.resp is not None:  # the telluric part, measured by the stars
-        tell = telluric_part(vectors, mask, filled, filled_var, method=method, nsigma=nsigma, maxiter=maxiter,
-                             **(telluric or {}))
+        tell = telluric_part(vectors, mask, filled, filled_var, method=method, **(telluric or {}))
         filled, filled_var = tell.cal, tell.var
     resid, rms = _scatter(vectors, comb, measured, mask)
     return FluxCalibrationResult(

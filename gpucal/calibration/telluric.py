@@ -12,10 +12,11 @@ atmospheric absorption. The combined vector is split in two parts:
   star's own level relative to S around the band (its vector / S outside the
   bands, smoothed and bridged over ``level_window`` pixels: a star's photometric
   scale or a slow template error cancels), combined over the stars at each
-  pixel by an inverse-variance weighted mean with iterative clipping (or a
-  masked median). A star's line residuals move with its RV, the telluric
-  lines stay at rest in the observatory frame, so the residuals average out
-  across stars (and clipping removes the large ones).
+  pixel by an inverse-variance weighted mean (or a masked median) of the
+  estimates within ``outlier_nsigma`` of their own noise from the stars'
+  median. A star's line residuals move with its RV, the telluric lines stay
+  at rest in the observatory frame, so the residuals average out across
+  stars, and the median rejection removes the large ones (and cosmic rays).
 
 Inside the bands Cal = S / T, σ²(Cal) = Cal² (σ²_S/S² + σ²_T/T²). Where fewer
 than ``min_stars`` standards measure a pixel (``uncovered``) or T is below
@@ -32,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends import array_namespace, masked_median, sigma_clip
+from ..backends import array_namespace, masked_median
 from .combine import fill_masked
 
 __all__ = ["TELLURIC_MIN_STARS", "TELLURIC_SATURATION", "TelluricPart", "telluric_part", "telluric_summary"]
@@ -85,14 +86,18 @@ def _star_transmission(vectors, mask, smooth, level_window):
     return xp.where(good, t, 0.0), xp.where(good, t_var, 1.0), good
 
 
-def _combine_transmission(t, t_var, good, method, nsigma, maxiter):
-    """Per-pixel combination of the stars' estimates: (T, σ²_T, stars kept)."""
+def _combine_transmission(t, t_var, good, method, outlier_nsigma):
+    """Per-pixel combination of the stars' estimates: (T, σ²_T, stars kept).
+
+    A star's estimate further than ``outlier_nsigma`` of its own noise from the
+    stars' median is left out first (a cosmic ray, a bad pixel, a large line
+    residual of its own): a clip on the scatter of a handful of values cannot
+    reject one of them, the median of three or more can.
+    """
     xp = array_namespace(t)
-    ivar = xp.where(good, 1.0 / t_var, 0.0)
-    keep = good
-    if method == "weighted_mean":
-        keep = sigma_clip(t, weights=ivar, mask=good, nsigma=nsigma, maxiter=maxiter, axis=0)
-    w = xp.where(keep, ivar, 0.0)
+    centre = masked_median(t, good, axis=0)
+    keep = good & (xp.abs(t - centre[None, :]) <= outlier_nsigma * xp.sqrt(t_var))
+    w = xp.where(keep, 1.0 / t_var, 0.0)
     wsum = xp.sum(w, axis=0)
     has = wsum > 0
     safe = xp.where(has, wsum, 1.0)
@@ -104,7 +109,7 @@ def _combine_transmission(t, t_var, good, method, nsigma, maxiter):
     return xp.where(has, value, xp.nan), xp.where(has, var, xp.nan), n
 
 
-def telluric_part(vectors, mask, smooth, smooth_var, *, method="weighted_mean", nsigma=3.0, maxiter=5,
+def telluric_part(vectors, mask, smooth, smooth_var, *, method="weighted_mean", outlier_nsigma=5.0,
                   min_stars=TELLURIC_MIN_STARS, saturation=TELLURIC_SATURATION,
                   level_window=201) -> TelluricPart:
     """The telluric part of the combined vector and the vector corrected by it.
@@ -114,14 +119,15 @@ def telluric_part(vectors, mask, smooth, smooth_var, *, method="weighted_mean", 
     mask : (n_star, n_pix) the pixels of the used stars that entered the
     combination outside the bands (own outliers removed); a star with none is
     left out here too. smooth, smooth_var : (n_pix,) the masked mode's combined
-    vector (bridged across the bands) and its variance. method, nsigma,
-    maxiter : as the combination. min_stars, saturation : the flags (module
-    docstring). level_window : pixels over which each star's level relative to
-    S is smoothed before it is bridged across a band.
+    vector (bridged across the bands) and its variance. method : as the
+    combination. outlier_nsigma : a star's estimate this many of its own σ from
+    the stars' median is left out at that pixel. min_stars, saturation : the
+    flags (module docstring). level_window : pixels over which each star's
+    level relative to S is smoothed before it is bridged across a band.
     """
     xp = array_namespace(vectors.cal)
     t, t_var, good = _star_transmission(vectors, mask, smooth, level_window)
-    trans, trans_var, n = _combine_transmission(t, t_var, good, method, nsigma, maxiter)
+    trans, trans_var, n = _combine_transmission(t, t_var, good, method, outlier_nsigma)
     band = vectors.band
     uncovered = band & (n < min_stars)
     saturated = band & ~uncovered & ~(trans >= saturation)
