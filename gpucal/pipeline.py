@@ -308,10 +308,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
     medium); None = no bound.
 
-    telluric : ``"correct"`` (default) — inside ``mask_regions`` the vector carries the
-    absorption the standards measured (at full resolution; pixels fewer than
-    TELLURIC_MIN_STARS = 3 standards measure, or below 10 % transmission, are flagged and
-    bridged as in ``"mask"``); ``"mask"`` — the bands are bridged by the throughput around them.
+    telluric : ``"correct"`` (default: the absorption the standards measure inside ``mask_regions``,
+    see :mod:`gpucal.calibration.telluric`) or ``"mask"`` (the bands bridged by the throughput).
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
