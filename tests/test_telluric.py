@@ -122,6 +122,31 @@ def test_one_wild_star_is_left_out_by_mean_and_median(backend):
         np.testing.assert_array_equal(to_numpy(res.summary["telluric_n_stars"])[px], N_STAR - 1)
 
 
+def test_transmission_pulls_and_star_order():
+    """Noise of 1 % on every star's band pixels: (T − T_true)/σ_T has unit scatter over 40 draws,
+    and permuting the stars changes nothing (NumPy; the kernels' namespaces are checked above)."""
+    s = _telluric_stack()
+    rng = np.random.default_rng(7)
+    clean = s["resp"].copy()
+    masked = combine_calibration_vectors(_vectors(np, s, keep=False))
+    reference = s["t"] * s["k"] * np.asarray(masked.cal) / s["c"]  # T relative to the bridge, noiseless
+    pulls = []
+    for _ in range(40):
+        s["resp"] = clean * (1.0 + 0.01 * rng.standard_normal(clean.shape))
+        res = combine_calibration_vectors(_vectors(np, s))
+        ok = np.asarray(res.summary["telluric_corrected"])
+        t, tv = np.asarray(res.summary["telluric_transmission"]), np.asarray(res.summary["telluric_transmission_var"])
+        pulls.append(((t - reference) / np.sqrt(tv))[ok])
+    pulls = np.concatenate(pulls)
+    assert abs(np.std(pulls) - 1.0) < 0.05 and abs(np.mean(pulls)) < 0.05
+    perm = np.array([3, 0, 4, 1, 2])
+    swapped = dict(s, cal=s["cal"][perm], var=s["var"][perm], mask=s["mask"][perm], resp=s["resp"][perm],
+                   resp_var=s["resp_var"][perm], a=s["a"][perm])
+    other = combine_calibration_vectors(_vectors(np, swapped))
+    np.testing.assert_allclose(np.asarray(other.cal), np.asarray(res.cal), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(other.var), np.asarray(res.var), rtol=1e-12)
+
+
 def test_too_few_stars_flag_every_band_pixel(backend):
     """Fewer usable stars than TELLURIC_MIN_STARS: the band is uncovered, the vector the masked mode's."""
     s = _telluric_stack()

@@ -10,7 +10,7 @@ atmospheric absorption. The combined vector is split in two parts:
   smoothed: each star's transmission estimate t_i = ℓ_i · S · resp_i, where
   resp_i = observed / scaled model (``CalibrationVectors.resp``) and ℓ_i the
   star's own level relative to S around the band (its vector / S outside the
-  bands, smoothed and bridged over ``level_window`` pixels: a star's photometric
+  bands, averaged over ``level_window`` pixels: a star's photometric
   scale or a slow template error cancels), combined over the stars at each
   pixel by an inverse-variance weighted mean (or a masked median) of the
   estimates within ``outlier_nsigma`` of their own noise from the stars'
@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from array_api_compat import device as _device
 
 from ..backends import array_namespace, masked_median
 from .combine import fill_masked
@@ -70,14 +72,31 @@ class TelluricPart:
     var: Any
 
 
+def _running_mean(y, good, window):
+    """Mean of the good pixels of ``y`` (..., n_pix) within ±window//2, by cumulative sums
+    (a few operations whatever the window), and where it has any."""
+    xp = array_namespace(y)
+    dev = _device(y)
+    n = y.shape[-1]
+    w = xp.astype(good, xp.float64)
+    zero = xp.zeros(y.shape[:-1] + (1,), dtype=xp.float64, device=dev)
+    cw = xp.concat([zero, xp.cumulative_sum(w, axis=-1)], axis=-1)
+    cy = xp.concat([zero, xp.cumulative_sum(xp.where(good, y, 0.0), axis=-1)], axis=-1)
+    idx = xp.arange(n, device=dev)
+    lo, hi = xp.clip(idx - window // 2, 0, n), xp.clip(idx + window // 2 + 1, 0, n)
+    sw = xp.take(cw, hi, axis=-1) - xp.take(cw, lo, axis=-1)
+    sy = xp.take(cy, hi, axis=-1) - xp.take(cy, lo, axis=-1)
+    return xp.where(sw > 0, sy / xp.where(sw > 0, sw, 1.0), 0.0), good & (sw > 0)
+
+
 def _star_transmission(vectors, mask, smooth, level_window):
     """Each star's transmission estimate t_i = ℓ_i S resp_i and its variance, (n_star, n_pix)."""
     xp = array_namespace(vectors.cal)
     s_ok = xp.isfinite(smooth) & (smooth > 0)
     safe_s = xp.where(s_ok, smooth, 1.0)
     ok = mask & s_ok[None, :]
-    ratio = xp.where(ok, vectors.cal / safe_s[None, :], 0.0)
-    level, _ = fill_masked(ratio, xp.zeros_like(ratio), ok, window=level_window)
+    ratio, ok = _running_mean(xp.where(ok, vectors.cal / safe_s[None, :], 0.0), ok, level_window)
+    level, _ = fill_masked(ratio, xp.zeros_like(ratio), ok, window=3)  # bridged from the nearest means
     has_level = xp.any(ok, axis=1, keepdims=True) & xp.isfinite(level) & (level > 0)
     factor = xp.where(has_level, level, 0.0) * smooth[None, :]
     t = factor * vectors.resp
