@@ -365,3 +365,74 @@ def test_telluric_option(tmp_path):
     assert calibrate_options(args)["telluric"] == "correct"
     with pytest.raises(InputError, match="--telluric must be 'correct' or 'mask'"):
         calibrate_frame(str(tmp_path / "missing.fits"), telluric="fix", fwhm=2.0)
+
+
+MILES = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "miles_fgk"
+
+
+def _miles_frame(d, n_std=6, n_prog=3, snr=50.0, seed=0):
+    """Real MILES F/G stars (template mismatch: real lines the grid lacks) at RVs in ±200 km/s, the
+    resolved-line atmosphere convolved to their 2.5 Å and multiplied in, on 5000-7400 Å; catalogue g, r
+    synthesised from each full spectrum. Returns (frame path, catalogue path, counts, true flux, T)."""
+    import csv
+
+    import astropy.units as u
+    import speclite.filters
+    from astropy.io import fits
+    from astropy.table import Table
+    from scipy.ndimage import gaussian_filter1d
+
+    from gpucal.io import write_frame
+    from gpucal.simulate import _throughput_shape
+    from gpucal.simulate_tellurics import REALISTIC_BANDS, line_transmission
+    from gpucal.units import FWHM_PER_SIGMA, doppler_factor
+
+    rows = [r for r in csv.DictReader(open(MILES / "params.csv")) if 5500 <= float(r["teff"]) <= 6500]
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(rows))[: n_std + n_prog]
+    wave = 3540.5 + 0.9 * np.arange(4300)
+    rv = rng.uniform(-200.0, 200.0, pick.size)
+    flux = np.array([np.interp(wave / doppler_factor(v), wave, fits.getdata(MILES / rows[k]["file"]))
+                     for k, v in zip(pick, rv)]) * 1e-15
+    filt = speclite.filters.load_filters("panstarrs-g", "panstarrs-r")
+    edge = 10  # the shifted ends
+    mags = filt.get_ab_magnitudes(flux[:, edge:-edge] * u.erg / u.s / u.cm**2 / u.AA, wave[edge:-edge] * u.AA)
+    flux *= 10.0 ** (-0.4 * (15.0 - np.asarray(mags["panstarrs-r"])))[:, None]
+    mags = filt.get_ab_magnitudes(flux[:, edge:-edge] * u.erg / u.s / u.cm**2 / u.AA, wave[edge:-edge] * u.AA)
+    fine = np.arange(4980.0, 7420.0, 0.02)
+    t_fine = line_transmission(fine, bands=REALISTIC_BANDS, ref_fwhm=2.5)
+    keep = (wave >= 5000.0) & (wave <= 7400.0)
+    wave, flux = wave[keep], flux[:, keep]
+    tell = np.interp(wave, fine, gaussian_filter1d(t_fine, 2.5 / FWHM_PER_SIGMA / 0.02))
+    thr = _throughput_shape(wave) * snr**2 / np.median(flux[:n_std] * _throughput_shape(wave) * tell)
+    counts = flux * thr * tell
+    var = counts + 9.0
+    names = [f"STD{k + 1:03d}" for k in range(n_std)] + [f"PRG{k + 1:03d}" for k in range(n_prog)]
+    fibres = Table({"FIBRE": np.arange(1, len(names) + 1, dtype=np.int32), "NAME": names,
+                    "TYPE": ["C"] * n_std + ["P"] * n_prog, "RA": 150.0 + 0.01 * np.arange(len(names)),
+                    "DEC": np.full(len(names), 2.0)})
+    write_frame(d / "miles.fits", counts + rng.standard_normal(counts.shape) * np.sqrt(var), var, wave, fibres)
+    lines = ["name,ra,dec,g,dg,r,dr"] + [f"{names[k]},{150.0 + 0.01 * k:.6f},2.0,{mags['panstarrs-g'][k]:.4f},0.01,"
+                                          f"{mags['panstarrs-r'][k]:.4f},0.01" for k in range(n_std)]
+    (d / "miles.csv").write_text("\n".join(lines) + "\n")
+    return str(d / "miles.fits"), str(d / "miles.csv"), tell
+
+
+@pytest.mark.skipif(not MILES.is_dir(), reason=f"real MILES spectra not found at {MILES}")
+def test_real_miles_standards_measure_the_absorption(fg_grid, tmp_path):
+    """Real stars as standards and templates that lack their lines: the telluric part alone (the
+    correction relative to the masked mode's bridge, against the true transmission) within 3 % RMS
+    (5-px median) in the B band and the 7150-7340 Å water band, 45 % and 30 % deep. Measured: 2.2 %
+    (B; a −1.8 % bias, the stars' own weak lines in the band, which no RV spread averages out) and
+    1.1 % (H2O)."""
+    from scipy.ndimage import median_filter
+
+    frame, cat, tell = _miles_frame(tmp_path)
+    kw = dict(max_frame_chi2_dof=None, max_scatter=None)
+    res, masked = _calibrate(frame, cat, fg_grid, **kw), _calibrate(frame, cat, fg_grid, telluric="mask", **kw)
+    assert res.summary["telluric"]["n_corrected"] == res.summary["telluric"]["n_band"] > 0
+    err = median_filter(masked.cal / res.cal / tell - 1.0, size=5, mode="nearest")
+    for lo, hi in ((6867.0, 6960.0), (7150.0, 7340.0)):
+        band = (res.wave >= lo) & (res.wave <= hi)
+        assert np.sqrt(np.mean(err[band] ** 2)) < 0.03, (lo, hi)
+        assert np.sqrt(np.mean((masked.cal[band] / res.cal[band] - 1) ** 2)) > 0.08  # the absorption was there
