@@ -116,7 +116,7 @@ def line_transmission(wave, *, bands=TELLURIC_BANDS, gamma: float = 0.04, ref_fw
     """
     wave = np.asarray(wave, dtype=np.float64)
     step = float(np.median(np.abs(np.diff(wave)))) if wave.size > 1 else 0.0
-    n_sub = int(math.ceil(step / (gamma / 2.0)))
+    n_sub = int(math.ceil(step / (gamma / 2.0) - 1e-6))
     if n_sub > 1:  # average over each sample's interval
         offsets = (np.arange(n_sub) + 0.5) / n_sub - 0.5
         sub = (wave[:, None] + step * offsets[None, :]).ravel()

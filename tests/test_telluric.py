@@ -436,3 +436,30 @@ def test_real_miles_standards_measure_the_absorption(fg_grid, tmp_path):
         band = (res.wave >= lo) & (res.wave <= hi)
         assert np.sqrt(np.mean(err[band] ** 2)) < 0.03, (lo, hi)
         assert np.sqrt(np.mean((masked.cal[band] / res.cal[band] - 1) ** 2)) > 0.08  # the absorption was there
+
+
+def test_line_transmission_depths_heads_and_saturation():
+    """The simulated atmosphere: each band's convolved depth as asked, 1 outside the bands, the O2 band
+    heads where they are in the sky (A 7594, B 6867 Å air), and a saturated core below 10 %."""
+    from scipy.ndimage import gaussian_filter1d
+
+    from gpucal.simulate_tellurics import REALISTIC_BANDS, line_transmission, o2_band_lines
+    from gpucal.units import FWHM_PER_SIGMA
+
+    step = 0.02
+    wave = np.arange(6800.0, 9260.0, step)
+    t = line_transmission(wave, bands=REALISTIC_BANDS)
+    conv = gaussian_filter1d(t, 2.0 / FWHM_PER_SIGMA / step)
+    band = _in_bands(wave)
+    assert np.all(t[~band] == 1.0)
+    for lo, hi, depth in REALISTIC_BANDS:
+        inside = (wave >= lo) & (wave <= hi)
+        assert 1.0 - conv[inside].min() == pytest.approx(depth, abs=0.005)
+    for kind, head in (("O2_A", 7594.0), ("O2_B", 6867.0)):
+        lam, _ = o2_band_lines(kind)
+        assert abs(lam.min() - head) < 1.5
+    sat = gaussian_filter1d(line_transmission(wave, bands=REALISTIC_BANDS, saturate=(2,)), 2.0 / FWHM_PER_SIGMA / step)
+    assert sat[(wave >= 7590.0) & (wave <= 7700.0)].min() < 0.01
+    coarse = np.arange(7550.0, 7750.0, 0.1)  # the simulator's grid: averaged over each sample
+    assert np.mean(line_transmission(coarse, bands=REALISTIC_BANDS)) == pytest.approx(
+        np.mean(t[(wave >= 7549.95) & (wave < 7749.95)]), abs=2e-3)
