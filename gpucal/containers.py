@@ -162,12 +162,19 @@ class CalibrationVectors:
 
     wave : (n_pix,) Å; cal, var : (n_star, n_pix) (erg/s/cm²/Å per count);
     mask : (n_star, n_pix) bool True = good.
+    resp, resp_var, band : kept for the telluric correction (None when the bands are
+        masked): resp = observed / scaled model (counts per erg/s/cm²/Å, 1/Cal) at each
+        star's good pixels inside the telluric bands (NaN elsewhere, flux ≤ 0 kept), its
+        variance, and band (n_pix,) bool, the pixels inside the bands.
     """
 
     wave: Any
     cal: Any
     var: Any
     mask: Any
+    resp: Any = None
+    resp_var: Any = None
+    band: Any = None
 
 
 @dataclass

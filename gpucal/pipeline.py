@@ -29,6 +29,7 @@ from .calibration import (
     shift_to_observed,
     to_common_grid,
 )
+from .calibration.telluric import TELLURIC_MIN_STARS
 from .calibration.verdicts import (
     MAX_FRAME_CHI2_DOF,
     MAX_SCATTER,
@@ -41,7 +42,7 @@ from .calibration.verdicts import (
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refine_on_own_lsf,
-                      refined_templates, representative_fwhm_poly)
+                      refined_templates, region_mask, representative_fwhm_poly)
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fibre_bands,
@@ -279,12 +280,13 @@ def _standards_fwhm(frame, std, be):
                                 to_backend(np.ascontiguousarray(np.asarray(rdata)[std]), be, dtype=xp.float64))
 
 
-def _on_common_grid(frame, std, vec, be):
+def _on_common_grid(frame, std, vec, be, mask_regions):
     """Per-fibre wavelengths: the per-star vectors on the frame's common grid (one grid: unchanged)."""
     if frame.wave.ndim == 1:
         return vec
     rows = to_backend(frame.wave[std], be, dtype=be.xp.float64)
-    return to_common_grid(vec, rows, common_grid(to_backend(frame.wave, be, dtype=be.xp.float64)))
+    wave_c = common_grid(to_backend(frame.wave, be, dtype=be.xp.float64))
+    return to_common_grid(vec, rows, wave_c, band=~region_mask(wave_c, mask_regions))
 
 
 def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad):
@@ -298,8 +300,18 @@ def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, 
         n_good=xp.sum(xp.astype(vec.mask, xp.int64), axis=1), level=res.summary["level"],
         n_outlier=res.summary["n_outlier_pixels"], rms=res.summary["rms_scatter"], cal=res.cal,
         cal_var=res.var, measured=res.measured, flux=cal_flux, var=cal_var, star_cal=vec.cal,
-        star_mask=vec.mask, bad=bad,
+        star_mask=vec.mask, bad=bad, **_telluric_arrays(res),
     ).items()}
+
+
+def _check_telluric(telluric):
+    if telluric not in ("correct", "mask"):
+        raise InputError(f"--telluric must be 'correct' or 'mask', got {telluric!r}")
+
+
+def _telluric_arrays(res) -> dict:
+    """The telluric part's per-pixel results of the combination (none in the masked mode)."""
+    return {k: v for k, v in res.summary.items() if k.startswith("telluric_")}
 
 
 def _reasons(h, fibres, n_pix, match_info, phot_reasons, vrange, max_chi2_dof) -> list:
@@ -363,7 +375,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER, medium=None, frame_lsf=None) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, medium=None, frame_lsf=None, telluric="correct") -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -390,9 +402,13 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     medium); None = no bound. medium : ``"air"``/``"vacuum"`` for a frame whose headers do not
     say (without it such a frame is taken as air, with a warning); one that contradicts the
     headers is an InputError.
+
+    telluric : ``"correct"`` (default: the absorption the standards measure inside ``mask_regions``,
+    see :mod:`gpucal.calibration.telluric`) or ``"mask"`` (the bands bridged by the throughput).
     """
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
+    _check_telluric(telluric)
     be = get_backend(backend)
     frame = _with_medium(frame if isinstance(frame, Frame) else read_frame(frame), medium)
     std, names, fibres = _standard_ids(frame)
@@ -416,15 +432,16 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
                               sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
-                              mask_regions=mask_regions, fwhm_star=fwhm_star, **lsf)
+                              mask_regions=mask_regions, fwhm_star=fwhm_star, keep_bands=telluric == "correct", **lsf)
     verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
-    res = combine_calibration_vectors(_on_common_grid(frame, std, vec, be), usable=verdicts.usable, method=combine,
-                                      smooth=smooth)
+    res = combine_calibration_vectors(_on_common_grid(frame, std, vec, be, mask_regions), usable=verdicts.usable,
+                                      method=combine, smooth=smooth)
     verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
     cal_flux, cal_var, bad = _apply(frame, res, be)
     clock.lap("calibrate")
     h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
-    settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof)
+    settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof,
+                    telluric=telluric, telluric_min_stars=TELLURIC_MIN_STARS)
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
@@ -451,7 +468,8 @@ def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templat
         timing=timing, warnings=_warn(names, fibres, reasons, prior, h))
     return CalibrationOutput(flux=h["flux"], var=h["var"], wave=common_grid(np.asarray(frame.wave)), cal=h["cal"],
                              cal_var=h["cal_var"], measured=h["measured"].astype(bool), per_star=per_star,
-                             summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"])
+                             summary=summary, star_cal=h["star_cal"], star_mask=h["star_mask"],
+                             extra={k: v for k, v in h.items() if k.startswith("telluric_")})
 
 
 def _all_fibre_numbers(frame: Frame) -> list:

@@ -94,8 +94,12 @@ def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     return np.array(ra), np.array(dec)
 
 
-def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
-    """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame."""
+def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin, transmission=None):
+    """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame.
+
+    ``transmission`` (callable, fine λ -> T): the spectra are absorbed before the LSF, and the
+    convolved transmission itself is appended as the last row.
+    """
     from scipy.ndimage import gaussian_filter1d
 
     lo, hi = wave_frame[0] - margin, wave_frame[-1] + margin
@@ -104,6 +108,9 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     out = np.empty((params.shape[0], fine.size))
     for k in range(params.shape[0]):
         out[k] = demo_model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
+    if transmission is not None:
+        t_fine = np.asarray(transmission(fine), dtype=np.float64)
+        out = np.vstack([out * t_fine[None, :], t_fine[None, :]])
     if fwhm > 0:
         sigma_pix = fwhm / FWHM_PER_SIGMA / fine_step
         out = gaussian_filter1d(out, sigma_pix, axis=1, mode="nearest", truncate=8.0)
@@ -214,7 +221,9 @@ def simulate_frame(
     magnitudes only when ``mag_noise`` is true (default: exact).
 
     ``truth`` keys: 'throughput' (n_pix,) counts per erg/s/cm²/Å (true Cal =
-    1/throughput); 'telluric' (n_pix,) transmission; 'params' (n_std, 4);
+    1/throughput); 'telluric' (n_pix,) transmission (``telluric`` may be a callable, fine λ Å ->
+    transmission, e.g. :func:`gpucal.simulate_tellurics.line_transmission`: then the spectra are
+    absorbed before the LSF and 'telluric' is the transmission convolved); 'params' (n_std, 4);
     'rv' (n_std,) km/s; 'std_fibres' (n_std,) 0-based frame rows of the
     standards in catalogue order; 'program_fibres', 'sky_fibres' likewise;
     'std_true_flux', 'program_true_flux' (n, n_pix) flux density at the
@@ -324,7 +333,13 @@ def simulate_frame(
     std_true, prog_true = conv[:n_standards], conv[n_standards:]
 
     at = src_wave if varying else wave  # where throughput and telluric are evaluated, per source
-    tell = telluric_transmission(at) if telluric else np.ones(at.shape)
+    tell = telluric_transmission(at) if telluric and not callable(telluric) else np.ones(at.shape)
+    absorbed, after_lsf = conv, tell  # the smooth dips multiply after the LSF
+    if callable(telluric):  # resolved lines (gpucal.simulate_tellurics): absorbed before the LSF
+        if varying:
+            raise ValueError("resolved telluric lines are simulated on a common wavelength grid only")
+        rows = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, telluric)
+        absorbed, tell, after_lsf = rows[:-1] * dilution[:, None], rows[-1], np.ones(n_pix)
     if throughput is None:
         shape = _throughput_shape(at)
         ref = std_true if n_standards else prog_true
@@ -356,7 +371,7 @@ def simulate_frame(
     # perm[row] = index into the (std, program, sky) ordering
     row_of = np.argsort(perm)
 
-    counts_src = np.concatenate([conv, np.zeros((n_sky, n_pix))]) * thr * tell  # (n_pix,) or per source
+    counts_src = np.concatenate([absorbed, np.zeros((n_sky, n_pix))]) * thr * after_lsf  # (n_pix,) or per source
     counts_true = counts_src[perm]
     var = counts_true + read_noise**2
     if noise:

@@ -51,6 +51,7 @@ OPTIONS = {
     "max_frame_chi2_dof": (["--max-frame-chi2-dof", "none"], None),
     "max_scatter": (["--max-scatter", "0.5"], 0.5),
     "medium": (["--medium", "air"], "air"),  # issue 15: these frames state no medium
+    "telluric": (["--telluric", "mask"], "mask"),
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),

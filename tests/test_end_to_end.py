@@ -124,6 +124,9 @@ def test_cli_demo_and_info(tmp_path, capsys, monkeypatch):
     truth = json.loads((tmp_path / "demo" / "summary.json").read_text())["demo_truth"]
     assert rms == pytest.approx(100 * truth["throughput_rms_error_outside_telluric"], abs=5e-4)
     assert 0.2 < rms < 0.6
+    # issue 16: the program spectra show no A or B band (masked: -20 % and -7 %)
+    assert abs(truth["program_residual_A_band"]) < 0.02 and abs(truth["program_residual_B_band"]) < 0.02
+    assert "program spectra in the O2 A / B bands" in out
     monkeypatch.setenv("GPUCAL_BACKEND", "numpy")
     assert main(["info"]) == 0
     info = capsys.readouterr().out

@@ -747,6 +747,8 @@ DOC_ONLY_IDS = (
     "wcs-log-linear", "medium-unknown", "catalogue-fits-table", "photometry-from-fibres", "fits-grid-missing-node",
     # issue 15: per-fibre wavelengths are accepted (tests/test_perfibre.py)
     "wavela-per-fibre-differ",
+    # issue 16: telluric correction (tests/test_telluric.py)
+    "telluric-unknown-mode", "telluric-too-few-standards", "telluric-saturated",
 )
 
 

@@ -6,6 +6,7 @@
 * :mod:`.combine` — the robust combination of the per-star vectors;
 * :mod:`.resample` — per-fibre wavelengths: per-star vectors onto one grid, the
   combined vector back to every fibre's own wavelengths;
+* :mod:`.telluric` — the telluric part of the combined vector, measured by the standards;
 * :mod:`.apply` — the combined vector applied to every fibre.
 """
 

@@ -57,7 +57,8 @@ def star_outliers(cal, ivar, mask, *, nsigma: float = 8.0, floor: float = 0.2, w
 def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, method: str = "weighted_mean",
                                 nsigma: float = 3.0, maxiter: int = 5, reject_nsigma: float = 5.0,
                                 reject_floor: float = 0.05, smooth: int = 0, polyorder: int = 3,
-                                fill_window: int = 51, outlier_nsigma: float = 8.0) -> FluxCalibrationResult:
+                                fill_window: int = 51, outlier_nsigma: float = 8.0,
+                                telluric: dict | None = None) -> FluxCalibrationResult:
     """Combine per-star vectors into one calibration, rejecting discrepant stars.
 
     Parameters
@@ -76,6 +77,10 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
     fill_window : smoothing window used to bridge pixels no star measured.
     outlier_nsigma : each star's own outlier pixels are masked, and its
         inverse variances capped, first (:func:`star_outliers`).
+    telluric : options of :func:`~gpucal.calibration.telluric.telluric_part` (min_stars,
+        saturation, outlier_nsigma, level_window). When the vectors kept the bands (``vectors.resp``), the
+        combined vector is the smooth part bridged as here times the telluric part measured
+        by the stars at full resolution, never smoothed; its flags go into the summary.
 
     Returns
     -------
@@ -102,13 +107,20 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
         comb, measured = _smooth(comb, measured, smooth, polyorder)
         comb_var = xp.where(measured, comb_var, xp.nan)
     filled, filled_var = fill_masked(comb, comb_var, measured, window=fill_window)
+    from .telluric import telluric_part, telluric_summary  # it bridges with fill_masked: imported here
+
+    tell = None
+    if vectors.resp is not None:  # the telluric part, measured by the stars
+        tell = telluric_part(vectors, mask, filled, filled_var, method=method, **(telluric or {}))
+        filled, filled_var = tell.cal, tell.var
     resid, rms = _scatter(vectors, comb, measured, mask)
     return FluxCalibrationResult(
         wave=vectors.wave, cal=filled, var=filled_var, measured=measured, used=used,
         reasons=[], residuals=resid,
         summary={"method": method, "level": level, "discrepant": discrepant, "rms_scatter": rms,
                  "n_outlier_pixels": xp.sum(xp.astype(outlier, xp.int64), axis=1),
-                 "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth},
+                 "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth,
+                 **telluric_summary(tell)},
     )
 
 
@@ -168,33 +180,39 @@ def fill_masked(y, var, good, *, window: int = 51):
     Each gap is filled on the straight line between the smoothed values at
     the nearest good pixels on either side (constant beyond the ends), so a
     telluric band is bridged by the throughput around it, not by one noisy
-    edge pixel. Good pixels are returned unchanged. No host round trip.
+    edge pixel. Good pixels are returned unchanged. y, var, good : (..., n_pix),
+    each row bridged on its own (the per-star levels of the telluric part). No
+    host round trip.
     """
     xp = array_namespace(y)
     dev = _device(y)
-    n = y.shape[0]
+    shape = y.shape
+    n = shape[-1]
     window = min(int(window) | 1, (n // 2) * 2 - 1)
     base = xp.where(good, y, 0.0)
     sm, sm_good = savgol_filter(base, good, window=window, polyorder=2)
     sm = xp.where(sm_good, sm, base)
-    idx = xp.arange(n, device=dev)
-    gi = xp.astype(good, xp.int64)
-    n_good = xp.sum(gi)
+    rows = math.prod(shape[:-1])
+    y2, var2, good2, sm2 = (xp.reshape(a, (rows, n)) for a in (y, xp.broadcast_to(var, shape), good, sm))
+    idx = xp.arange(n, device=dev)[None, :]
+    gi = xp.astype(good2, xp.int64)
+    last = xp.maximum(xp.sum(gi, axis=1, keepdims=True) - 1, 0)
     # Positions of the good pixels in order: a stable sort on "not good".
-    order = xp.argsort(xp.astype(~good, xp.int8), stable=True)
-    k = xp.cumulative_sum(gi) - 1  # index among good pixels of the last good pixel <= p
-    last = xp.maximum(n_good - 1, 0)
-    k_left = xp.clip(k, 0, None)
-    k_left = xp.minimum(k_left, last)
-    k_right = xp.minimum(xp.where(good, k, k + 1), last)
-    k_right = xp.maximum(k_right, 0)
-    p_left = xp.take(order, k_left)
-    p_right = xp.take(order, k_right)
-    y_left, y_right = xp.take(sm, p_left), xp.take(sm, p_right)
-    v_left, v_right = xp.take(var, p_left), xp.take(var, p_right)
+    order = xp.argsort(xp.astype(~good2, xp.int8), axis=1, stable=True)
+    k = xp.cumulative_sum(gi, axis=1) - 1  # index among good pixels of the last good pixel <= p
+    k_left = xp.minimum(xp.clip(k, 0, None), last)
+    k_right = xp.maximum(xp.minimum(xp.where(good2, k, k + 1), last), 0)
+    offset = xp.arange(rows, device=dev)[:, None] * n
+
+    def take(a, pos):  # a[row, pos[row, j]] through the flat array: one gather for every row
+        return xp.reshape(xp.take(xp.reshape(a, (-1,)), xp.reshape(pos + offset, (-1,))), (rows, n))
+
+    p_left, p_right = take(order, k_left), take(order, k_right)
+    y_left, y_right = take(sm2, p_left), take(sm2, p_right)
+    v_left, v_right = take(var2, p_left), take(var2, p_right)
     span = xp.astype(p_right - p_left, y.dtype)
     frac = xp.where(span > 0, xp.astype(idx - p_left, y.dtype) / xp.where(span > 0, span, 1.0), 0.0)
     frac = xp.clip(frac, 0.0, 1.0)
     fy = y_left + frac * (y_right - y_left)
     fv = (1.0 - frac) * v_left + frac * v_right
-    return xp.where(good, y, fy), xp.where(good, var, fv)
+    return (xp.reshape(xp.where(good2, y2, fy), shape), xp.reshape(xp.where(good2, var2, fv), shape))

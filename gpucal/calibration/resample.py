@@ -38,10 +38,12 @@ def common_grid(wave):
     return wave if wave.ndim == 1 else xp.mean(wave, axis=0)
 
 
-def to_common_grid(vectors: CalibrationVectors, wave_rows, wave_c) -> CalibrationVectors:
+def to_common_grid(vectors: CalibrationVectors, wave_rows, wave_c, *, band=None) -> CalibrationVectors:
     """Per-star vectors on their own wavelengths ``wave_rows`` (n_star, n_pix) -> on ``wave_c`` (n_c,).
 
     Returns CalibrationVectors (n_star, n_c) on ``wave_c``; see the module docstring.
+    Vectors that keep the telluric bands (``resp``, ``resp_var``) carry them the same
+    way; ``band`` (n_c,) bool is then the bands' pixels on ``wave_c``.
     """
     xp = array_namespace(vectors.cal, wave_c)
     n_star, n_pix = vectors.cal.shape
@@ -56,16 +58,23 @@ def to_common_grid(vectors: CalibrationVectors, wave_rows, wave_c) -> Calibratio
     def at(a, i):
         return xp.take_along_axis(a, i, axis=1)
 
-    m_lo, m_hi = at(vectors.mask, lo), at(vectors.mask, hi)
-    # a neighbour with zero weight (t = 0 or 1 exactly) need not be good
-    good = inside & (m_lo | (t == 1.0)) & (m_hi | (t == 0.0))
-    c_lo = xp.where(m_lo, at(vectors.cal, lo), 0.0)
-    c_hi = xp.where(m_hi, at(vectors.cal, hi), 0.0)
-    v_lo = xp.where(m_lo, at(vectors.var, lo), 0.0)
-    v_hi = xp.where(m_hi, at(vectors.var, hi), 0.0)
-    cal = xp.where(good, (1.0 - t) * c_lo + t * c_hi, xp.nan)
-    var = xp.where(good, (1.0 - t) ** 2 * v_lo + t * t * v_hi, xp.nan)
-    return CalibrationVectors(wave=wave_c, cal=cal, var=var, mask=good)
+    def carry(val, var, valid):
+        m_lo, m_hi = at(valid, lo), at(valid, hi)
+        # a neighbour with zero weight (t = 0 or 1 exactly) need not be good
+        good = inside & (m_lo | (t == 1.0)) & (m_hi | (t == 0.0))
+        y_lo, y_hi = xp.where(m_lo, at(val, lo), 0.0), xp.where(m_hi, at(val, hi), 0.0)
+        s_lo, s_hi = xp.where(m_lo, at(var, lo), 0.0), xp.where(m_hi, at(var, hi), 0.0)
+        return (xp.where(good, (1.0 - t) * y_lo + t * y_hi, xp.nan),
+                xp.where(good, (1.0 - t) ** 2 * s_lo + t * t * s_hi, xp.nan), good)
+
+    cal, var, good = carry(vectors.cal, vectors.var, vectors.mask)
+    out = CalibrationVectors(wave=wave_c, cal=cal, var=var, mask=good)
+    if vectors.resp is not None:
+        if band is None:
+            raise ValueError("to_common_grid: vectors keep the telluric bands; give band on the common grid")
+        out.resp, out.resp_var, _ = carry(vectors.resp, vectors.resp_var, xp.isfinite(vectors.resp))
+        out.band = band
+    return out
 
 
 def cal_at_fibres(wave_fibres, wave_c, cal, cal_var, measured):

@@ -35,7 +35,7 @@ def shift_to_observed(wave, flux, rv, *, wave_out=None):
 
 def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, scale, scale_err, *,
                         fwhm=None, fwhm_poly=None, resolution=None, template_fwhm=0.0,
-                        mask_regions=TELLURIC_DEFAULT, fwhm_star=None) -> CalibrationVectors:
+                        mask_regions=TELLURIC_DEFAULT, fwhm_star=None, keep_bands=False) -> CalibrationVectors:
     """Cal(λ) = scale · (template ⊗ LSF)(λ / (1+z)) / observed, per star.
 
     flux, var, mask : (n_star, n_pix) observed standards (counts); NaN flux
@@ -46,6 +46,11 @@ def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, sc
     (n_star, n_pix); ``fwhm_star`` (n_star, n_pix), each star's LSF FWHM (Å) at
     its pixels, replaces fwhm / fwhm_poly / resolution (each template convolved
     with its own star's LSF, :func:`~gpucal.fitting.lsf.fwhm_on_grid`).
+
+    keep_bands : the star is fitted outside ``mask_regions`` as always, and inside them
+    the vectors keep the absorption for the telluric correction
+    (:mod:`gpucal.calibration.telluric`): ``resp`` = observed / model (1/Cal, also where
+    the counts are ≤ 0), σ²(resp) = σ²_obs / model² + resp² (σ_s / s)², and ``band``.
     """
     xp = array_namespace(flux, template_flux)
     if fwhm_star is not None:
@@ -55,10 +60,18 @@ def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, sc
         conv = convolve_to_instrument(wave_t, template_flux, fwhm=fwhm, fwhm_poly=fwhm_poly,
                                       resolution=resolution, template_fwhm=template_fwhm)
     model = shift_to_observed(wave_t, conv, rv, wave_out=wave_obs) * scale[:, None]
-    good = (mask & xp.isfinite(flux) & (flux > 0) & xp.isfinite(var) & (var > 0)
-            & xp.isfinite(model) & (model > 0))
-    good = good & region_mask(wave_obs, mask_regions)
+    valid = mask & xp.isfinite(flux) & xp.isfinite(var) & (var > 0) & xp.isfinite(model) & (model > 0)
+    outside = region_mask(wave_obs, mask_regions)  # (n_pix,) or per star (n_star, n_pix)
+    good = valid & (flux > 0) & outside
     safe_flux = xp.where(good, flux, 1.0)
     cal = xp.where(good, model / safe_flux, xp.nan)
-    frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + ((scale_err / scale) ** 2)[:, None]
-    return CalibrationVectors(wave=wave_obs, cal=cal, var=cal * cal * frac, mask=good)
+    frac_s = ((scale_err / scale) ** 2)[:, None]
+    frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + frac_s
+    vec = CalibrationVectors(wave=wave_obs, cal=cal, var=cal * cal * frac, mask=good)
+    if keep_bands:
+        inside = valid & ~outside
+        safe_model = xp.where(inside, model, 1.0)
+        resp = xp.where(inside, flux / safe_model, xp.nan)
+        vec.resp, vec.band = resp, ~outside
+        vec.resp_var = xp.where(inside, var / (safe_model * safe_model), xp.nan) + resp * resp * frac_s
+    return vec

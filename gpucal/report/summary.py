@@ -52,7 +52,17 @@ def frame_summary(*, frame_path, backend, names, fibres, h, reasons, options, n_
         "stars": [_star_entry(i, names, fibres, h, reasons) for i in range(len(names))],
         "timing_s": dict(timing),
         "warnings": list(warnings),
+        "telluric": _telluric_entry(options, h),
     }
+
+
+def _telluric_entry(options, h) -> dict:
+    """The telluric mode asked for and applied (``correct`` where any pixel was), and its pixel counts."""
+    if "telluric_corrected" not in h:
+        return {"requested": options.get("telluric", "mask"), "mode": "mask"}
+    counts = {f"n_{k}": int(h[f"telluric_{k}"].sum()) for k in ("band", "corrected", "saturated", "uncovered")}
+    return {"requested": options["telluric"], "mode": "correct" if counts["n_corrected"] else "mask",
+            "min_stars": int(options["telluric_min_stars"]), **counts}
 
 
 def fits_keywords(summary: dict) -> dict:
@@ -68,7 +78,18 @@ def fits_keywords(summary: dict) -> dict:
         "FCALRMS": (rms if rms is not None else -1.0, "median fractional RMS between standards"),
         "FCALSMOO": (int(summary["smooth"]), "Savitzky-Golay window (pixels, 0 = none)"),
         "FCALINTP": (summary["fraction_interpolated"], "fraction of pixels interpolated"),
+        **_telluric_keywords(summary.get("telluric", {})),
     }
+
+
+def _telluric_keywords(tell: dict) -> dict:
+    """FCALTELL (the mode applied) and, when correcting, the pixels corrected / flagged."""
+    out = {"FCALTELL": (tell.get("mode", "mask"), "telluric bands: correct (standards) or mask")}
+    if "n_corrected" in tell:
+        out.update(FCALTCOR=(tell["n_corrected"], "telluric pixels corrected by the standards"),
+                   FCALTSAT=(tell["n_saturated"], "telluric pixels saturated (T < 0.1), bridged"),
+                   FCALTUNC=(tell["n_uncovered"], f"telluric pixels bridged: < {tell['min_stars']} standards"))
+    return out
 
 
 def history_lines(names, fibres, h) -> list:
