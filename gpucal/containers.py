@@ -215,6 +215,8 @@ class Frame(_FibreAxes):
     wave_ndim : 1 or 2, the dimensionality of the input WAVELA (1 for wcs).
     ext_headers : copies of the VARIANCE (and WAVELA) extension headers,
         reused by the writer for their non-structural cards.
+    extra_hdus : the input's extensions gpucal does not know, as (EXTNAME, raw
+        bytes of header and data) in file order, carried unchanged into the output.
     """
 
     path: str
@@ -228,6 +230,7 @@ class Frame(_FibreAxes):
     wave_source: str = "WAVELA"
     wave_ndim: int = 1
     ext_headers: dict = field(default_factory=dict)
+    extra_hdus: tuple = ()
 
     @property
     def fibre_types(self) -> np.ndarray:

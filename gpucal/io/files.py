@@ -144,9 +144,10 @@ def check_output_path(path, *, overwrite: bool = False, protect=None) -> None:
     _check_destination(os.fspath(path), overwrite, None if protect is None else os.fspath(protect))
 
 
-def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
-    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
-    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception"), path, overwrite, protect)
+def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None, checksum: bool = False) -> None:
+    """Write ``hdul`` to a temporary file beside ``path`` and move it into place (``checksum``:
+    CHECKSUM and DATASUM on every HDU)."""
+    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception", checksum=checksum), path, overwrite, protect)
 
 
 def write_text(path, text: str, *, overwrite: bool = False, protect=None) -> None:

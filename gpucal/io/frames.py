@@ -62,7 +62,14 @@ extensions: ``FLUXCAL`` (columns ``WAVE`` [Angstrom], ``CAL``, ``CAL_VAR``,
 pixels], in increasing wavelength) and ``FLUXSTD`` (the per-star table). The
 design's single "FLUXCAL extension holding the vector, its variance and the
 per-star table" is two HDUs because a FITS table has one row length: the
-vector is per pixel, the per-star table per star.
+vector is per pixel, the per-star table per star. Then ``MASK`` (int32
+``(n_fibre, n_pix)`` bit flags per fibre pixel, 0 = clean, the bits named in its
+header as ``MASKB<k>``; see :mod:`gpucal.calibration.maskbits`), ``PROVENANCE``
+(KEY, VALUE: input files and their SHA-256, template grid and hash, LSF, every
+option, command line, versions, date; :mod:`gpucal.report.provenance`), and
+every extension of the input gpucal does not know (not PRIMARY, VARIANCE,
+WAVELA, FIBRES, nor one of the outputs), byte for byte in input order. Every
+HDU carries CHECKSUM and DATASUM.
 
 Every image is written as native float64, atomically and never onto the
 input frame (:mod:`gpucal.io.files`).
@@ -336,6 +343,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
     medium = _frame_medium(wave_hdr, prim.header, wcs_medium, fname)
     fibres = _read_fibres(hdul, fname, n_fibre)
     _check_variance_values(var, fname)
+    extra_hdus = _unknown_hdus(hdul, fname)
     frame = Frame(
         path=fname,
         flux=flux,
@@ -348,6 +356,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         wave_source=wave_source,
         wave_ndim=int(wave_ndim),
         ext_headers=ext_headers,
+        extra_hdus=extra_hdus,
     )
     if require_standards and frame.standards.size == 0:
         types = sorted(set(frame.fibre_types.tolist()))
@@ -356,6 +365,39 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
             f"{', '.join(repr(t) for t in types) or 'none'}"
         )
     return frame
+
+
+#: Extensions gpucal reads from an input frame; every other one is carried through unchanged.
+KNOWN_INPUT_HDUS = frozenset({"PRIMARY", "VARIANCE", "WAVELA", "FIBRES"})
+#: Extensions gpucal writes into a calibrated frame (replaced, not carried, when a frame is recalibrated).
+OUTPUT_HDUS = frozenset({"FLUXCAL", "FLUXSTD", "MASK", "PROVENANCE"})
+
+
+def _unknown_hdus(hdul, fname: str) -> tuple:
+    """(EXTNAME, raw header + data bytes) of every extension gpucal neither reads nor writes, in file order.
+
+    The bytes are the file's own, so the writer can carry the HDU byte for byte
+    (only CHECKSUM/DATASUM are added to its header when it has none).
+    """
+    spans = []
+    for hdu in hdul[1:]:
+        name = str(hdu.name).strip().upper()
+        if name in KNOWN_INPUT_HDUS or name in OUTPUT_HDUS:
+            continue
+        info = hdu.fileinfo()
+        if info is None:
+            continue
+        spans.append((name, info["hdrLoc"], info["datLoc"] + info["datSpan"]))
+    if not spans:
+        return ()
+    out = []
+    with open(fname, "rb") as fh:
+        for name, start, stop in spans:
+            fh.seek(start)
+            out.append((name, fh.read(stop - start)))
+    for name, _ in out:
+        logger.info("%s [%s]: extension not used by gpucal, carried into the output unchanged", fname, name)
+    return tuple(out)
 
 
 def _read_primary(hdul, fname: str) -> np.ndarray:
@@ -558,6 +600,10 @@ def _table_hdu(table, name: str, what: str) -> fits.BinTableHDU:
             hdu = fits.table_to_hdu(table)
     except Exception as exc:
         raise InputError(f"{what} cannot be written as a FITS table ({exc})") from None
+    for i, col in enumerate(table.columns.values(), start=1):
+        tunit = getattr(col, "meta", {}).get("tunit")  # a unit astropy cannot write in FITS (log(cm.s**-2), dex)
+        if tunit and f"TUNIT{i}" not in hdu.header:
+            hdu.header[f"TUNIT{i}"] = str(tunit)
     hdu.name = name
     return hdu
 
@@ -722,6 +768,9 @@ def write_calibrated_frame(
     keywords: dict | None = None,
     history=(),
     overwrite: bool = False,
+    mask=None,
+    mask_bits: dict | None = None,
+    provenance=None,
 ) -> None:
     """Write the calibrated frame in the input's layout (see the module docstring).
 
@@ -733,6 +782,11 @@ def write_calibrated_frame(
     keywords : {KEY: (value, comment)} or {KEY: value}, written to the primary header.
     history : strings, each written with ``add_history`` (long ones wrap onto
         several cards; none is dropped).
+    mask : (n_fibre, n_pix) integer bit flags in ``frame``'s orientation, written as
+        the ``MASK`` image (int32); mask_bits : {NAME: (value, meaning)} documented in
+        its header as ``MASKB<k>`` cards. provenance : astropy Table written as
+        ``PROVENANCE``. The input's unknown extensions (``frame.extra_hdus``) follow,
+        byte for byte; every HDU gets CHECKSUM and DATASUM.
 
     Refuses (InputError) to write onto ``frame.path`` whatever ``overwrite``
     says, and onto an existing file unless ``overwrite``.
@@ -776,8 +830,41 @@ def write_calibrated_frame(
     hdus.append(_fluxcal_hdu(*cal_columns, _cal_unit(frame.header.get("BUNIT")), frame.medium))
     if per_star is not None:
         hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
+    if mask is not None:
+        hdus.append(_mask_hdu(mask, mask_bits, shape, frame.flipped))
+    if provenance is not None:
+        hdus.append(_table_hdu(provenance, "PROVENANCE", "write_calibrated_frame: provenance"))
+    hdus += _carried_hdus(frame)
 
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True)
+
+
+def _mask_hdu(mask, mask_bits, shape, flipped: bool) -> fits.ImageHDU:
+    """The MASK image (int32, the input's pixel order) with its bits documented as MASKB<k> cards."""
+    m = np.asarray(_as_numpy(mask))
+    if m.shape != shape or m.dtype.kind not in "biu":
+        raise InputError(f"write_calibrated_frame: mask must be integer of the frame's shape {shape}, "
+                         f"got {m.dtype} {m.shape}")
+    m = np.ascontiguousarray(m[:, ::-1] if flipped else m, dtype=np.int32)
+    hdu = fits.ImageHDU(m, name="MASK")
+    hdu.header["COMMENT"] = "bit flags per fibre pixel, 0 = clean; MASKB<k> names bit k (value 2**(k-1))"
+    for name, (value, meaning) in (mask_bits or {}).items():
+        k = int(value).bit_length()
+        hdu.header[f"MASKB{k}"] = (_ascii(name), _ascii(meaning)[:46])
+    return hdu
+
+
+def _carried_hdus(frame: Frame) -> list:
+    """The input's unknown extensions, rebuilt from their own bytes (their data is written unchanged)."""
+    from astropy.io.fits.hdu.base import _BaseHDU
+
+    out = []
+    for name, raw in frame.extra_hdus:
+        try:
+            out.append(_BaseHDU.fromstring(raw))
+        except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged bytes
+            raise InputError(f"{frame.path} [{name}]: extension cannot be carried into the output ({exc})") from None
+    return out
 
 
 def _cal_columns(cal_wave, cal, cal_var, cal_measured):
