@@ -308,7 +308,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     medium); None = no bound.
 
     Outputs: recalibrate — accept an input already flux-calibrated (refused otherwise,
-    AlreadyCalibratedError); command_line — the command that ran, for the PROVENANCE table.
+    AlreadyCalibratedError); command_line — the command that ran, for the PROVENANCE table
+    (default: ``GPUCAL_COMMAND_LINE``, which ``gpucal`` sets).
     """
     options = dict(locals())  # every option as called, for the provenance
     clock = _Clock()
@@ -433,7 +434,7 @@ def _provenance(frame, grid, photometry, lsf, options) -> dict:
         frame_path=frame.path, frame_sha256=file_sha256(frame.path) if frame.path else None,
         photometry_path=os.fspath(phot_path) if phot_path else "",
         photometry_sha256=file_sha256(phot_path) if phot_path else None, grid_id=gid, grid_hash=ghash,
-        lsf=lsf, options=opts, command_line=options.get("command_line"),
+        lsf=lsf, options=opts, command_line=options.get("command_line") or os.environ.get("GPUCAL_COMMAND_LINE"),
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions={"numpy": np.__version__, "astropy": astropy.__version__})
 
@@ -450,11 +451,15 @@ def _outputs_qa(output, frame, std, spectra, vec, res, be, inputs):
                      telluric_saturated=s.get("telluric_saturated"),
                      telluric_few_standards=s.get("telluric_few_standards"))
     bin_wave, bin_resid = binned_residuals(spectra.wave, res.residuals)
+    model = xp.where(vec.mask, vec.cal * spectra.flux, xp.nan)  # each standard's scaled model (erg/s/cm²/Å)
+    observed = res.cal[None, :] * spectra.flux  # the standard calibrated with the combined vector
+    safe = xp.where(vec.mask, model, 1.0)
     output.extra.update({k: to_numpy(v) for k, v in dict(
         mask=mask, mask_counts=mask_counts(mask), zeropoint=zeropoint_ab(spectra.wave, res.cal),
         star_zeropoint=zeropoint_ab(spectra.wave, vec.cal), bin_wave=bin_wave, bin_residual=bin_resid,
-        model=xp.where(vec.mask, vec.cal * spectra.flux, xp.nan), observed=spectra.flux).items()})
+        model=model, observed=observed, fit_residual=xp.where(vec.mask, observed / safe - 1.0, xp.nan)).items()})
     output.extra["std_rows"] = np.asarray(std)
+    output.extra["mask_bits"] = MASK_BITS
     output.summary["mask_pixels"] = dict(zip(MASK_BITS, output.extra["mask_counts"].tolist()))
     output.summary["provenance"] = _provenance(frame, grid, photometry, lsf, options)
 
