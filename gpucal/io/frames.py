@@ -834,9 +834,9 @@ def write_calibrated_frame(
         hdus.append(_mask_hdu(mask, mask_bits, shape, frame.flipped))
     if provenance is not None:
         hdus.append(_table_hdu(provenance, "PROVENANCE", "write_calibrated_frame: provenance"))
-    hdus += _carried_hdus(frame)
 
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True)
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True,
+                  tail=_carried_bytes(frame))
 
 
 def _mask_hdu(mask, mask_bits, shape, flipped: bool) -> fits.ImageHDU:
@@ -854,17 +854,38 @@ def _mask_hdu(mask, mask_bits, shape, flipped: bool) -> fits.ImageHDU:
     return hdu
 
 
-def _carried_hdus(frame: Frame) -> list:
-    """The input's unknown extensions, rebuilt from their own bytes (their data is written unchanged)."""
+def _carried_bytes(frame: Frame) -> bytes:
+    """The input's unknown extensions as the bytes that follow the output's own HDUs.
+
+    An extension whose CHECKSUM and DATASUM verify is its input bytes, every one;
+    any other gets the two cards added (its data and other cards unchanged).
+    """
     from astropy.io.fits.hdu.base import _BaseHDU
 
     out = []
     for name, raw in frame.extra_hdus:
         try:
-            out.append(_BaseHDU.fromstring(raw))
+            # unscaled, as stored: astropy would otherwise rewrite BSCALE/BZERO (and unsigned data)
+            hdu = _BaseHDU.fromstring(raw, do_not_scale_image_data=True, uint=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if "CHECKSUM" in hdu.header and hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1:
+                    out.append(raw)
+                    continue
+            out.append(_with_checksum(hdu))
         except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged bytes
             raise InputError(f"{frame.path} [{name}]: extension cannot be carried into the output ({exc})") from None
-    return out
+    return b"".join(out)
+
+
+def _with_checksum(hdu) -> bytes:
+    """One extension HDU's bytes with CHECKSUM and DATASUM (written after an empty primary, which is cut off)."""
+    import io
+
+    buf = io.BytesIO()
+    primary = fits.PrimaryHDU()
+    fits.HDUList([primary, hdu]).writeto(buf, checksum=True, output_verify="exception")
+    return buf.getvalue()[len(primary.header.tostring()):]
 
 
 def _cal_columns(cal_wave, cal, cal_var, cal_measured):

@@ -68,15 +68,20 @@ def provenance_record(*, frame_path, frame_sha256, photometry_path, photometry_s
 
 
 def provenance_keywords(record: dict) -> dict:
-    """``FCAL*`` provenance keywords {name: (value, comment)}; long values are in PROVENANCE."""
+    """``FCAL*`` provenance keywords {name: (value, comment)}; long values are in PROVENANCE.
+
+    FCALINP / FCALPHOT / FCALGRID: input frame, photometry file, template grid; FCALISHA /
+    FCALPSHA / FCALGSHA: their SHA-256 (64 hex digits, no room for a comment); FCALLSF: the
+    LSF given; FCALDATE: the date of the calibration (UTC, ISO 8601).
+    """
     lsf = ", ".join(f"{k}={_text(v)}" for k, v in record["lsf"].items()) or "none"
     kw = {
         "FCALINP": (record["input_frame"][:68] or "(in memory)", "input frame (PROVENANCE has the path)"),
-        "FCALISHA": (record["input_frame_sha256"] or "", "SHA-256 of the input frame"),
+        "FCALISHA": (record["input_frame_sha256"] or "", ""),
         "FCALPHOT": (record["photometry"][:68] or "(in memory)", "photometry file"),
-        "FCALPSHA": (record["photometry_sha256"] or "", "SHA-256 of the photometry file"),
+        "FCALPSHA": (record["photometry_sha256"] or "", ""),
         "FCALGRID": (record["template_grid"][:68], "template grid"),
-        "FCALGSHA": (record["template_grid_hash"] or "", "SHA-256 of the template grid"),
+        "FCALGSHA": (record["template_grid_hash"] or "", ""),
         "FCALLSF": (lsf[:68], "instrument LSF given"),
         "FCALDATE": (record["date_utc"], "date of the calibration (UTC)"),
     }
