@@ -528,7 +528,7 @@ def _demo(args):
             program = (str(sim.fibres["NAME"][row]), res.flux[row], sim.truth["program_true_flux"][0])
         write_frame_qa(res, out, truth_cal=true_cal, program=program)
     print(format_summary(res.summary))
-    print(f"recovered throughput vs truth: {100 * rms:.2f} % RMS outside telluric bands "
+    print(f"recovered throughput vs truth: {100 * rms:.3f} % RMS outside telluric bands "
           f"(backend {res.summary['backend']}, {time.perf_counter() - t0:.1f} s)")
     print(f"wrote {out / 'calibrated.fits'}, {out / 'summary.json'}"
           + ("" if args.no_plots else f", the QA images and the report {out / 'index.html'}"))

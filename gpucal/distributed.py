@@ -442,10 +442,10 @@ def _page_links(paths: list, i: int) -> dict:
 
 def _night_page(result: BatchResult, qc_dir) -> Path:
     """The night page ``qc_dir/index.html`` (and night.json, night.png), linking each calibrated frame's page."""
-    from .report.html import write_night_report
+    from .report.html import relink_frame_pages, write_night_report
 
     panel = write_batch_panel(result, Path(qc_dir) / "night.png")
-    pages = {r.path: f"{_stem(r.path)}/index.html" for r in result.records
-             if r.ok and (Path(qc_dir) / _stem(r.path) / "index.html").is_file()}
+    have = set(relink_frame_pages(qc_dir, [_stem(r.path) for r in result.records if r.ok]))
+    pages = {r.path: f"{_stem(r.path)}/index.html" for r in result.records if r.ok and _stem(r.path) in have}
     captions = {"night.png": "Combined vectors, stability against the night's median, standards and scatter per frame"}
     return write_night_report(result.summary, qc_dir, pages, images=[panel], captions=captions)[0]

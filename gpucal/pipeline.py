@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 
+from . import __version__
 from .backends import array_namespace, get_backend, to_backend, to_numpy
 from .calibration import (
     apply_flux_calibration,
@@ -411,15 +413,21 @@ _GRID_IDS = weakref.WeakKeyDictionary()
 
 
 def _grid_identity(grid: TemplateGrid) -> tuple:
-    """(id, SHA-256) of a template grid: a cache's sidecar hash, else the hash of its arrays (once per grid)."""
+    """(id, SHA-256) of a template grid, once per grid: a prepared cache's sidecar hash; the built-in
+    demo grid's generator parameters (its meta) with the gpucal version (the grid is rebuilt per
+    call, hashing its 50 MB would cost more than the frame's I/O); else the hash of its arrays."""
     if grid not in _GRID_IDS:
         meta = grid.meta
         gid = str(meta.get("cache_path") or meta.get("source") or "in-memory grid")
         digest = meta.get("sidecar_sha256")
+        if digest is None and meta.get("source") == "gpucal demo grid":
+            text = json.dumps(dict(meta, gpucal_version=__version__), sort_keys=True, default=str)
+            digest = hashlib.sha256(text.encode()).hexdigest()
         if digest is None:
             h = hashlib.sha256()
             for a in (grid.params, grid.wave, grid.flux):
-                h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+                arr = np.ascontiguousarray(np.asarray(a))
+                h.update(str(arr.dtype).encode() + arr.data)
             digest = h.hexdigest()
         _GRID_IDS[grid] = (gid, str(digest))
     return _GRID_IDS[grid]

@@ -294,3 +294,145 @@ def test_a_calibrated_input_is_refused_unless_recalibrate(calibrated):
         assert any("recalibrated" in h for h in b[0].header["HISTORY"])
         assert [h.name for h in b][-2:] == ["SKYMODEL", "NOTES"]  # carried again, MASK/PROVENANCE replaced
         assert [h.name for h in b].count("MASK") == 1
+
+
+# ------------------------------------------------------------------------------ the night and its pages
+
+
+@pytest.fixture(scope="module")
+def night(calibrated, tmp_path_factory):
+    """A batch of three frames (two calibrated, one without standards) with --qc: the night page."""
+    from gpucal.distributed import calibrate_frames
+
+    c = calibrated
+    d = tmp_path_factory.mktemp("night")
+    paths = []
+    for seed in (5, 6):
+        sim = simulate_frame(seed=seed, n_standards=3, n_program=1, n_sky=1, n_pix=1500, wave_range=(3800.0, 9200.0),
+                             params=[(5850.0, 4.3, -0.2, 0.0), (6120.0, 4.1, -0.4, 0.0), (5700.0, 4.4, 0.0, 0.0)])
+        write_frame(d / f"n{seed}.fits", sim.flux, sim.var, sim.wave, sim.fibres)
+        write_catalogue_csv(sim.catalogue, d / f"n{seed}_cat.csv")
+        paths.append(str(d / f"n{seed}.fits"))
+        if seed == 5:  # a frame whose fibres are all program fibres: it fails
+            sim.fibres["TYPE"] = ["P"] * len(sim.fibres)
+            write_frame(d / "nostd.fits", sim.flux, sim.var, sim.wave, sim.fibres)
+            write_catalogue_csv(sim.catalogue, d / "nostd_cat.csv")
+            paths.append(str(d / "nostd.fits"))
+    result = calibrate_frames(paths, outputs=d / "out", templates=c["cache"], photometry="{dir}/{stem}_cat.csv",
+                              fwhm=2.0, progress=False, qc_dir=d / "qc")
+    return d, paths, result
+
+
+def _hrefs(page):
+    return re.findall(r'href="([^"]+)"', page.read_text())
+
+
+def test_batch_writes_the_night_page_with_per_frame_links(night):
+    d, paths, result = night
+    qc = d / "qc"
+    assert result.n_ok == 2 and result.summary["night_page"] == str(qc / "index.html")
+    js = json.loads((qc / "night.json").read_text())
+    assert js["schema"] == "gpucal-night-report" and js["schema_version"] == "1.0"
+    assert [f["frame"] for f in js["frames"]] == ["n5.fits", "nostd.fits", "n6.fits"]
+    assert [f["page"] for f in js["frames"]] == ["n5/index.html", None, "n6/index.html"]
+    assert js["frames"][1]["error_type"] == "NoStandardsError" and not js["frames"][1]["ok"]
+    rms = result.summary["frames"][0]["rms_scatter"]
+    assert js["frames"][0]["rms_scatter_percent"] == round(100 * rms, 3)
+    assert [h for h in _hrefs(qc / "index.html") if not h.startswith("data:")] == ["n5/index.html", "n6/index.html"]
+    # each frame page: back to the night, on to its calibrated neighbours (the failed frame has no page)
+    assert _hrefs(qc / "n5" / "index.html")[1:] == ["../index.html", "../n6/index.html"]
+    assert _hrefs(qc / "n6" / "index.html")[1:] == ["../index.html", "../n5/index.html"]
+    assert not (qc / "nostd").exists()
+    for stem in ("n5", "n6"):
+        rep = json.loads((qc / stem / "report.json").read_text())
+        assert rep["schema"] == "gpucal-frame-report" and rep["frame"] == f"{stem}.fits"
+        assert sorted(s["name"] for s in rep["stars"]) == ["STD001", "STD002", "STD003"]
+        assert {im["file"] for im in rep["images"]} >= {"standards.png", "zeropoint.png", "photometry.png",
+                                                          "residuals.png", "bands.png", "metrics.png"}
+        assert all((qc / stem / im["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for im in rep["images"])
+        assert rep["metrics"]["rms_scatter_percent"] == round(100 * rep_rms(result, stem), 3)
+
+
+def rep_rms(result, stem):
+    return next(r.summary["rms_scatter"] for r in result.records if r.ok and r.path.endswith(f"{stem}.fits"))
+
+
+def test_demo_writes_the_qa_images_and_the_html_report(tmp_path, capsys):
+    from gpucal.cli import main
+    from gpucal.report.qc import QC_IMAGES
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"RMS scatter between standards \d+\.\d\d %", out) and "index.html" in out
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert [im["file"] for im in rep["images"]] == [*QC_IMAGES, "program.png"]
+    for im in rep["images"]:
+        assert (tmp_path / im["file"]).stat().st_size > 5000
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("<img ") == len(rep["images"]) and page.count("data:image/png;base64,") == len(rep["images"])
+    assert rep["provenance"]["command_line"].startswith("gpucal demo --out")
+
+
+# ------------------------------------------------------------------------------ in a real browser
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium():
+    """Debian's chromium and the playwright driver, or a skip that says which is missing."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra)")
+    exe = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
+    if exe is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's: apt-get install -y chromium)")
+    return sync_api, exe
+
+
+def _load(browser, path):
+    """Open ``path``; return (page, console errors and page errors)."""
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(Path(path).as_uri(), wait_until="load")
+    return page, errors
+
+
+def _images_loaded(page):
+    return page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+
+
+def test_reports_in_a_headless_browser(night):
+    sync_api, exe = _chromium()
+    d, paths, result = night
+    qc = d / "qc"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page, errors = _load(browser, qc / "index.html")
+            assert page.title() == "gpucal night report"
+            assert page.locator("#frames tbody tr").count() == 3
+            assert page.locator("#frames tbody tr.bad").count() == 1
+            assert page.locator("#frames a").all_inner_texts() == ["n5.fits", "n6.fits"]
+            assert _images_loaded(page) == [True]  # the night panel
+            page.click("text=n6.fits")  # to a frame page and back along its links
+            page.wait_for_load_state("load")
+            assert page.url.endswith("/qc/n6/index.html") and page.title() == "gpucal n6.fits"
+            assert errors == []
+            page, errors = _load(browser, qc / "n5" / "index.html")
+            assert page.locator("#stars tbody tr").count() == 3
+            names = json.loads((qc / "n5" / "report.json").read_text())["stars"]
+            assert page.locator("#stars tbody tr td:first-child").all_inner_texts() == [s["name"] for s in names]
+            assert page.locator("#maskbits tbody tr").count() == len(MASK_BITS)
+            assert page.locator("#metrics tbody tr").count() == 7 + len(MASK_BITS)
+            assert page.locator("#provenance tbody tr").count() > 30
+            loaded = _images_loaded(page)
+            assert len(loaded) == 7 and all(loaded)
+            page.click("text=night summary")
+            page.wait_for_load_state("load")
+            assert page.url.endswith("/qc/index.html")
+            assert errors == []
+        finally:
+            browser.close()

@@ -812,14 +812,7 @@ def write_calibrated_frame(
         var = var[:, ::-1]
         wave = wave[::-1]
 
-    phdr = _clean_header(frame.header)
-    phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
-    for k, value, comment in items:
-        phdr[k] = (value, comment)
-    for line in history:
-        for chunk in _history_cards(line):
-            phdr.add_history(chunk)
-    hdus = [fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)]
+    hdus = [_primary_hdu(frame, flux, items, history)]
     vhdr = _clean_header(frame.ext_headers.get("VARIANCE"))
     vhdr["BUNIT"] = (VAR_BUNIT, "variance unit")
     hdus.append(fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE"))
@@ -837,6 +830,18 @@ def write_calibrated_frame(
 
     _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True,
                   tail=_carried_bytes(frame))
+
+
+def _primary_hdu(frame: Frame, flux: np.ndarray, items, history) -> fits.PrimaryHDU:
+    """The calibrated flux with the input's primary header, BUNIT, the keywords and the HISTORY cards."""
+    phdr = _clean_header(frame.header)
+    phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
+    for k, value, comment in items:
+        phdr[k] = (value, comment)
+    for line in history:
+        for chunk in _history_cards(line):
+            phdr.add_history(chunk)
+    return fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)
 
 
 def _mask_hdu(mask, mask_bits, shape, flipped: bool) -> fits.ImageHDU:

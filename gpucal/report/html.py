@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .night import _jsonable
 
-__all__ = ["SCHEMA_VERSION", "write_frame_qa", "frame_report", "night_report", "render_frame_html", "render_night_html",
+__all__ = ["SCHEMA_VERSION", "write_frame_qa", "relink_frame_pages", "frame_report", "night_report", "render_frame_html", "render_night_html",
            "write_frame_report", "write_night_report"]
 
 #: Version of the frame and night report schemas (docs/report_schema.md); bumped on any change.
@@ -88,15 +88,16 @@ def frame_report(output, *, images=(), captions=None, links=None) -> dict:
     })
 
 
-def _table(head, rows, classes=None) -> str:
-    """An HTML table; ``head`` and cells are text (escaped); the first column left-aligned."""
+def _table(head, rows, classes=None, ident=None) -> str:
+    """An HTML table (``id`` = ``ident``); ``head`` and cells are text (escaped); the first column left-aligned."""
     th = "".join(f'<th{" class=l" if k == 0 else ""}>{html.escape(h)}</th>' for k, h in enumerate(head))
     body = []
     for j, row in enumerate(rows):
         cls = f' class="{classes[j]}"' if classes else ""
         tds = "".join(f'<td{" class=l" if k == 0 else ""}>{html.escape(str(c))}</td>' for k, c in enumerate(row))
         body.append(f"<tr{cls}>{tds}</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f"<table{f' id={ident}' if ident else ''}><thead><tr>{th}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def _img(path: Path, caption: str) -> str:
@@ -121,7 +122,7 @@ def render_frame_html(report: dict, image_dir) -> str:
     """The frame page of ``report`` (:func:`frame_report`), its images read from ``image_dir``."""
     m = report["metrics"]
     stars = report["stars"]
-    bands = sorted({b for s in stars for b in s["dmag"]})
+    bands = list(dict.fromkeys(b for s in stars for b in s["dmag"]))  # the table's band order
     star_rows = [[s["name"], s["fibre"], s["verdict"], f"{s['teff_k']:.0f}", f"{s['logg']:.2f}", f"{s['mh']:+.2f}",
                   f"{s['rv_kms']:+.1f} ± {s['rv_err_kms']:.1f}", f"{s['chi2_dof']:.2f}",
                   *[_num(None if s["dmag"].get(b) is None else 1000 * s["dmag"][b], ".0f") for b in bands]]
@@ -142,16 +143,17 @@ def render_frame_html(report: dict, image_dir) -> str:
     body = [_nav(report["links"]), f"<h1>gpucal frame report: {html.escape(report['frame'])}</h1>",
             f"<p>output <code>{html.escape(str(report['output']))}</code>, gpucal {report['gpucal_version']}, "
             f"{report['created_utc']}</p>",
-            "<h2>Metrics</h2>", _table(["metric", "value"], metric_rows),
+            "<h2>Metrics</h2>", _table(["metric", "value"], metric_rows, ident="metrics"),
             "<h2>Standards</h2>",
             _table(["name", "fibre", "verdict", "Teff K", "logg", "[M/H]", "RV km/s", "chi2/dof",
                     *[f"dmag {b} (mmag)" for b in bands]], star_rows,
-                   ["ok" if s["used"] else "bad" for s in stars]),
-            "<h2>Warnings</h2>" + (_table(["warning"], [[w] for w in report["warnings"]]) if report["warnings"]
+                   ["ok" if s["used"] else "bad" for s in stars], ident="stars"),
+            "<h2>Warnings</h2>" + (_table(["warning"], [[w] for w in report["warnings"]], ident="warnings")
+                                    if report["warnings"]
                                     else "<p>none</p>"),
             "<h2>QA images</h2>", *[_img(Path(image_dir) / im["file"], im["caption"]) for im in report["images"]],
-            "<h2>MASK bits</h2>", _table(["bit", "value", "meaning"], bit_rows),
-            "<h2>Provenance</h2>", _table(["key", "value"], prov_rows)]
+            "<h2>MASK bits</h2>", _table(["bit", "value", "meaning"], bit_rows, ident="maskbits"),
+            "<h2>Provenance</h2>", _table(["key", "value"], prov_rows, ident="provenance")]
     return _page(f"gpucal {report['frame']}", "".join(body))
 
 
@@ -226,7 +228,7 @@ def render_night_html(report: dict, image_dir) -> str:
                     ["wall time", f"{report['wall_s']:.1f} s"]]
     body = [f"<h1>gpucal night report: {report['n_frames']} frame(s)</h1>",
             f"<p>gpucal {report['gpucal_version']}, {report['created_utc']}</p>",
-            "<h2>Night</h2>", _table(["metric", "value"], summary_rows),
+            "<h2>Night</h2>", _table(["metric", "value"], summary_rows, ident="night"),
             "<h2>Frames</h2>", f"<table id=frames><thead><tr>{th}</tr></thead><tbody>{body_rows}</tbody></table>",
             *[_img(Path(image_dir) / im["file"], im["caption"]) for im in report["images"]]]
     return _page("gpucal night report", "".join(body))
@@ -254,3 +256,18 @@ def write_frame_qa(output, outdir, *, truth_cal=None, program=None, links=None) 
     images = write_qc_plots(output, outdir, truth_cal=truth_cal, program=program)
     captions = dict(QC_IMAGES, **{"program.png": "A calibrated program spectrum against its true flux"})
     return write_frame_report(output, outdir, images=images, captions=captions, links=links)[0]
+
+
+def relink_frame_pages(qc_dir, stems) -> list:
+    """Link the frame pages ``qc_dir/<stem>/`` that exist, in ``stems`` order, to their neighbours
+    and the night page ``qc_dir/index.html`` (a failed frame has no page to link); returns their stems."""
+    qc = Path(qc_dir)
+    have = [st for st in stems if (qc / st / "report.json").is_file()]
+    for k, st in enumerate(have):
+        report = json.loads((qc / st / "report.json").read_text())
+        report["links"] = {"night": "../index.html",
+                           "previous": f"../{have[k - 1]}/index.html" if k > 0 else None,
+                           "next": f"../{have[k + 1]}/index.html" if k + 1 < len(have) else None}
+        (qc / st / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+        (qc / st / "index.html").write_text(render_frame_html(report, qc / st), encoding="utf-8")
+    return have
