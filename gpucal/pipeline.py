@@ -35,7 +35,7 @@ from .calibration import (
     scale_template_to_photometry,
     shift_to_observed,
 )
-from .calibration.maskbits import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
+from .calibration import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
 from .calibration.verdicts import (
     MAX_FRAME_CHI2_DOF,
     MAX_SCATTER,

@@ -4,11 +4,13 @@
 * :mod:`.vectors` — per-star vectors Cal(λ) = scaled model / observed counts;
 * :mod:`.verdicts` — each star used, or why not, decided once;
 * :mod:`.combine` — the robust combination of the per-star vectors;
-* :mod:`.apply` — the combined vector applied to every fibre.
+* :mod:`.apply` — the combined vector applied to every fibre;
+* :mod:`.maskbits` — the output frame's MASK bits, and the QA's AB zeropoints and binned residuals.
 """
 
 from .apply import apply_flux_calibration
 from .combine import combine_calibration_vectors, fill_masked, star_outliers
+from .maskbits import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
 from .scale import scale_template_to_photometry
 from .vectors import calibration_vectors, shift_to_observed
 
@@ -20,4 +22,9 @@ __all__ = [
     "combine_calibration_vectors",
     "fill_masked",
     "apply_flux_calibration",
+    "MASK_BITS",
+    "mask_bits",
+    "mask_counts",
+    "zeropoint_ab",
+    "binned_residuals",
 ]
