@@ -245,7 +245,9 @@ def _add_calibrate_parser(sub):
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="write the JSON summary here; in a batch (several frames, --workers, --scheduler, "
                         "--batch-*) it is the batch summary, and giving it with --batch-summary is an error")
-    p.add_argument("--qc", default=None, metavar="DIR", help="write QC PNGs into DIR (in a batch: DIR/<stem>/)")
+    p.add_argument("--qc", default=None, metavar="DIR",
+                   help="write the QA images, index.html and report.json into DIR (in a batch: DIR/<stem>/, "
+                        "and the night page DIR/index.html)")
     add_batch_options(p)
     _add_calibration_options(p)
     _add_common(p)
@@ -256,7 +258,7 @@ def _add_demo_parser(sub):
     p.add_argument("--out", default="gpucal-demo", help="output directory (default ./gpucal-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr", type=float, default=50.0)
-    p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs")
+    p.add_argument("--no-plots", action="store_true", help="skip the QA images and the HTML report")
     _add_calibration_options(p)
     p.set_defaults(smooth=51)
     _add_common(p)

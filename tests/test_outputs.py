@@ -22,7 +22,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 
-from conftest import assert_close
+from conftest import assert_close, small_demo_cache
 from gpucal.backends import to_numpy
 from gpucal.calibration.maskbits import (BADPIX, INTERP, MASK_BITS, NOCOVER, OUTLIER, TELLURIC, binned_residuals,
                                          mask_bits, mask_counts, zeropoint_ab)
@@ -31,8 +31,6 @@ from gpucal.fitting import TELLURIC_BANDS
 from gpucal.io.frames import read_frame, write_frame
 from gpucal.pipeline import _refuse_calibrated, calibrate_frame
 from gpucal.simulate import simulate_frame, write_catalogue_csv
-from gpucal.templates.cache import write_template_cache
-from gpucal.templates.demo import demo_grid
 
 # ------------------------------------------------------------------------------------------ kernels
 
@@ -121,12 +119,7 @@ BAD_PROGRAM = slice(100, 105)
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     d = tmp_path_factory.mktemp("outputs")
-    grid = demo_grid()
-    p = np.asarray(grid.params)
-    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
-    sub = dataclasses.replace(grid, params=p[keep], flux=np.asarray(grid.flux)[keep], meta={},
-                              continuum=None if grid.continuum is None else np.asarray(grid.continuum)[keep])
-    cache = write_template_cache(sub, d / "grid")
+    cache = small_demo_cache(d / "grid")
     sim = simulate_frame(seed=4, n_standards=3, n_program=2, n_sky=1, n_pix=1500, wave_range=(3800.0, 9200.0),
                          params=[(5850.0, 4.3, -0.2, 0.0), (6120.0, 4.1, -0.4, 0.0), (5700.0, 4.4, 0.0, 0.0)])
     flux = sim.flux.copy()
