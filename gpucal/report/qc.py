@@ -55,7 +55,8 @@ def _shade_tellurics(ax, wave):
 
 
 def _save(fig, out: Path, name: str, paths: list, plt) -> None:
-    fig.tight_layout()
+    if len(fig.axes) <= 2:  # tight_layout costs seconds on a figure of many axes; those set their margins
+        fig.tight_layout()
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     paths.append(out / name)
@@ -84,6 +85,7 @@ def _plot_standards(res, plt):
         rx.set_ylabel("resid. %", fontsize=7)
         _shade_tellurics(rx, res.wave)
     axes[-1, 0].set_xlabel("wavelength (Å)")
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.35 / (2.6 * n), bottom=0.45 / (2.6 * n), hspace=0.45)
     return fig
 
 
@@ -147,6 +149,7 @@ def _plot_bands(res, plt):
         ax.set_title(f"{lo:.0f}–{hi:.0f} Å", fontsize=8)
         ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("Cal (erg/s/cm²/Å per count)", fontsize=7)
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.9, bottom=0.12, wspace=0.3)
     return fig
 
 
