@@ -75,15 +75,19 @@ def provenance_keywords(record: dict) -> dict:
     LSF given; FCALDATE: the date of the calibration (UTC, ISO 8601).
     """
     lsf = ", ".join(f"{k}={_text(v)}" for k, v in record["lsf"].items()) or "none"
+
+    def card(value, comment):  # a comment only where it fits on the card beside the value
+        return value, comment if len(str(value)) + len(comment) <= 64 else ""
+
     kw = {
-        "FCALINP": (record["input_frame"][:68] or "(in memory)", "input frame (PROVENANCE has the path)"),
-        "FCALISHA": (record["input_frame_sha256"] or "", ""),
-        "FCALPHOT": (record["photometry"][:68] or "(in memory)", "photometry file"),
-        "FCALPSHA": (record["photometry_sha256"] or "", ""),
-        "FCALGRID": (record["template_grid"][:68], "template grid"),
-        "FCALGSHA": (record["template_grid_hash"] or "", ""),
-        "FCALLSF": (lsf[:68], "instrument LSF given"),
-        "FCALDATE": (record["date_utc"], "date of the calibration (UTC)"),
+        "FCALINP": card(record["input_frame"][:68] or "(in memory)", "input frame (PROVENANCE has the path)"),
+        "FCALISHA": card(record["input_frame_sha256"] or "", ""),
+        "FCALPHOT": card(record["photometry"][:68] or "(in memory)", "photometry file"),
+        "FCALPSHA": card(record["photometry_sha256"] or "", ""),
+        "FCALGRID": card(record["template_grid"][-68:], "template grid (the end of its path)"),
+        "FCALGSHA": card(record["template_grid_hash"] or "", ""),
+        "FCALLSF": card(lsf[:68], "instrument LSF given"),
+        "FCALDATE": card(record["date_utc"], "date of the calibration (UTC)"),
     }
     return kw
 
