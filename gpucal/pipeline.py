@@ -21,7 +21,6 @@ import time
 import weakref
 
 import astropy
-
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
@@ -345,9 +344,9 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof)
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
-    _outputs_qa(output, frame, std, spectra, vec, res, be, (grid, photometry, lsf, options))
     _require_stars(frame, names, output, min_stars)
     _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
+    _outputs_qa(output, frame, std, spectra, vec, res, be, (grid, photometry, lsf, options))
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,

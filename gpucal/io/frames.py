@@ -380,8 +380,11 @@ def _unknown_hdus(hdul, fname: str) -> tuple:
     (only CHECKSUM/DATASUM are added to its header when it has none).
     """
     spans = []
+    ours = hdul[0].header.get("FLUXCAL") is True  # a gpucal output, recalibrated: its outputs are replaced
     for hdu in hdul[1:]:
         name = str(hdu.name).strip().upper()
+        if name in OUTPUT_HDUS and not ours:
+            logger.warning("%s [%s]: the output's own %s extension replaces it (it is not carried)", fname, name, name)
         if name in KNOWN_INPUT_HDUS or name in OUTPUT_HDUS:
             continue
         info = hdu.fileinfo()
