@@ -67,6 +67,7 @@ API_ONLY = {
     "match_radius": "catalogue cross-match radius (arcsec); the command line uses 1 arcsec",
     "dtype": "working precision of the scan; the command line uses float32",
     "max_phot_dev": "largest spread (mag) of a star's band residuals; the command line uses 0.3 mag",
+    "command_line": "the command for the PROVENANCE table; the command line records its own (GPUCAL_COMMAND_LINE)",
 }
 
 
@@ -212,6 +213,8 @@ def _add_calibration_options(p):
                    help="telluric bands: correct them with the absorption the standards measured (default; "
                         "pixels fewer than 3 standards measure or below 10%% transmission are flagged and "
                         "bridged) or mask them (bridged by the throughput around them)")
+    p.add_argument("--recalibrate", action="store_true", default=argparse.SUPPRESS,
+                   help="calibrate a frame that is already flux-calibrated (refused otherwise)")
 
 
 def add_batch_options(parser) -> None:
@@ -251,7 +254,9 @@ def _add_calibrate_parser(sub):
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="write the JSON summary here; in a batch (several frames, --workers, --scheduler, "
                         "--batch-*) it is the batch summary, and giving it with --batch-summary is an error")
-    p.add_argument("--qc", default=None, metavar="DIR", help="write QC PNGs into DIR (in a batch: DIR/<stem>/)")
+    p.add_argument("--qc", default=None, metavar="DIR",
+                   help="write the QA images, index.html and report.json into DIR (in a batch: DIR/<stem>/, "
+                        "and the night page DIR/index.html)")
     add_batch_options(p)
     _add_calibration_options(p)
     _add_common(p)
@@ -266,7 +271,7 @@ def _add_demo_parser(sub):
     p.add_argument("--out", default="gpucal-demo", help="output directory (default ./gpucal-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr", type=float, default=50.0)
-    p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs")
+    p.add_argument("--no-plots", action="store_true", help="skip the QA images and the HTML report")
     _add_calibration_options(p)
     p.set_defaults(smooth=51)
     _add_common(p)
@@ -417,12 +422,14 @@ def _calibrate(args):
         write_text(args.summary, json.dumps(res.summary, indent=2, default=str), overwrite=args.overwrite,
                    protect=frame)
     if args.qc:
-        from .report.qc import write_qc_plots
+        from .report.html import write_frame_qa
 
-        write_qc_plots(res, args.qc)
+        print(f"wrote {write_frame_qa(res, args.qc)} and the QA images")
+    from .report.summary import percent
+
     s = res.summary
     print(f"wrote {out}: {s['n_stars_used']} standard(s) used, {s['n_stars_rejected']} rejected, "
-          f"RMS scatter {s['rms_scatter']}")
+          f"RMS scatter between standards {percent(s['rms_scatter'])}")
     return 0
 
 
@@ -463,11 +470,13 @@ def run_calibrate_many(args) -> int:
                                   progress=True, summary_path=summary_path,
                                   panel_path=getattr(args, "batch_panel", None), qc_dir=getattr(args, "qc", None),
                                   **calibrate_options(args))
+    from .report.summary import percent
+
     for r in result.records:
         if r.ok:
             s = r.summary
             print(f"ok      {r.path} -> {r.out_path}: {s['n_stars_used']} standard(s) used, "
-                  f"{s['n_stars_rejected']} rejected, RMS scatter {s['rms_scatter']}")
+                  f"{s['n_stars_rejected']} rejected, RMS scatter between standards {percent(s['rms_scatter'])}")
         else:
             print(f"FAILED  {r.path}: {r.error_type}: {r.error}")
     s = result.summary
@@ -475,7 +484,7 @@ def run_calibrate_many(args) -> int:
     where = "serially" if ex["mode"] == "serial" else f"on {ex['n_workers']} worker(s) ({ex['mode']})"
     print(f"calibrated {s['n_ok']} of {s['n_frames']} frame(s) {where} in {s['wall_s']:.1f} s "
           f"({s['frames_per_minute']:.1f} frames/min)")
-    for p in (result.summary_path, result.panel_path):
+    for p in (result.summary_path, result.panel_path, result.summary.get("night_page")):
         if p:
             print(f"wrote {p}")
     return 0 if result.n_failed == 0 else 1
@@ -526,7 +535,8 @@ def _demo(args):
 
     from .io import write_frame
     from .pipeline import calibrate_frame
-    from .report.qc import format_summary, write_qc_plots, write_summary
+    from .report.html import write_frame_qa
+    from .report.qc import format_summary, write_summary
     from .simulate import simulate_frame, write_catalogue_csv
 
     t0 = time.perf_counter()
@@ -548,7 +558,7 @@ def _demo(args):
         if prog.size:
             row = prog[0]
             program = (str(sim.fibres["NAME"][row]), res.flux[row], sim.truth["program_true_flux"][0])
-        write_qc_plots(res, out, truth_cal=true_cal, program=program)
+        write_frame_qa(res, out, truth_cal=true_cal, program=program)
     print(format_summary(res.summary))
     print(f"recovered throughput vs truth: {100 * rms:.3f} % RMS outside telluric bands "
           f"(backend {res.summary['backend']}, {time.perf_counter() - t0:.1f} s)")
@@ -556,7 +566,8 @@ def _demo(args):
     if "program_residual_A_band" in band:
         print(f"program spectra in the O2 A / B bands: {100 * band['program_residual_A_band']:+.2f} % / "
               f"{100 * band['program_residual_B_band']:+.2f} % residual (telluric {res.summary['telluric']['mode']})")
-    print(f"wrote {out / 'calibrated.fits'}, {out / 'summary.json'}" + ("" if args.no_plots else ", QC PNGs"))
+    print(f"wrote {out / 'calibrated.fits'}, {out / 'summary.json'}"
+          + ("" if args.no_plots else f", the QA images and the report {out / 'index.html'}"))
     return 0
 
 
@@ -673,6 +684,23 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _command_line(argv):
+    """GPUCAL_COMMAND_LINE set to this command while it runs (read for the PROVENANCE table, also by
+    the dask workers this process starts), restored after."""
+    import shlex
+
+    before = os.environ.get("GPUCAL_COMMAND_LINE")
+    os.environ["GPUCAL_COMMAND_LINE"] = shlex.join(["gpucal", *(sys.argv[1:] if argv is None else list(argv))])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GPUCAL_COMMAND_LINE", None)
+        else:
+            os.environ["GPUCAL_COMMAND_LINE"] = before
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -681,7 +709,7 @@ def main(argv=None):
                "bench": run_bench_command}[args.command]
     # Python warnings (a numpy RuntimeWarning, a library's deprecation) go to the debug log:
     # without --debug the user sees gpucal's own messages only.
-    with warnings.catch_warnings(), _sigterm_raises():
+    with warnings.catch_warnings(), _sigterm_raises(), _command_line(argv):
         warnings.showwarning = _log_warning
         try:
             return handler(args)

@@ -233,6 +233,8 @@ class Frame(_FibreAxes):
     layout_extras : what a layout's writer needs back (its HDUs, headers, tables).
     lsf_fwhm : the instrument's line-spread FWHM in Å, (n_fibre, n_pix) per fibre
         and pixel or (n_pix,) for all fibres, on ``wave``; None when the frame has none.
+    extra_hdus : the input's extensions gpucal does not know, as (EXTNAME, raw
+        bytes of header and data) in file order, carried unchanged into the output.
     """
 
     path: str
@@ -252,6 +254,7 @@ class Frame(_FibreAxes):
     resolution: Any = None
     layout_extras: dict = field(default_factory=dict)
     lsf_fwhm: Any = None
+    extra_hdus: tuple = ()
 
     @property
     def fibre_types(self) -> np.ndarray:

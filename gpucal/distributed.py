@@ -92,8 +92,12 @@ def _stem(path: str) -> str:
     return Path(path).with_suffix("").name
 
 
-def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | None = None) -> FrameRecord:
-    """Calibrate one frame and return its FrameRecord; never raises (runs on a worker)."""
+def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | None = None,
+                   links: dict | None = None) -> FrameRecord:
+    """Calibrate one frame and return its FrameRecord; never raises (runs on a worker).
+
+    With ``qc_dir``, the frame's QA images and page go to ``qc_dir/<stem>/``, its page linked
+    by ``links`` (night, previous, next)."""
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         from .pipeline import calibrate_frame
@@ -101,9 +105,9 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
         grid = _worker_templates(templates) if isinstance(templates, str) else templates
         res = calibrate_frame(path, templates=grid, out=out, **options)
         if qc_dir is not None:
-            from .report.qc import write_qc_plots
+            from .report.html import write_frame_qa
 
-            write_qc_plots(res, Path(qc_dir) / _stem(path))
+            write_frame_qa(res, Path(qc_dir) / _stem(path), links=links)
     except Exception as exc:  # one frame's failure, whatever it is, must not stop the batch
         return FrameRecord(
             path=path, ok=False, error=str(exc), error_type=type(exc).__name__,
@@ -346,7 +350,7 @@ def _plan(paths, outputs, workers, scheduler, qc_dir, calibrate_kwargs):
         options["backend"] = options["backend"].name  # a Backend holds a module: send its name
     phot = _per_frame_photometry(paths, options.pop("photometry", None))
     qc = None if qc_dir is None else os.fspath(qc_dir)
-    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc))
+    jobs = [(i, (p, o, templates, dict(options, photometry=ph), qc, _page_links(paths, i)))
             for i, (p, o, ph) in enumerate(zip(paths, outs, phot))]
     return paths, jobs, templates, options, workers
 
@@ -394,7 +398,9 @@ def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progr
         ``distributed.Client`` of an existing cluster; overrides ``workers``.
     progress : show a tqdm progress bar (stderr).
     summary_path, panel_path : where to write the batch JSON and PNG panel.
-    qc_dir : write each frame's QC PNGs into ``qc_dir/<stem>/``.
+    qc_dir : write each frame's QA images, page and report.json into ``qc_dir/<stem>/``
+        (linked to the previous and next frames and to the night), and the night page
+        ``qc_dir/index.html`` with night.json and night.png, linking every calibrated frame.
     **calibrate_kwargs : passed to :func:`gpucal.pipeline.calibrate_frame`
         (``templates``, ``photometry``, ``fwhm``, ``backend``, ``overwrite``,
         ...). ``templates`` must be a spec (``"demo"`` or a path) on a cluster,
@@ -421,4 +427,25 @@ def calibrate_frames(paths, *, outputs=None, workers=None, scheduler=None, progr
         result.summary_path = str(write_batch_summary(result, summary_path))
     if panel_path is not None:
         result.panel_path = str(write_batch_panel(result, panel_path))
+    if qc_dir is not None:
+        summary["night_page"] = str(_night_page(result, qc_dir))
     return result
+
+
+def _page_links(paths: list, i: int) -> dict:
+    """A frame page's links (relative to ``qc_dir/<stem>/``): the night page, the previous and next frames."""
+    def page(j):
+        return f"../{_stem(paths[j])}/index.html" if 0 <= j < len(paths) else None
+
+    return {"night": "../index.html", "previous": page(i - 1), "next": page(i + 1)}
+
+
+def _night_page(result: BatchResult, qc_dir) -> Path:
+    """The night page ``qc_dir/index.html`` (and night.json, night.png), linking each calibrated frame's page."""
+    from .report.html import relink_frame_pages, write_night_report
+
+    panel = write_batch_panel(result, Path(qc_dir) / "night.png")
+    have = set(relink_frame_pages(qc_dir, [_stem(r.path) for r in result.records if r.ok]))
+    pages = {r.path: f"{_stem(r.path)}/index.html" for r in result.records if r.ok and _stem(r.path) in have}
+    captions = {"night.png": "Combined vectors, stability against the night's median, standards and scatter per frame"}
+    return write_night_report(result.summary, qc_dir, pages, images=[panel], captions=captions)[0]

@@ -15,6 +15,7 @@ __all__ = [
     "CalibrationError",
     "StaleCacheError",
     "CorruptCacheError",
+    "AlreadyCalibratedError",
 ]
 
 
@@ -59,3 +60,8 @@ class PhotometryError(InputError):
 
 class CalibrationError(GpucalError):
     """Too few standards survived to build a calibration."""
+
+
+class AlreadyCalibratedError(InputError):
+    """An input frame that is already flux-calibrated (FLUXCAL = T, or BUNIT a flux density);
+    calibrating it again needs ``--recalibrate`` (``recalibrate=True``)."""

@@ -12,12 +12,20 @@ This module orchestrates and computes nothing itself.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
+import json
 import logging
+import os
 import time
 import weakref
 
+import astropy
 import numpy as np
+from astropy import units as u
+from astropy.io import fits
 
+from . import __version__
 from .backends import array_namespace, get_backend, to_backend, to_numpy
 from .calibration import (
     apply_flux_calibration,
@@ -30,6 +38,7 @@ from .calibration import (
     to_common_grid,
 )
 from .calibration.telluric import TELLURIC_MIN_STARS
+from .calibration import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
 from .calibration.verdicts import (
     MAX_FRAME_CHI2_DOF,
     MAX_SCATTER,
@@ -40,10 +49,10 @@ from .calibration.verdicts import (
     verdict_reasons,
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
-from .errors import CalibrationError, CoverageError, InputError, PhotometryError
+from .errors import AlreadyCalibratedError, CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refine_on_own_lsf,
                       refined_templates, region_mask, representative_fwhm_poly)
-from .io import read_frame, write_calibrated_frame
+from .io import file_sha256, read_frame, write_calibrated_frame
 from .photometry import (
     fibre_bands,
     fibres_ebv,
@@ -58,6 +67,7 @@ from .photometry import (
     teff_from_colour,
     teff_prior_mask,
 )
+from .report.provenance import provenance_keywords, provenance_record, provenance_table
 from .report.stars import per_star_table
 from .report.summary import fits_keywords, frame_summary, history_lines
 from .templates import load_templates
@@ -375,7 +385,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER, medium=None, frame_lsf=None, telluric="correct") -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, medium=None, frame_lsf=None, telluric="correct", recalibrate=False,
+                    command_line=None) -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -405,12 +416,18 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
 
     telluric : ``"correct"`` (default: the absorption the standards measure inside ``mask_regions``,
     see :mod:`gpucal.calibration.telluric`) or ``"mask"`` (the bands bridged by the throughput).
+
+    Outputs: recalibrate — accept an input already flux-calibrated (refused otherwise,
+    AlreadyCalibratedError); command_line — the command that ran, for the PROVENANCE table
+    (default: ``GPUCAL_COMMAND_LINE``, which ``gpucal`` sets).
     """
+    options = dict(locals())  # every option as called, for the provenance
     clock = _Clock()
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     _check_telluric(telluric)
     be = get_backend(backend)
-    frame = _with_medium(frame if isinstance(frame, Frame) else read_frame(frame), medium)
+    frame = frame if isinstance(frame, Frame) else read_frame(frame)
+    frame = _with_medium(_refuse_calibrated(frame, recalibrate), medium)
     std, names, fibres = _standard_ids(frame)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     grid = load_templates(templates, wave_range=(float(frame.wave.min()), float(frame.wave.max())),
@@ -446,11 +463,14 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
     _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
+    _outputs_qa(output, frame, std, spectra, vec, res, be, (grid, photometry, lsf, options))
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
-                               keywords=fits_keywords(output.summary), history=history_lines(names, fibres, h),
-                               overwrite=overwrite)
+                               keywords={**fits_keywords(output.summary), **_qa_keywords(output)},
+                               history=history_lines(names, fibres, h), overwrite=overwrite,
+                               mask=output.extra["mask"], mask_bits=MASK_BITS,
+                               provenance=provenance_table(output.summary["provenance"]))
         output.out_path = str(out)
     return output
 
@@ -475,3 +495,107 @@ def _report(frame, be, ids, h, bands, match_info, phot_reasons, prior, n_templat
 def _all_fibre_numbers(frame: Frame) -> list:
     fib = frame.fibres
     return (np.asarray(fib["FIBRE"]) if "FIBRE" in fib.colnames else np.arange(1, frame.n_fibre + 1)).tolist()
+
+
+# --------------------------------------------------------------------------- outputs and QA (issue 18)
+
+
+def _refuse_calibrated(frame: Frame, recalibrate: bool) -> Frame:
+    """``frame``, unless it is already flux-calibrated (FLUXCAL = T or BUNIT a flux density) and not
+    ``recalibrate``; recalibrated, its earlier gpucal HISTORY is dropped (not doubled)."""
+    hdr = frame.header
+    bunit = str(hdr.get("BUNIT", "") or "").strip()
+    why = "FLUXCAL = T" if hdr.get("FLUXCAL") is True else ""
+    if not why and bunit:
+        try:
+            unit = u.Unit(bunit, format="fits", parse_strict="silent")
+            if any(unit.is_equivalent(f, equivalencies=u.spectral_density(5000 * u.AA)) for f in _FLUX_UNITS):
+                why = f"BUNIT = {bunit!r} is a flux density"
+        except (ValueError, TypeError, u.UnitsError):
+            pass
+    if not why:
+        return frame
+    if not recalibrate:
+        raise AlreadyCalibratedError(f"{frame.path}: already flux-calibrated ({why}); "
+                                     "use --recalibrate (recalibrate=True) to calibrate it again")
+    logger.warning("%s: already flux-calibrated (%s); calibrating it again (--recalibrate)", frame.path, why)
+    header = hdr.copy()
+    keep = [c for c in header.cards if not (c.keyword == "HISTORY" and str(c.value).startswith("gpucal "))]
+    header = fits.Header(keep)
+    header.add_history(f"gpucal: recalibrated an already calibrated frame ({why})")
+    return dataclasses.replace(frame, header=header)
+
+
+_GRID_IDS = weakref.WeakKeyDictionary()
+
+
+def _grid_identity(grid: TemplateGrid) -> tuple:
+    """(id, SHA-256) of a template grid, once per grid: a prepared cache's sidecar hash; the built-in
+    demo grid's generator parameters (its meta) with the gpucal version (the grid is rebuilt per
+    call, hashing its 50 MB would cost more than the frame's I/O); else the hash of its arrays."""
+    if grid not in _GRID_IDS:
+        meta = grid.meta
+        gid = str(meta.get("cache_path") or meta.get("source") or "in-memory grid")
+        digest = meta.get("sidecar_sha256")
+        if digest is None and meta.get("source") == "gpucal demo grid":
+            text = json.dumps(dict(meta, gpucal_version=__version__), sort_keys=True, default=str)
+            digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest is None:
+            h = hashlib.sha256()
+            for a in (grid.params, grid.wave, grid.flux):
+                arr = np.ascontiguousarray(np.asarray(a))
+                h.update(str(arr.dtype).encode() + arr.data)
+            digest = h.hexdigest()
+        _GRID_IDS[grid] = (gid, str(digest))
+    return _GRID_IDS[grid]
+
+
+def _provenance(frame, grid, photometry, lsf, options) -> dict:
+    """The provenance record of this calibration (hashes of the files read, the grid's identity)."""
+    phot_path = photometry if isinstance(photometry, (str, os.PathLike)) else ""
+    gid, ghash = _grid_identity(grid)
+    opts = {k: v for k, v in options.items() if k not in ("command_line",)}
+    return provenance_record(
+        frame_path=frame.path, frame_sha256=file_sha256(frame.path) if frame.path else None,
+        photometry_path=os.fspath(phot_path) if phot_path else "",
+        photometry_sha256=file_sha256(phot_path) if phot_path else None, grid_id=gid, grid_hash=ghash,
+        lsf=lsf, options=opts, command_line=options.get("command_line") or os.environ.get("GPUCAL_COMMAND_LINE"),
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions={"numpy": np.__version__, "astropy": astropy.__version__})
+
+
+def _outputs_qa(output, frame, std, spectra, vec, res, be, inputs):
+    """The MASK, the QA arrays (zeropoints, binned residuals, the standards' models) and the
+    provenance, into ``output.extra`` / ``output.summary`` (host)."""
+    grid, photometry, lsf, options = inputs
+    xp = be.xp
+    s = res.summary
+    corrected = s.get("telluric") == "correct"  # then only band pixels left uncorrected are flagged
+    mask = mask_bits(to_backend(frame.flux, be, dtype=xp.float64), to_backend(frame.var, be, dtype=xp.float64),
+                     res.wave, res.measured, to_backend(np.asarray(std), be, dtype=xp.int64),
+                     s["outlier_mask"], spectra.mask, res.used, telluric_corrected=corrected,
+                     telluric_saturated=(s["telluric_band"] & ~s["telluric_corrected"]) if corrected else None)
+    bin_wave, bin_resid = binned_residuals(res.wave, res.residuals)
+    model = xp.where(vec.mask, vec.cal * spectra.flux, xp.nan)  # each standard's scaled model (erg/s/cm²/Å)
+    observed = res.cal[None, :] * spectra.flux  # the standard calibrated with the combined vector
+    safe = xp.where(vec.mask, model, 1.0)
+    output.extra.update({k: to_numpy(v) for k, v in dict(
+        mask=mask, mask_counts=mask_counts(mask), zeropoint=zeropoint_ab(res.wave, res.cal),
+        star_zeropoint=zeropoint_ab(spectra.wave, vec.cal), bin_wave=bin_wave, bin_residual=bin_resid,
+        model=model, observed=observed, fit_residual=xp.where(vec.mask, observed / safe - 1.0, xp.nan)).items()})
+    output.extra["std_rows"] = np.asarray(std)
+    output.extra["mask_bits"] = MASK_BITS
+    output.summary["mask_pixels"] = dict(zip(MASK_BITS, output.extra["mask_counts"].tolist()))
+    output.summary["provenance"] = _provenance(frame, grid, photometry, lsf, options)
+
+
+def _qa_keywords(output) -> dict:
+    """The provenance and per-cent scatter keywords of the primary header."""
+    kw = provenance_keywords(output.summary["provenance"])
+    rms = output.summary["rms_scatter"]
+    kw["FCALRMSP"] = (round(100.0 * rms, 3) if rms is not None else -1.0, "RMS between standards' vectors (%)")
+    return kw
+
+
+#: Units a calibrated frame's BUNIT would be (f_lambda, f_nu), whatever their prefixes.
+_FLUX_UNITS = (u.erg / u.s / u.cm**2 / u.AA,)

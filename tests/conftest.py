@@ -61,3 +61,19 @@ def assert_close(actual, desired, *, rtol=1e-7, atol=0.0, backend=None, err_msg=
 def tol(dtype_name):
     """Relative tolerance appropriate to a float dtype name."""
     return {"float64": 1e-10, "float32": 2e-5}[dtype_name]
+
+
+def small_demo_cache(directory):
+    """A 30-template cache cut from the demo grid (F/G dwarfs, Teff 5500-6500 K, logg >= 4,
+    -0.5 <= [M/H] <= 0) written to ``directory``: a small frame calibrates in a second or two."""
+    import dataclasses
+
+    from gpucal.templates.cache import write_template_cache
+    from gpucal.templates.demo import demo_grid
+
+    grid = demo_grid()
+    p = np.asarray(grid.params)
+    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
+    sub = dataclasses.replace(grid, params=p[keep], flux=np.asarray(grid.flux)[keep], meta={},
+                              continuum=None if grid.continuum is None else np.asarray(grid.continuum)[keep])
+    return write_template_cache(sub, directory)

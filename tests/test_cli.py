@@ -11,7 +11,6 @@ single-frame run of the same options.
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import inspect
 import json
@@ -25,13 +24,12 @@ import pytest
 
 import gpucal
 import gpucal.pipeline
+from conftest import small_demo_cache
 from gpucal.cli import API_ONLY, PER_FRAME, build_parser, main
 from gpucal.distributed import _ONE_THREAD_ENV
 from gpucal.errors import CalibrationError
 from gpucal.io.frames import read_calibrated_frame, write_frame
-from gpucal.templates.cache import write_template_cache
 from gpucal.simulate import simulate_frame, write_catalogue_csv
-from gpucal.templates.demo import demo_grid
 
 #: Every calibrate_frame option of `gpucal calibrate` at a value that is not its default:
 #: dest -> (argv, the value calibrate_frame must receive). The LSF options exclude each other (LSF).
@@ -52,6 +50,7 @@ OPTIONS = {
     "max_scatter": (["--max-scatter", "0.5"], 0.5),
     "medium": (["--medium", "air"], "air"),  # issue 15: these frames state no medium
     "telluric": (["--telluric", "mask"], "mask"),
+    "recalibrate": (["--recalibrate"], True),
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),
@@ -72,12 +71,7 @@ def small(tmp_path_factory):
     """Two small frames (3 standards, 1500 pixels) with catalogues, and a 30-template cache cut
     from the demo grid (F/G dwarfs around the standards): a calibration takes a second or two."""
     d = tmp_path_factory.mktemp("cli")
-    grid = demo_grid()
-    p = np.asarray(grid.params)
-    keep = (p[:, 0] >= 5500) & (p[:, 0] <= 6500) & (p[:, 1] >= 4.0) & (p[:, 2] >= -0.5) & (p[:, 2] <= 0.0)
-    sub = dataclasses.replace(grid, params=p[keep], flux=np.asarray(grid.flux)[keep], meta={},
-                              continuum=None if grid.continuum is None else np.asarray(grid.continuum)[keep])
-    cache = write_template_cache(sub, d / "grid")
+    cache = small_demo_cache(d / "grid")
     frames = []
     for seed in (0, 1):
         sim = simulate_frame(seed=seed, n_standards=3, n_program=1, n_sky=1, n_pix=1500, wave_range=(3800.0, 9200.0))

@@ -8,11 +8,14 @@
   combined vector back to every fibre's own wavelengths;
 * :mod:`.telluric` — the telluric part of the combined vector, measured by the standards;
 * :mod:`.apply` — the combined vector applied to every fibre.
+* :mod:`.apply` — the combined vector applied to every fibre;
+* :mod:`.maskbits` — the output frame's MASK bits, and the QA's AB zeropoints and binned residuals.
 """
 
 from .apply import apply_flux_calibration
 from .combine import combine_calibration_vectors, fill_masked, star_outliers
 from .resample import cal_at_fibres, common_grid, to_common_grid
+from .maskbits import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
 from .scale import scale_template_to_photometry
 from .vectors import calibration_vectors, shift_to_observed
 
@@ -27,4 +30,9 @@ __all__ = [
     "common_grid",
     "to_common_grid",
     "cal_at_fibres",
+    "MASK_BITS",
+    "mask_bits",
+    "mask_counts",
+    "zeropoint_ab",
+    "binned_residuals",
 ]

@@ -120,7 +120,9 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
         summary={"method": method, "level": level, "discrepant": discrepant, "rms_scatter": rms,
                  "n_outlier_pixels": xp.sum(xp.astype(outlier, xp.int64), axis=1),
                  "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth,
-                 **telluric_summary(tell)},
+                 **telluric_summary(tell),
+                 # each star's pixels left out as its own outliers or clipped across stars (the MASK's OUTLIER)
+                 "outlier_mask": outlier | (mask & ~keep)},
     )
 
 

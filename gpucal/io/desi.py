@@ -73,6 +73,7 @@ from .frames import (
     _image,
     _increasing,
     _keyword_items,
+    _mask_hdu,
     _native_table,
     _table_hdu,
 )
@@ -264,8 +265,14 @@ def _primary(frame: Frame, data: np.ndarray, keywords, history) -> fits.PrimaryH
 
 
 def write_calibrated_desi(path, frame: Frame, flux, var, *, cal_wave, cal, cal_var, cal_measured, per_star=None,
-                          keywords=None, history=(), overwrite: bool = False) -> None:
-    """The calibrated frame in the DESI layout it came in (see the module docstring); as write_calibrated_frame."""
+                          keywords=None, history=(), overwrite: bool = False, mask=None, mask_bits=None,
+                          provenance=None) -> None:
+    """The calibrated frame in the DESI layout it came in (see the module docstring); as write_calibrated_frame.
+
+    The layout's own ``MASK`` keeps its meaning (the input's bits; 1 where gpucal found a bad
+    pixel); gpucal's bit flags go to ``FCALMASK`` (documented as in gpucal's layout), the
+    provenance to ``PROVENANCE``; every HDU gets CHECKSUM and DATASUM.
+    """
     path = os.fspath(path)
     _check_destination(path, overwrite, protect=frame.path or None)
     flux, var = _host(flux, "flux"), _host(var, "var")
@@ -296,4 +303,9 @@ def write_calibrated_desi(path, frame: Frame, flux, var, *, cal_wave, cal, cal_v
     hdus.append(_fluxcal_hdu(*cal_columns, _cal_unit(frame.header.get("BUNIT")), frame.medium))
     if per_star is not None:
         hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+    if mask is not None:
+        hdus.append(_mask_hdu(mask, mask_bits, shape, frame.flipped))
+        hdus[-1].name = "FCALMASK"
+    if provenance is not None:
+        hdus.append(_table_hdu(provenance, "PROVENANCE", "write_calibrated_frame: provenance"))
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True)

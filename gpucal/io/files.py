@@ -144,9 +144,15 @@ def check_output_path(path, *, overwrite: bool = False, protect=None) -> None:
     _check_destination(os.fspath(path), overwrite, None if protect is None else os.fspath(protect))
 
 
-def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None) -> None:
-    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
-    _atomic(lambda fh: hdul.writeto(fh, output_verify="exception"), path, overwrite, protect)
+def _atomic_write(hdul: fits.HDUList, path: str, overwrite: bool, protect=None, checksum: bool = False,
+                  tail: bytes = b"") -> None:
+    """Write ``hdul`` to a temporary file beside ``path`` and move it into place (``checksum``:
+    CHECKSUM and DATASUM on every HDU; ``tail``: whole HDUs, as bytes, appended after them)."""
+    def write(fh):
+        hdul.writeto(fh, output_verify="exception", checksum=checksum)
+        fh.write(tail)
+
+    _atomic(write, path, overwrite, protect)
 
 
 def write_text(path, text: str, *, overwrite: bool = False, protect=None) -> None:

@@ -76,7 +76,14 @@ extensions: ``FLUXCAL`` (columns ``WAVE`` [Angstrom], ``CAL``, ``CAL_VAR``,
 pixels], in increasing wavelength) and ``FLUXSTD`` (the per-star table). The
 design's single "FLUXCAL extension holding the vector, its variance and the
 per-star table" is two HDUs because a FITS table has one row length: the
-vector is per pixel, the per-star table per star.
+vector is per pixel, the per-star table per star. Then ``MASK`` (int32
+``(n_fibre, n_pix)`` bit flags per fibre pixel, 0 = clean, the bits named in its
+header as ``MASKB<k>``; see :mod:`gpucal.calibration.maskbits`), ``PROVENANCE``
+(KEY, VALUE: input files and their SHA-256, template grid and hash, LSF, every
+option, command line, versions, date; :mod:`gpucal.report.provenance`), and
+every extension of the input gpucal does not know (not PRIMARY, VARIANCE,
+WAVELA, FIBRES, nor one of the outputs), byte for byte in input order. Every
+HDU carries CHECKSUM and DATASUM.
 
 Every image is written as native float64, atomically and never onto the
 input frame (:mod:`gpucal.io.files`).
@@ -271,6 +278,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
     lsf_fwhm, lsf_hdr = _read_lsf(hdul, fname, flux.shape, flipped)
     if lsf_hdr is not None:
         ext_headers["LSF"] = lsf_hdr
+    extra_hdus = _unknown_hdus(hdul, fname)
     frame = Frame(
         path=fname,
         flux=flux,
@@ -285,6 +293,7 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
         ext_headers=ext_headers,
         medium_stated=medium_stated,
         lsf_fwhm=lsf_fwhm,
+        extra_hdus=extra_hdus,
     )
     if require_standards and frame.standards.size == 0:
         types = sorted(set(frame.fibre_types.tolist()))
@@ -293,6 +302,42 @@ def _read_frame(hdul, fname: str, require_standards: bool) -> Frame:
             f"{', '.join(repr(t) for t in types) or 'none'}"
         )
     return frame
+
+
+#: Extensions gpucal reads from an input frame; every other one is carried through unchanged.
+KNOWN_INPUT_HDUS = frozenset({"PRIMARY", "VARIANCE", "WAVELA", "LSF", "FIBRES"})
+#: Extensions gpucal writes into a calibrated frame (replaced, not carried, when a frame is recalibrated).
+OUTPUT_HDUS = frozenset({"FLUXCAL", "FLUXSTD", "MASK", "PROVENANCE"})
+
+
+def _unknown_hdus(hdul, fname: str) -> tuple:
+    """(EXTNAME, raw header + data bytes) of every extension gpucal neither reads nor writes, in file order.
+
+    The bytes are the file's own, so the writer can carry the HDU byte for byte
+    (only CHECKSUM/DATASUM are added to its header when it has none).
+    """
+    spans = []
+    ours = hdul[0].header.get("FLUXCAL") is True  # a gpucal output, recalibrated: its outputs are replaced
+    for hdu in hdul[1:]:
+        name = str(hdu.name).strip().upper()
+        if name in OUTPUT_HDUS and not ours:
+            logger.warning("%s [%s]: the output's own %s extension replaces it (it is not carried)", fname, name, name)
+        if name in KNOWN_INPUT_HDUS or name in OUTPUT_HDUS:
+            continue
+        info = hdu.fileinfo()
+        if info is None:
+            continue
+        spans.append((name, info["hdrLoc"], info["datLoc"] + info["datSpan"]))
+    if not spans:
+        return ()
+    out = []
+    with open(fname, "rb") as fh:
+        for name, start, stop in spans:
+            fh.seek(start)
+            out.append((name, fh.read(stop - start)))
+    for name, _ in out:
+        logger.info("%s [%s]: extension not used by gpucal, carried into the output unchanged", fname, name)
+    return tuple(out)
 
 
 def _read_primary(hdul, fname: str) -> np.ndarray:
@@ -506,6 +551,10 @@ def _table_hdu(table, name: str, what: str) -> fits.BinTableHDU:
             hdu = fits.table_to_hdu(table)
     except Exception as exc:
         raise InputError(f"{what} cannot be written as a FITS table ({exc})") from None
+    for i, col in enumerate(table.columns.values(), start=1):
+        tunit = getattr(col, "meta", {}).get("tunit")  # a unit astropy cannot write in FITS (log(cm.s**-2), dex)
+        if tunit and f"TUNIT{i}" not in hdu.header:
+            hdu.header[f"TUNIT{i}"] = str(tunit)
     hdu.name = name
     return hdu
 
@@ -670,6 +719,9 @@ def write_calibrated_frame(
     keywords: dict | None = None,
     history=(),
     overwrite: bool = False,
+    mask=None,
+    mask_bits: dict | None = None,
+    provenance=None,
 ) -> None:
     """Write the calibrated frame in the input's layout (see the module docstring).
 
@@ -681,6 +733,11 @@ def write_calibrated_frame(
     keywords : {KEY: (value, comment)} or {KEY: value}, written to the primary header.
     history : strings, each written with ``add_history`` (long ones wrap onto
         several cards; none is dropped).
+    mask : (n_fibre, n_pix) integer bit flags in ``frame``'s orientation, written as
+        the ``MASK`` image (int32); mask_bits : {NAME: (value, meaning)} documented in
+        its header as ``MASKB<k>`` cards. provenance : astropy Table written as
+        ``PROVENANCE``. The input's unknown extensions (``frame.extra_hdus``) follow,
+        byte for byte; every HDU gets CHECKSUM and DATASUM.
 
     Refuses (InputError) to write onto ``frame.path`` whatever ``overwrite``
     says, and onto an existing file unless ``overwrite``.
@@ -690,7 +747,8 @@ def write_calibrated_frame(
 
         return write_calibrated_desi(path, frame, flux, var, cal_wave=cal_wave, cal=cal, cal_var=cal_var,
                                      cal_measured=cal_measured, per_star=per_star, keywords=keywords,
-                                     history=history, overwrite=overwrite)
+                                     history=history, overwrite=overwrite, mask=mask, mask_bits=mask_bits,
+                                     provenance=provenance)
     path = os.fspath(path)
     # destination checks first: cheap, and the most important refusal
     _check_destination(path, overwrite, protect=frame.path or None)
@@ -712,14 +770,7 @@ def write_calibrated_frame(
         var = var[:, ::-1]
         wave = wave[..., ::-1]
 
-    phdr = _clean_header(frame.header)
-    phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
-    for k, value, comment in items:
-        phdr[k] = (value, comment)
-    for line in history:
-        for chunk in _history_cards(line):
-            phdr.add_history(chunk)
-    hdus = [fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)]
+    hdus = [_primary_hdu(frame, flux, items, history)]
     vhdr = _clean_header(frame.ext_headers.get("VARIANCE"))
     vhdr["BUNIT"] = (VAR_BUNIT, "variance unit")
     hdus.append(fits.ImageHDU(np.ascontiguousarray(var), header=vhdr, name="VARIANCE"))
@@ -732,8 +783,74 @@ def write_calibrated_frame(
     hdus.append(_fluxcal_hdu(*cal_columns, _cal_unit(frame.header.get("BUNIT")), frame.medium))
     if per_star is not None:
         hdus.append(_table_hdu(per_star, "FLUXSTD", "write_calibrated_frame: per_star"))
+    if mask is not None:
+        hdus.append(_mask_hdu(mask, mask_bits, shape, frame.flipped))
+    if provenance is not None:
+        hdus.append(_table_hdu(provenance, "PROVENANCE", "write_calibrated_frame: provenance"))
 
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None)
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True,
+                  tail=_carried_bytes(frame))
+
+
+def _primary_hdu(frame: Frame, flux: np.ndarray, items, history) -> fits.PrimaryHDU:
+    """The calibrated flux with the input's primary header, BUNIT, the keywords and the HISTORY cards."""
+    phdr = _clean_header(frame.header)
+    phdr["BUNIT"] = (FLUX_BUNIT, "flux density unit")
+    for k, value, comment in items:
+        phdr[k] = (value, comment)
+    for line in history:
+        for chunk in _history_cards(line):
+            phdr.add_history(chunk)
+    return fits.PrimaryHDU(np.ascontiguousarray(flux), header=phdr)
+
+
+def _mask_hdu(mask, mask_bits, shape, flipped: bool) -> fits.ImageHDU:
+    """The MASK image (int32, the input's pixel order) with its bits documented as MASKB<k> cards."""
+    m = np.asarray(_as_numpy(mask))
+    if m.shape != shape or m.dtype.kind not in "biu":
+        raise InputError(f"write_calibrated_frame: mask must be integer of the frame's shape {shape}, "
+                         f"got {m.dtype} {m.shape}")
+    m = np.ascontiguousarray(m[:, ::-1] if flipped else m, dtype=np.int32)
+    hdu = fits.ImageHDU(m, name="MASK")
+    hdu.header["COMMENT"] = "bit flags per fibre pixel, 0 = clean; MASKB<k> names bit k (value 2**(k-1))"
+    for name, (value, meaning) in (mask_bits or {}).items():
+        k = int(value).bit_length()
+        hdu.header[f"MASKB{k}"] = (_ascii(name), _ascii(meaning)[:46])
+    return hdu
+
+
+def _carried_bytes(frame: Frame) -> bytes:
+    """The input's unknown extensions as the bytes that follow the output's own HDUs.
+
+    An extension whose CHECKSUM and DATASUM verify is its input bytes, every one;
+    any other gets the two cards added (its data and other cards unchanged).
+    """
+    from astropy.io.fits.hdu.base import _BaseHDU
+
+    out = []
+    for name, raw in frame.extra_hdus:
+        try:
+            # unscaled, as stored: astropy would otherwise rewrite BSCALE/BZERO (and unsigned data)
+            hdu = _BaseHDU.fromstring(raw, do_not_scale_image_data=True, uint=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if "CHECKSUM" in hdu.header and hdu.verify_checksum() == 1 and hdu.verify_datasum() == 1:
+                    out.append(raw)
+                    continue
+            out.append(_with_checksum(hdu))
+        except Exception as exc:  # noqa: BLE001 -- astropy raises many types for damaged bytes
+            raise InputError(f"{frame.path} [{name}]: extension cannot be carried into the output ({exc})") from None
+    return b"".join(out)
+
+
+def _with_checksum(hdu) -> bytes:
+    """One extension HDU's bytes with CHECKSUM and DATASUM (written after an empty primary, which is cut off)."""
+    import io
+
+    buf = io.BytesIO()
+    primary = fits.PrimaryHDU()
+    fits.HDUList([primary, hdu]).writeto(buf, checksum=True, output_verify="exception")
+    return buf.getvalue()[len(primary.header.tostring()):]
 
 
 def _cal_columns(cal_wave, cal, cal_var, cal_measured):

@@ -2,8 +2,10 @@
 
 * :mod:`.stars` — the per-star table (``FLUXSTD``);
 * :mod:`.summary` — a frame's summary, its FITS keywords and HISTORY;
-* :mod:`.qc` — QC plots of one frame (matplotlib, imported on use);
-* :mod:`.night` — the night summary of a batch and its panel.
+* :mod:`.provenance` — what went in, how it ran, by what, when (PROVENANCE, FCAL* keywords);
+* :mod:`.qc` — QA images of one frame (matplotlib, imported on use);
+* :mod:`.night` — the night summary of a batch and its panel;
+* :mod:`.html` — static HTML pages and their JSON, per frame and per night.
 
 Nothing here computes a result; every number arrives measured.
 """

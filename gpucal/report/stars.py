@@ -6,7 +6,11 @@ per-band magnitude residuals, pixel counts, how the photometry was matched,
 whether the star was used and, if not, why. Written to the ``FLUXSTD``
 extension and shown in the QC report.
 
-Units: RV km/s, TEFF K, DMAG_* mag, SCALE erg/s/cm²/Å per template unit.
+Units (TUNIT of every physical column): TEFF, TEFF_COLOUR, TEFF_COLOUR_ERR K; LOGG
+log(cm.s**-2); MH, ALPHA dex; RV, RV_ERR km/s; DMAG_* mag. SCALE (template surface
+flux to observed flux, (R/d)²), CHI2_DOF and the counts are dimensionless. Units
+astropy cannot write in FITS (the logarithmic ones) travel as the column's
+``meta["tunit"]``, which the writer puts in TUNIT.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import numpy as np
 from ..containers import PARAM_NAMES
 
 __all__ = ["per_star_table"]
+
+#: FITS units of the logarithmic parameters (astropy writes no function unit to FITS).
+_LOG_UNITS = {"LOGG": "log(cm.s**-2)", "MH": "dex", "ALPHA": "dex"}
 
 
 def per_star_table(names, fibres, h: dict, bands, match_info, reasons, *, teff_colour=None):
@@ -34,6 +41,9 @@ def per_star_table(names, fibres, h: dict, bands, match_info, reasons, *, teff_c
     t["FIBRE"] = fibres
     for j, p in enumerate(PARAM_NAMES):
         t[p.upper()] = h["params"][:, j]
+    t["TEFF"].unit = "K"
+    for name, unit in _LOG_UNITS.items():
+        t[name].meta["tunit"] = unit
     t["RV"] = h["rv"]
     t["RV"].unit = "km/s"
     t["RV_ERR"] = h["rv_err"]
@@ -44,6 +54,7 @@ def per_star_table(names, fibres, h: dict, bands, match_info, reasons, *, teff_c
     t["N_BANDS"] = h["n_bands"]
     for j, b in enumerate(bands):
         t[f"DMAG_{b.split('-')[-1].upper()}"] = h["residual"][:, j]
+        t[f"DMAG_{b.split('-')[-1].upper()}"].unit = "mag"
     t["N_GOOD"] = h["n_good"]
     t["N_OUTLIER"] = h["n_outlier"]  # the star's own outlier pixels left out of the combination
     t["PHOT_MATCH"] = list(match_info)
@@ -52,4 +63,5 @@ def per_star_table(names, fibres, h: dict, bands, match_info, reasons, *, teff_c
     if teff_colour is not None:
         t["TEFF_COLOUR"] = np.asarray(teff_colour[0], dtype=float)
         t["TEFF_COLOUR_ERR"] = np.asarray(teff_colour[1], dtype=float)
+        t["TEFF_COLOUR"].unit = t["TEFF_COLOUR_ERR"].unit = "K"
     return t

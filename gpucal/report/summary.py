@@ -14,12 +14,25 @@ import math
 
 from .. import __version__
 
-__all__ = ["frame_summary", "fits_keywords", "history_lines"]
+__all__ = ["frame_summary", "fits_keywords", "history_lines", "percent"]
+
+
+def percent(fraction, digits: int = 2) -> str:
+    """A fraction as per cent text with ``digits`` decimals ("1.92 %"), "n/a" for None or NaN."""
+    if fraction is None or not math.isfinite(float(fraction)):
+        return "n/a"
+    return f"{100.0 * float(fraction):.{digits}f} %"
 
 
 def _finite_or_none(x):
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _percent_value(x, digits: int = 3):
+    """A fraction as a number in per cent rounded to ``digits`` decimals (None when not finite)."""
+    x = _finite_or_none(x)
+    return None if x is None else round(100.0 * x, digits)
 
 
 def _star_entry(i, names, fibres, h, reasons) -> dict:
@@ -44,6 +57,7 @@ def frame_summary(*, frame_path, backend, names, fibres, h, reasons, options, n_
         "frame": str(frame_path), "gpucal_version": __version__, "backend": backend.name,
         "device": str(backend.device), "n_standards": len(names), "n_stars_used": n_used,
         "n_stars_rejected": len(names) - n_used, "rms_scatter": _finite_or_none(h["rms"]),
+        "rms_scatter_percent": _percent_value(h["rms"]),
         "method": options["combine"], "smooth": options["smooth"], "metric": options["metric"],
         "vrange_kms": list(options["vrange"]),
         "lsf": {k: v for k, v in options["lsf"].items() if v is not None},
