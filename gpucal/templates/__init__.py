@@ -37,8 +37,10 @@ from .cache import (
     default_cache_dir,
     load_or_prepare_bosz,
     load_template_cache,
+    open_array_store,
     open_templates,
     prepare_template_cache,
+    write_array_store,
     write_template_cache,
 )
 from .demo import DEMO_ALPHA, DEMO_LOGG, DEMO_MH, DEMO_TEFF, demo_grid, demo_template, demo_wave
@@ -90,6 +92,8 @@ __all__ = [
     "load_or_prepare_bosz",
     "open_templates",
     "default_cache_dir",
+    "write_array_store",
+    "open_array_store",
     # load
     "load_templates",
     # demo (the grid; the frame simulator is not part of this room)
