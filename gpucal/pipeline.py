@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 
 import numpy as np
 
@@ -36,10 +35,9 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
+from .fitting import TELLURIC_DEFAULT, match_templates, refined_templates
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
-    fit_colour_relations,
     match_ebv,
     match_photometry,
     photometric_consistency,
@@ -53,6 +51,7 @@ from .report.stars import per_star_table
 from .report.summary import fits_keywords, frame_summary, history_lines
 from .templates import load_templates
 from .units import convert_medium
+from .workcache import colour_relations, prepared_grid
 
 __all__ = ["calibrate_frame"]
 
@@ -84,15 +83,11 @@ def _photometry(frame: Frame, photometry, names, bands, radius_arcsec, ebv):
 
 
 _NO_PRIOR = (None, None, None)
-#: Colour-Teff relations fitted per template grid, reused by every frame of a batch.
-_RELATIONS = weakref.WeakKeyDictionary()
 
 
 def _colour_relations(grid: TemplateGrid) -> tuple:
-    """The grid's colour-Teff relations, fitted once per grid (the colours it supports)."""
-    if grid not in _RELATIONS:
-        _RELATIONS[grid] = fit_colour_relations(grid)
-    return _RELATIONS[grid]
+    """The grid's colour-Teff relations, fitted once per grid and kept by the working-grid cache."""
+    return colour_relations(grid)
 
 
 def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0):
@@ -145,11 +140,11 @@ def _standards_batch(frame: Frame, std, names, fibres, medium, be) -> SpectraBat
 
 
 def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf):
-    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
-    xp = array_namespace(spectra.wave)
+    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks,
+    # once per grid and instrument setting: the working-grid cache (gpucal.workcache) keeps it.
     try:
-        return prepare_grid(grid, spectra.wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
-                            vstep=float(vrange[2]), **lsf)
+        return prepared_grid(grid, spectra.wave, dtype=dtype, good_regions=mask_regions,
+                             vstep=float(vrange[2]), **lsf)
     except CoverageError as exc:
         raise CoverageError(f"{frame.path}: {exc}") from None
 

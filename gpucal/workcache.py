@@ -1,0 +1,310 @@
+"""The per-instrument working-grid cache: a grid prepared once per instrument setting, reused by every frame.
+
+Step of the mission: *prepare* (pipeline step 3). :func:`prepared_grid` returns
+what :func:`gpucal.fitting.prepare_grid` would — the grid LSF-convolved,
+resampled onto the frame's log-uniform working grid and continuum-normalised,
+a :class:`~gpucal.containers.PreparedGrid` (params (n_t, 4) float64, wave
+(n_q,) Å, norm_flux (n_t, n_q) in the scan's dtype, neighbours (n_t, 4, 2)) —
+and :func:`colour_relations` what :func:`gpucal.photometry.fit_colour_relations`
+would (the grid's colour–Teff relations; with them the band matrices on the
+grid's wavelengths, which :mod:`gpucal.photometry.bands` memoises per process).
+Both come from a cache when it holds them.
+
+Key. SHA-256 over everything the result depends on: the grid (the SHA-256 of a
+prepared cache's sidecar, which covers its arrays; otherwise of the grid's
+params, wave and flux bytes, its medium and own resolution), the LSF
+(fwhm / fwhm_poly / resolution), the working wavelength grid's float64 bytes
+(from the frame's wavelengths and the velocity step), dtype, vstep, the masked
+regions, the continuum degree, the backend, the NumPy version and the source of
+the gpucal package itself (a changed kernel makes new entries). A changed LSF,
+grid or wavelength grid makes a new entry, never a stale hit.
+
+Where. In memory: the last :data:`MEMORY_ENTRIES` entries of this process (so of
+each dask worker), on the backend's device. On disk: ``<cache dir>/working/wg-<key>``
+(``.npy`` arrays + ``entry.json``) and ``rel-<grid key>`` (the relations, JSON),
+written atomically and opened memory-mapped with ``allow_pickle=False`` and every
+array checked against its SHA-256 by :func:`gpucal.templates.open_array_store`
+(the prepared cache's own store, which knows nothing of what the arrays mean).
+An entry that fails its checks is refused with a warning naming it, and prepared
+again. ``GPUCAL_WORK_CACHE``: unset or ``disk`` (memory and disk, under
+``$GPUCAL_CACHE_DIR`` or ``~/.cache/gpucal/templates``), a directory (memory and
+disk there), ``memory`` (this process only) or ``off``. A cache that cannot be
+written is used from memory, with a warning. :func:`list_entries` and
+:func:`prune_entries` serve ``gpucal templates cache list|prune``.
+
+Orchestration (like :mod:`gpucal.pipeline`): it calls the step rooms and the
+store, and computes nothing itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from .backends import backend_of, to_backend, to_numpy
+from .containers import ColourTeffRelation, PreparedGrid, TemplateGrid
+from .errors import GpucalError, InputError
+from .fitting import prepare_grid, working_grid
+from .photometry import fit_colour_relations
+from .templates import default_cache_dir, open_array_store, write_array_store
+
+__all__ = ["prepared_grid", "colour_relations", "work_cache_dir", "list_entries", "prune_entries",
+           "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
+
+logger = logging.getLogger("gpucal.workcache")
+
+FORMAT = ("gpucal-working-grid", 1)
+SIDECAR = "entry.json"
+#: Entries kept in memory per process (least recently used dropped first).
+MEMORY_ENTRIES = 4
+#: Where each result came from, counted per process: {"memory": n, "disk": n, "prepared": n}.
+STATS = collections.Counter()
+
+_MEMORY: collections.OrderedDict = collections.OrderedDict()
+_RELATIONS: dict = {}
+_FINGERPRINTS: dict = {}  # id(flux) -> (weak reference to it, fingerprint)
+_CODE: list = []
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _code_fingerprint() -> str:
+    """SHA-256 of every gpucal source file (once per process): new code, new entries."""
+    if not _CODE:
+        h = hashlib.sha256(np.__version__.encode())
+        root = Path(__file__).resolve().parent
+        for p in sorted(root.rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+        _CODE.append(h.hexdigest())
+    return _CODE[0]
+
+
+def grid_fingerprint(grid: TemplateGrid) -> str:
+    """What identifies a grid's content: a prepared cache's sidecar SHA-256, else its arrays' (memoised)."""
+    meta = grid.meta if isinstance(grid.meta, dict) else {}
+    if meta.get("sidecar_sha256") and meta.get("cache_path"):  # the sidecar records every array's SHA-256
+        return _sha({"cache": meta["sidecar_sha256"], "medium": grid.medium, "fwhm": grid.resolution_fwhm})
+    entry = _FINGERPRINTS.get(id(grid.flux))
+    if entry is not None and entry[0]() is grid.flux and entry[1] == (id(grid.params), id(grid.wave)):
+        return entry[2]
+    h = hashlib.sha256(json.dumps([grid.medium, float(grid.resolution_fwhm)]).encode())
+    for arr in (grid.params, grid.wave, grid.flux):
+        a = np.ascontiguousarray(to_numpy(arr))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    fp = h.hexdigest()
+    try:
+        _FINGERPRINTS[id(grid.flux)] = (weakref.ref(grid.flux), (id(grid.params), id(grid.wave)), fp)
+    except TypeError:  # not weakly referenceable: hashed again next time
+        pass
+    return fp
+
+
+def _mode():
+    """(memory on, disk directory or None) from ``GPUCAL_WORK_CACHE``."""
+    v = os.environ.get("GPUCAL_WORK_CACHE", "").strip()
+    if v.lower() == "off":
+        return False, None
+    if v.lower() == "memory":
+        return True, None
+    return True, work_cache_dir(v if v and v.lower() != "disk" else None)
+
+
+def work_cache_dir(root=None) -> str:
+    """The working-grid cache directory: ``root``, else ``<default_cache_dir()>/working``."""
+    return os.path.abspath(os.fspath(root)) if root else os.path.join(default_cache_dir(), "working")
+
+
+def _remember(key, value):
+    _MEMORY[key] = value
+    _MEMORY.move_to_end(key)
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
+
+
+def prepared_grid(grid: TemplateGrid, wave_obs, *, dtype, good_regions, vstep, fwhm=None, fwhm_poly=None,
+                  resolution=None, continuum_degree: int = 7) -> PreparedGrid:
+    """:func:`gpucal.fitting.prepare_grid` of ``grid`` for the frame's ``wave_obs``, through the cache.
+
+    Same arguments and result (on ``wave_obs``'s backend), but ``dtype`` is a name ("float32" or
+    "float64"); see the module docstring for the key.
+    """
+    be = backend_of(wave_obs)
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else [float(c) for c in fwhm_poly],
+           "resolution": resolution}
+    wq = np.ascontiguousarray(to_numpy(working_grid(wave_obs, vstep)), dtype=np.float64)
+    settings = {"grid": grid_fingerprint(grid), "lsf": lsf, "wq": hashlib.sha256(wq.tobytes()).hexdigest(),
+                "n_q": int(wq.size), "dtype": dtype, "vstep": vstep, "medium": grid.medium,
+                "regions": [list(map(float, r)) for r in (good_regions or ())],
+                "continuum_degree": int(continuum_degree), "backend": be.name, "code": _code_fingerprint()}
+    key = _sha(settings)
+    memory, disk = _mode()
+    mkey = (key, str(be.device))
+    if memory and mkey in _MEMORY:
+        _MEMORY.move_to_end(mkey)
+        STATS["memory"] += 1
+        return _MEMORY[mkey]
+    path = None if disk is None else os.path.join(disk, f"wg-{key[:32]}")
+    prep = _load_prepared(path, key, be, dtype) if path else None
+    if prep is None:
+        prep = prepare_grid(grid, wave_obs, dtype=getattr(be.xp, dtype), good_regions=good_regions, vstep=vstep,
+                            continuum_degree=continuum_degree, **lsf)
+        STATS["prepared"] += 1
+        if path:
+            _store_prepared(path, key, settings, prep)
+    if memory:
+        _remember(mkey, prep)
+    return prep
+
+
+def _prepared_dtypes(meta, dtype) -> dict:
+    out = {"params": "float64", "wave": "float64", "norm_flux": dtype}
+    return dict(out, neighbours="int64") if isinstance(meta, dict) and meta.get("has_neighbours") else out
+
+
+def _refuse(path, exc) -> None:
+    logger.warning("working-grid cache entry %s refused (%s); preparing it again", path, exc)
+
+
+def _load_prepared(path, key, be, dtype):
+    """The entry at ``path`` on the backend, or None when there is none (or it is refused, with a warning)."""
+    side = os.path.join(path, SIDECAR)
+    if not os.path.isfile(side):
+        return None
+    try:
+        with open(side, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        arrays, meta = open_array_store(path, _prepared_dtypes(meta, dtype), fmt=FORMAT, sidecar=SIDECAR,
+                                        what="working-grid cache entry")
+        if meta.get("key") != key:
+            raise InputError(f"{side}: entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
+    except (GpucalError, OSError, ValueError) as exc:
+        _refuse(path, exc)
+        return None
+    STATS["disk"] += 1
+    _touch(path)
+    nb = arrays.get("neighbours")
+    return PreparedGrid(params=to_backend(arrays["params"], be), wave=to_backend(arrays["wave"], be),
+                        norm_flux=to_backend(arrays["norm_flux"], be), lsf=meta["lsf"],
+                        neighbours=None if nb is None else to_backend(nb, be))
+
+
+def _store_prepared(path, key, settings, prep) -> None:
+    arrays = {"params": to_numpy(prep.params), "wave": to_numpy(prep.wave), "norm_flux": to_numpy(prep.norm_flux)}
+    if prep.neighbours is not None:
+        arrays["neighbours"] = to_numpy(prep.neighbours).astype(np.int64)
+    meta = {"kind": "working grid", "key": key, "settings": settings, "lsf": prep.lsf,
+            "has_neighbours": prep.neighbours is not None, "n_templates": prep.n_templates,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _store(path, arrays, meta)
+
+
+def _store(path, arrays, meta) -> None:
+    """Write an entry; never an error (another process may have written it first, or the disk is full)."""
+    try:
+        write_array_store(path, arrays, meta, fmt=FORMAT, sidecar=SIDECAR, overwrite=True,
+                          what="working-grid cache entry")
+    except (OSError, GpucalError) as exc:
+        logger.warning("cannot write the working-grid cache entry %s (%s); using it from memory", path, exc)
+
+
+def _touch(path) -> None:
+    """Mark the entry used now (``prune --older-than`` goes by last use)."""
+    try:
+        os.utime(os.path.join(path, SIDECAR))
+    except OSError:
+        pass
+
+
+def colour_relations(grid: TemplateGrid) -> tuple:
+    """:func:`gpucal.photometry.fit_colour_relations` of ``grid``, through the cache (keyed by the grid's content)."""
+    key = _sha({"grid": grid_fingerprint(grid), "code": _code_fingerprint(), "kind": "colour relations"})
+    memory, disk = _mode()
+    if memory and key in _RELATIONS:
+        STATS["memory"] += 1
+        return _RELATIONS[key]
+    path = None if disk is None else os.path.join(disk, f"rel-{key[:32]}")
+    rel = _load_relations(path, key) if path else None
+    if rel is None:
+        rel = fit_colour_relations(grid)
+        STATS["prepared"] += 1
+        if path:
+            _store(path, {}, {"kind": "colour relations", "key": key,
+                              "relations": [dataclasses.asdict(r) for r in rel],
+                              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if memory:
+        _RELATIONS[key] = rel
+    return rel
+
+
+def _load_relations(path, key):
+    if not os.path.isfile(os.path.join(path, SIDECAR)):
+        return None
+    try:
+        _, meta = open_array_store(path, {}, fmt=FORMAT, sidecar=SIDECAR, what="working-grid cache entry")
+        if meta.get("key") != key:
+            raise InputError(f"entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
+        rel = tuple(ColourTeffRelation(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in r.items()})
+                    for r in meta["relations"])
+    except (GpucalError, OSError, ValueError, TypeError, KeyError) as exc:
+        _refuse(path, exc)
+        return None
+    STATS["disk"] += 1
+    _touch(path)
+    return rel
+
+
+# ------------------------------------------------------------------ gpucal templates cache list | prune
+
+
+def list_entries(root=None) -> list:
+    """Every entry of the working-grid cache: dicts of path, kind, bytes, last use (UTC), n_templates, lsf, n_q."""
+    root = work_cache_dir(root)
+    out = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        p = os.path.join(root, name)
+        side = os.path.join(p, SIDECAR)
+        if not (name.startswith(("wg-", "rel-")) and os.path.isfile(side)):
+            continue
+        try:
+            with open(side, encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            meta = {"kind": "unreadable"}
+        size = sum(f.stat().st_size for f in Path(p).iterdir() if f.is_file())
+        s = meta.get("settings") or {}
+        out.append({"path": p, "kind": meta.get("kind"), "bytes": size, "last_used": os.stat(side).st_mtime,
+                    "n_templates": meta.get("n_templates"), "lsf": meta.get("lsf"), "n_q": s.get("n_q"),
+                    "dtype": s.get("dtype"), "backend": s.get("backend")})
+    return out
+
+
+def prune_entries(root=None, *, older_than_days=None, keep_bytes=None, dry_run=False) -> list:
+    """Remove entries unused for more than ``older_than_days``, then the least recently used beyond
+    ``keep_bytes`` in all (with neither: every entry); returns the removed entries."""
+    entries = sorted(list_entries(root), key=lambda e: e["last_used"], reverse=True)
+    now, total, gone = time.time(), 0, []
+    for e in entries:
+        old = older_than_days is not None and now - e["last_used"] > 86400.0 * older_than_days
+        total += e["bytes"]
+        over = keep_bytes is not None and total > keep_bytes
+        if old or over or (older_than_days is None and keep_bytes is None):
+            gone.append(e)
+            if not dry_run:
+                shutil.rmtree(e["path"], ignore_errors=True)
+    return gone
