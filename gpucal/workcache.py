@@ -115,16 +115,15 @@ def grid_fingerprint(grid: TemplateGrid) -> str:
 
 def _mode():
     """(memory on, disk directory or None) from ``GPUCAL_WORK_CACHE``."""
-    v = os.environ.get("GPUCAL_WORK_CACHE", "").strip()
-    if v.lower() == "off":
-        return False, None
-    if v.lower() == "memory":
-        return True, None
-    return True, work_cache_dir(v if v and v.lower() != "disk" else None)
+    v = os.environ.get("GPUCAL_WORK_CACHE", "").strip().lower()
+    return v != "off", None if v in ("off", "memory") else work_cache_dir()
 
 
 def work_cache_dir(root=None) -> str:
-    """The working-grid cache directory: ``root``, else ``<default_cache_dir()>/working``."""
+    """The working-grid cache directory: ``root``, else ``$GPUCAL_WORK_CACHE`` where it names a directory,
+    else ``<default_cache_dir()>/working``."""
+    v = os.environ.get("GPUCAL_WORK_CACHE", "").strip()
+    root = root or (v if v.lower() not in ("", "off", "memory", "disk") else None)
     return os.path.abspath(os.fspath(root)) if root else os.path.join(default_cache_dir(), "working")
 
 
