@@ -249,7 +249,7 @@ def _require_sane(frame, output, max_frame_chi2_dof, max_scatter):
 
 
 class _Clock:
-    """Wall time per stage of one frame."""
+    """Wall time per stage of one frame (``gpucal bench frames`` tables them)."""
 
     def __init__(self):
         self.t = time.perf_counter()
@@ -302,35 +302,40 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
-    clock.lap("load")
+    clock.lap("read")
     prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR
-    clock.lap("prepare_grid")
+    clock.lap("prepare")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
-    clock.lap("match")
+    clock.lap("scan")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
                               sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
                               mask_regions=mask_regions, **lsf)
     verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
+    clock.lap("vectors")
     res = combine_calibration_vectors(vec, usable=verdicts.usable, method=combine, smooth=smooth)
     verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
+    clock.lap("combine")
     cal_flux, cal_var, bad = _apply(frame, res, be)
-    clock.lap("calibrate")
+    clock.lap("apply")
     h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
     settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof)
     output = _report(frame, be, (names, fibres), h, phot.bands, match_info, phot_reasons, prior,
                      prepared.n_templates, clock.laps, settings)
     _require_stars(frame, names, output, min_stars)
     _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
+    clock.lap("report")
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
                                keywords=fits_keywords(output.summary), history=history_lines(names, fibres, h),
                                overwrite=overwrite)
         output.out_path = str(out)
+        clock.lap("write")
+    output.summary["timing_s"] = dict(clock.laps)  # stages: read prepare scan vectors combine apply report write
     return output
 
 

@@ -58,7 +58,7 @@ from .fitting import prepare_grid, working_grid
 from .photometry import fit_colour_relations
 from .templates import default_cache_dir, open_array_store, write_array_store
 
-__all__ = ["prepared_grid", "colour_relations", "work_cache_dir", "list_entries", "prune_entries",
+__all__ = ["prepared_grid", "colour_relations", "clear_memory", "work_cache_dir", "list_entries", "prune_entries",
            "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
 
 logger = logging.getLogger("gpucal.workcache")
@@ -125,6 +125,12 @@ def work_cache_dir(root=None) -> str:
     v = os.environ.get("GPUCAL_WORK_CACHE", "").strip()
     root = root or (v if v.lower() not in ("", "off", "memory", "disk") else None)
     return os.path.abspath(os.fspath(root)) if root else os.path.join(default_cache_dir(), "working")
+
+
+def clear_memory() -> None:
+    """Forget this process's in-memory entries (the disk cache stays)."""
+    _MEMORY.clear()
+    _RELATIONS.clear()
 
 
 def _remember(key, value):
