@@ -27,7 +27,6 @@ Units: seconds, frames per minute.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import socket

@@ -261,8 +261,8 @@ def _add_demo_parser(sub):
 
 def add_templates_parser(sub) -> None:
     """Add ``templates prepare`` to the ``gpucal`` sub-command parsers."""
-    from .templates import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
-
+    # The defaults are gpucal.templates' DEFAULT_FRAME_RANGE, DEFAULT_BANDS and DEFAULT_VMAX, filled in by
+    # the handler: importing gpucal.templates here would load NumPy for --help (test_workcache checks the texts).
     p = sub.add_parser("templates", help="template grids: prepare a BOSZ 2024 cache")
     tsub = p.add_subparsers(dest="templates_command", required=True)
     q = tsub.add_parser(
@@ -284,10 +284,10 @@ def add_templates_parser(sub) -> None:
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
     lsf.add_argument("--resolution", type=float, help="instrument resolving power λ/Δλ")
     q.add_argument("--wave", type=_range_arg, default=None, metavar="MIN:MAX",
-                   help=f"frame wavelength range in Å (default {DEFAULT_FRAME_RANGE[0]:g}:{DEFAULT_FRAME_RANGE[1]:g}); "
+                   help="frame wavelength range in Å (default 3500:10000); "
                         "the grid also covers the bands and the velocity scan")
-    q.add_argument("--bands", default=",".join(DEFAULT_BANDS), help="photometric bands to cover (default g,r,i,z)")
-    q.add_argument("--vmax", type=float, default=DEFAULT_VMAX, help="largest |RV| to allow for, km/s (default 500)")
+    q.add_argument("--bands", default=None, help="photometric bands to cover (default g,r,i,z)")
+    q.add_argument("--vmax", type=float, default=None, help="largest |RV| to allow for, km/s (default 500)")
     q.add_argument("--dlnlam", type=float, default=None, help="working-grid Δlnλ (default: the library's)")
     q.add_argument("--medium", choices=("air", "vacuum"), default="air", help="wavelength medium of the frame")
     q.add_argument("--workers", type=int, default=None, help="reader processes (default: the CPUs)")
@@ -577,19 +577,20 @@ def run_templates_command(args) -> int:
     """Run ``gpucal templates prepare`` from parsed arguments; prints a one-line summary."""
     import time
 
-    from .templates import prepare_template_cache
+    from .templates import DEFAULT_BANDS, DEFAULT_VMAX, prepare_template_cache
 
     if args.templates_command == "cache":
         return run_templates_cache_command(args)
     if args.templates_command != "prepare":
         raise GpucalError(f"unknown templates command {args.templates_command!r}")
-    bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())
+    bands = DEFAULT_BANDS if args.bands is None else tuple(b.strip() for b in args.bands.split(",") if b.strip())
+    vmax = DEFAULT_VMAX if args.vmax is None else args.vmax
     atmos = None if args.atmos is None else [a.strip() for a in args.atmos.split(",") if a.strip()]
     t0 = time.perf_counter()
     grid = prepare_template_cache(
         args.src, args.out, overwrite=args.overwrite, teff=args.teff, logg=args.logg, mh=args.mh, alpha=args.alpha,
         carbon=args.carbon, vturb=args.vturb, atmos=atmos, bosz_resolution=args.bosz_resolution, wave=args.wave,
-        bands=bands, vmax=args.vmax, dlnlam=args.dlnlam, medium=args.medium, fwhm=args.fwhm,
+        bands=bands, vmax=vmax, dlnlam=args.dlnlam, medium=args.medium, fwhm=args.fwhm,
         fwhm_poly=args.fwhm_poly, resolution=args.resolution, workers=args.workers,
         progress=False if args.no_progress else None, backend=args.backend,
     )

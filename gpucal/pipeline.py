@@ -51,7 +51,7 @@ from .report.stars import per_star_table
 from .report.summary import fits_keywords, frame_summary, history_lines
 from .templates import load_templates
 from .units import convert_medium
-from .workcache import colour_relations, prepared_grid
+from .workcache import band_matrices, colour_relations, prepared_grid
 
 __all__ = ["calibrate_frame"]
 
@@ -139,9 +139,11 @@ def _standards_batch(frame: Frame, std, names, fibres, medium, be) -> SpectraBat
     return SpectraBatch(wave=wave, flux=flux, var=var, mask=mask, fibre_ids=fibres, names=names, medium=medium)
 
 
-def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf):
+def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf, bands):
     # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks,
-    # once per grid and instrument setting: the working-grid cache (gpucal.workcache) keeps it.
+    # once per grid and instrument setting: the working-grid cache (gpucal.workcache) keeps it,
+    # and the grid's band matrices for the photometric scale.
+    band_matrices(grid, bands)
     try:
         return prepared_grid(grid, spectra.wave, dtype=dtype, good_regions=mask_regions,
                              vstep=float(vrange[2]), **lsf)
@@ -303,7 +305,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
     lsf = dict(fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
     clock.lap("read")
-    prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
+    prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf, phot.bands)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR
     clock.lap("prepare")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,

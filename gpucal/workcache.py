@@ -55,10 +55,10 @@ from .backends import backend_of, to_backend, to_numpy
 from .containers import ColourTeffRelation, PreparedGrid, TemplateGrid
 from .errors import GpucalError, InputError
 from .fitting import prepare_grid, working_grid
-from .photometry import fit_colour_relations
+from .photometry import band_matrix, fit_colour_relations, resolve_band, seed_band_matrix
 from .templates import default_cache_dir, open_array_store, write_array_store
 
-__all__ = ["prepared_grid", "colour_relations", "clear_memory", "work_cache_dir", "list_entries", "prune_entries",
+__all__ = ["prepared_grid", "colour_relations", "band_matrices", "clear_memory", "work_cache_dir", "list_entries", "prune_entries",
            "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
 
 logger = logging.getLogger("gpucal.workcache")
@@ -72,6 +72,7 @@ STATS = collections.Counter()
 
 _MEMORY: collections.OrderedDict = collections.OrderedDict()
 _RELATIONS: dict = {}
+_BANDS: set = set()  # keys of the band matrices this process has (seeded or computed)
 _FINGERPRINTS: dict = {}  # id(flux) -> (weak reference to it, fingerprint)
 _CODE: list = []
 
@@ -131,6 +132,7 @@ def clear_memory() -> None:
     """Forget this process's in-memory entries (the disk cache stays)."""
     _MEMORY.clear()
     _RELATIONS.clear()
+    _BANDS.clear()
 
 
 def _remember(key, value):
@@ -274,6 +276,46 @@ def _load_relations(path, key):
     return rel
 
 
+def band_matrices(grid: TemplateGrid, bands) -> None:
+    """Make the band matrix of ``bands`` on ``grid.wave`` ready (:func:`gpucal.photometry.band_matrix`):
+    from the disk cache where it is there (handed to the photometry room, which then loads no filter
+    curve), else computed and stored. Keyed by the grid's content and the bands."""
+    resolved = tuple(resolve_band(b) for b in ((bands,) if isinstance(bands, str) else bands))
+    key = _sha({"grid": grid_fingerprint(grid), "bands": resolved, "code": _code_fingerprint(), "kind": "bands"})
+    memory, disk = _mode()
+    if key in _BANDS and memory:
+        return
+    path = None if disk is None else os.path.join(disk, f"bm-{key[:32]}")
+    got = _load_bands(path, key) if path else None
+    if got is not None:
+        seed_band_matrix(grid.wave, resolved, *got)
+    else:
+        W, covered = band_matrix(grid.wave, resolved)
+        STATS["prepared"] += 1
+        if path:
+            _store(path, {"W": np.asarray(W), "covered": np.asarray(covered)},
+                   {"kind": "band matrix", "key": key, "bands": list(resolved),
+                    "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if memory:
+        _BANDS.add(key)
+
+
+def _load_bands(path, key):
+    if not os.path.isfile(os.path.join(path, SIDECAR)):
+        return None
+    try:
+        arrays, meta = open_array_store(path, {"W": "float64", "covered": "bool"}, fmt=FORMAT, sidecar=SIDECAR,
+                                        what="working-grid cache entry")
+        if meta.get("key") != key:
+            raise InputError(f"entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
+    except (GpucalError, OSError, ValueError) as exc:
+        _refuse(path, exc)
+        return None
+    STATS["disk"] += 1
+    _touch(path)
+    return arrays["W"], arrays["covered"]
+
+
 # ------------------------------------------------------------------ gpucal templates cache list | prune
 
 
@@ -284,7 +326,7 @@ def list_entries(root=None) -> list:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         p = os.path.join(root, name)
         side = os.path.join(p, SIDECAR)
-        if not (name.startswith(("wg-", "rel-")) and os.path.isfile(side)):
+        if not (name.startswith(("wg-", "rel-", "bm-")) and os.path.isfile(side)):
             continue
         try:
             with open(side, encoding="utf-8") as fh:
