@@ -660,7 +660,7 @@ def run_templates_cache_command(args) -> int:
         what = f"{e['n_templates']} templates x {e['n_q']} px {e['dtype']} {e['backend']}, {lsf}" \
             if e["kind"] == "working grid" else e["kind"]
         print(f"{os.path.basename(e['path'])}  {e['bytes'] / 2**20:8.1f} MiB  used {used} UTC  {what}")
-    verb = {"list": "", "prune": " would be removed" if args.dry_run else " removed"}[args.cache_command]
+    verb = "" if args.cache_command == "list" else " would be removed" if args.dry_run else " removed"
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{verb} "
           f"({sum(e['bytes'] for e in entries) / 2**20:.1f} MiB) in {root}")
     return 0

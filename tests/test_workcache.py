@@ -165,3 +165,72 @@ def test_list_and_prune(grid, cache):
     assert [e["path"] for e in workcache.prune_entries(older_than_days=5)] == [old["path"]]
     assert len(workcache.list_entries()) == 2
     assert len(workcache.prune_entries()) == 2 and workcache.list_entries() == []
+
+
+def test_band_matrices_from_the_cache_equal_band_matrix(grid, cache, monkeypatch):
+    from gpucal.photometry import bands as bands_mod
+    from gpucal.photometry import band_matrix
+
+    want_W, want_cov = band_matrix(grid.wave, ("g", "r", "i", "z", "y"))
+    want_W, want_cov = np.array(want_W), np.array(want_cov)
+    workcache.band_matrices(grid, ("g", "r", "i", "z", "y"))
+    assert dict(workcache.STATS) == {"prepared": 1}
+    monkeypatch.setattr(bands_mod, "_GIVEN", {})
+    bands_mod._band_matrix_cached.cache_clear()
+    workcache.clear_memory()
+    monkeypatch.setattr(bands_mod, "_load_filter", lambda name: pytest.fail(f"filter curve {name} loaded"))
+    workcache.band_matrices(grid, ("g", "r", "i", "z", "y"))  # from disk: no filter curve is loaded
+    W, cov = band_matrix(grid.wave, ("panstarrs-g", "r", "i", "z", "y"))
+    assert dict(workcache.STATS) == {"prepared": 1, "disk": 1}
+    np.testing.assert_array_equal(W, want_W)
+    np.testing.assert_array_equal(cov, want_cov)
+    assert list(cov) == [True, True, True, True, False]  # the cut grid stops short of Pan-STARRS y
+
+
+def test_help_texts_quote_the_templates_defaults():
+    from gpucal.cli import build_parser
+    from gpucal.templates import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["templates"]
+    prep = next(a for a in sub._actions if a.dest == "templates_command").choices["prepare"]
+    text = {a.dest: a.help for a in prep._actions}
+    assert f"(default {DEFAULT_FRAME_RANGE[0]:g}:{DEFAULT_FRAME_RANGE[1]:g})" in text["wave"]
+    assert f"(default {','.join(DEFAULT_BANDS)})" in text["bands"]
+    assert f"(default {DEFAULT_VMAX:g})" in text["vmax"]
+
+
+def test_a_fresh_process_reuses_the_disk_entries_and_imports_no_speclite(grid, tmp_path):
+    """Two `gpucal calibrate` processes on one frame: the second opens the working grid, relations and band
+    matrices from disk, imports neither speclite nor scipy, and its prepare stage is shorter (measured)."""
+    import json
+    import subprocess
+    import sys
+
+    from gpucal.io import write_frame
+    from gpucal.simulate import simulate_frame, write_catalogue_csv
+    from gpucal.templates import write_template_cache
+
+    cache = write_template_cache(grid, tmp_path / "grid")
+    sim = simulate_frame(seed=3, n_standards=3, n_program=1, n_sky=1, n_pix=1000, wave_range=(3800.0, 9200.0))
+    write_frame(tmp_path / "f.fits", sim.flux, sim.var, sim.wave, sim.fibres)
+    write_catalogue_csv(sim.catalogue, tmp_path / "f_cat.csv")
+    script = ("import json, sys; from gpucal.cli import main; rc = main(sys.argv[1:]); "
+              "print(json.dumps([rc, sorted({m.split('.')[0] for m in sys.modules} & {'speclite', 'scipy'})]))")
+    env = dict(os.environ, GPUCAL_WORK_CACHE=str(tmp_path / "work"), GPUCAL_BACKEND="numpy",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    runs = []
+    for i in range(2):
+        argv = ["calibrate", str(tmp_path / "f.fits"), "--templates", cache, "--photometry", str(tmp_path / "f_cat.csv"),
+                "--fwhm", "2", "--out", str(tmp_path / f"out{i}.fits"), "--summary", str(tmp_path / f"s{i}.json")]
+        proc = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+        rc, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert rc == 0, proc.stderr[-2000:]
+        runs.append((imported, json.loads((tmp_path / f"s{i}.json").read_text())["timing_s"]))
+    assert runs[0][0] == ["scipy", "speclite"] and runs[1][0] == []
+    assert runs[1][1]["prepare"] < runs[0][1]["prepare"], runs
+    assert sorted(p.name[:3] for p in (tmp_path / "work").iterdir()) == ["bm-", "rel", "wg-"]
+    kinds = [line for line in subprocess.run(
+        [sys.executable, "-m", "gpucal.cli", "templates", "cache", "list", "--dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, check=True).stdout.splitlines()]
+    assert any("10 templates x" in k and "fwhm 2.0" in k for k in kinds) and kinds[-1].startswith("3 entries")
