@@ -188,27 +188,36 @@ def _refuse(path, exc) -> None:
     logger.warning("working-grid cache entry %s refused (%s); preparing it again", path, exc)
 
 
-def _load_prepared(path, key, be, dtype):
-    """The entry at ``path`` on the backend, or None when there is none (or it is refused, with a warning)."""
+def _open_entry(path, key, dtypes, convert):
+    """``convert(arrays, meta)`` of the entry at ``path``, or None when there is none or it is refused
+    (with a warning naming it). ``dtypes``: the arrays expected, or a function of the sidecar giving them."""
     side = os.path.join(path, SIDECAR)
     if not os.path.isfile(side):
         return None
     try:
-        with open(side, encoding="utf-8") as fh:
-            meta = json.load(fh)
-        arrays, meta = open_array_store(path, _prepared_dtypes(meta, dtype), fmt=FORMAT, sidecar=SIDECAR,
-                                        what="working-grid cache entry")
+        if callable(dtypes):
+            with open(side, encoding="utf-8") as fh:
+                dtypes = dtypes(json.load(fh))
+        arrays, meta = open_array_store(path, dtypes, fmt=FORMAT, sidecar=SIDECAR, what="working-grid cache entry")
         if meta.get("key") != key:
             raise InputError(f"{side}: entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
-    except (GpucalError, OSError, ValueError) as exc:
+        out = convert(arrays, meta)
+    except (GpucalError, OSError, ValueError, TypeError, KeyError) as exc:
         _refuse(path, exc)
         return None
     STATS["disk"] += 1
     _touch(path)
-    nb = arrays.get("neighbours")
-    return PreparedGrid(params=to_backend(arrays["params"], be), wave=to_backend(arrays["wave"], be),
-                        norm_flux=to_backend(arrays["norm_flux"], be), lsf=meta["lsf"],
-                        neighbours=None if nb is None else to_backend(nb, be))
+    return out
+
+
+def _load_prepared(path, key, be, dtype):
+    """The working grid at ``path`` on the backend, or None (see :func:`_open_entry`)."""
+    def convert(arrays, meta):
+        nb = arrays.get("neighbours")
+        return PreparedGrid(params=to_backend(arrays["params"], be), wave=to_backend(arrays["wave"], be),
+                            norm_flux=to_backend(arrays["norm_flux"], be), lsf=meta["lsf"],
+                            neighbours=None if nb is None else to_backend(nb, be))
+    return _open_entry(path, key, lambda meta: _prepared_dtypes(meta, dtype), convert)
 
 
 def _store_prepared(path, key, settings, prep) -> None:
@@ -260,20 +269,10 @@ def colour_relations(grid: TemplateGrid) -> tuple:
 
 
 def _load_relations(path, key):
-    if not os.path.isfile(os.path.join(path, SIDECAR)):
-        return None
-    try:
-        _, meta = open_array_store(path, {}, fmt=FORMAT, sidecar=SIDECAR, what="working-grid cache entry")
-        if meta.get("key") != key:
-            raise InputError(f"entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
-        rel = tuple(ColourTeffRelation(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in r.items()})
-                    for r in meta["relations"])
-    except (GpucalError, OSError, ValueError, TypeError, KeyError) as exc:
-        _refuse(path, exc)
-        return None
-    STATS["disk"] += 1
-    _touch(path)
-    return rel
+    def convert(_, meta):
+        return tuple(ColourTeffRelation(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in r.items()})
+                     for r in meta["relations"])
+    return _open_entry(path, key, {}, convert)
 
 
 def band_matrices(grid: TemplateGrid, bands) -> None:
@@ -301,19 +300,7 @@ def band_matrices(grid: TemplateGrid, bands) -> None:
 
 
 def _load_bands(path, key):
-    if not os.path.isfile(os.path.join(path, SIDECAR)):
-        return None
-    try:
-        arrays, meta = open_array_store(path, {"W": "float64", "covered": "bool"}, fmt=FORMAT, sidecar=SIDECAR,
-                                        what="working-grid cache entry")
-        if meta.get("key") != key:
-            raise InputError(f"entry for key {str(meta.get('key'))[:16]}..., not {key[:16]}...")
-    except (GpucalError, OSError, ValueError) as exc:
-        _refuse(path, exc)
-        return None
-    STATS["disk"] += 1
-    _touch(path)
-    return arrays["W"], arrays["covered"]
+    return _open_entry(path, key, {"W": "float64", "covered": "bool"}, lambda arrays, _: (arrays["W"], arrays["covered"]))
 
 
 # ------------------------------------------------------------------ gpucal templates cache list | prune
