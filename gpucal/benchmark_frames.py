@@ -57,6 +57,16 @@ def _versions() -> dict:
     return out
 
 
+def _commit():
+    """The git commit of the gpucal source being timed, where it is a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _spin(seconds: float) -> float:
     """Burn ``seconds`` of this process's CPU time; return the wall time it took."""
     t, c = time.perf_counter(), time.process_time()
@@ -207,7 +217,7 @@ def run_frames_benchmark(*, n_frames=10, n_templates=240, n_standards=20, n_fibr
         "frame": {"n_templates": n_templates, "n_standards": n_standards, "n_fibres": n_fibres, "n_pix": n_pix,
                   "n_frames": n_frames, "fwhm": fwhm},
         "forward_fit": "fit" in best.get("serial", {}).get("stages_median_s", {}),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit(),
         "repeat": repeat, "best": best, "fresh_process": fresh_rows,
         "all_runs": [r for v in runs.values() for r in v],
     }

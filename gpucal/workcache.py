@@ -94,7 +94,8 @@ def _code_fingerprint() -> str:
 
 
 def grid_fingerprint(grid: TemplateGrid) -> str:
-    """What identifies a grid's content: a prepared cache's sidecar SHA-256, else its arrays' (memoised)."""
+    """What identifies a grid's content: a prepared cache's sidecar SHA-256, else its arrays' SHA-256
+    (remembered per array object where params, wave and flux are all read-only, as the demo grid's are)."""
     meta = grid.meta if isinstance(grid.meta, dict) else {}
     if meta.get("sidecar_sha256") and meta.get("cache_path"):  # the sidecar records every array's SHA-256
         return _sha({"cache": meta["sidecar_sha256"], "medium": grid.medium, "fwhm": grid.resolution_fwhm})
@@ -107,6 +108,8 @@ def grid_fingerprint(grid: TemplateGrid) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     fp = h.hexdigest()
+    if not all(getattr(getattr(a, "flags", None), "writeable", True) is False for a in (grid.params, grid.wave, grid.flux)):
+        return fp  # arrays that may change in place are hashed again next time
     try:
         _FINGERPRINTS[id(grid.flux)] = (weakref.ref(grid.flux), (id(grid.params), id(grid.wave)), fp)
     except TypeError:  # not weakly referenceable: hashed again next time
