@@ -73,7 +73,7 @@ STATS = collections.Counter()
 _MEMORY: collections.OrderedDict = collections.OrderedDict()
 _RELATIONS: dict = {}
 _BANDS: set = set()  # keys of the band matrices this process has (seeded or computed)
-_FINGERPRINTS: dict = {}  # id(flux) -> (weak reference to it, fingerprint)
+_FINGERPRINTS: dict = {}  # id(flux) -> (weak reference to it, SHA-256 of its bytes): read-only arrays only
 _CODE: list = []
 
 
@@ -93,28 +93,53 @@ def _code_fingerprint() -> str:
     return _CODE[0]
 
 
-def grid_fingerprint(grid: TemplateGrid) -> str:
-    """What identifies a grid's content: a prepared cache's sidecar SHA-256, else its arrays' SHA-256
-    (remembered per array object where params, wave and flux are all read-only, as the demo grid's are)."""
+def _bytes_sha(h, arr) -> None:
+    a = np.ascontiguousarray(to_numpy(arr))
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+
+
+def _cache_flux_sha(grid: TemplateGrid):
+    """The SHA-256 a prepared cache's sidecar records for ``grid.flux`` when ``grid.flux`` is that cache's
+    whole ``flux.npy``, memory-mapped (verified when the cache was opened); else None."""
     meta = grid.meta if isinstance(grid.meta, dict) else {}
-    if meta.get("sidecar_sha256") and meta.get("cache_path"):  # the sidecar records every array's SHA-256
-        return _sha({"cache": meta["sidecar_sha256"], "medium": grid.medium, "fwhm": grid.resolution_fwhm})
-    entry = _FINGERPRINTS.get(id(grid.flux))
-    if entry is not None and entry[0]() is grid.flux and entry[1] == (id(grid.params), id(grid.wave)):
-        return entry[2]
+    rec = (meta.get("arrays") or {}).get("flux") if isinstance(meta.get("arrays"), dict) else None
+    fname, path = getattr(grid.flux, "filename", None), meta.get("cache_path")
+    if not (isinstance(rec, dict) and fname and path and meta.get("sidecar_sha256")):
+        return None
+    same = os.path.realpath(fname) == os.path.realpath(os.path.join(path, rec.get("file", "")))
+    whole = list(grid.flux.shape) == list(rec.get("shape", ())) and grid.flux.flags.c_contiguous
+    return rec.get("sha256") if same and whole else None
+
+
+def grid_fingerprint(grid: TemplateGrid) -> str:
+    """What identifies a grid's content: the SHA-256 of its params, wave, medium, own resolution and flux.
+
+    The flux's is the one a prepared cache's sidecar records where ``grid.flux`` is that cache's
+    memory-mapped array (checked when opened), else computed, and remembered per array object where
+    params, wave and flux are all read-only (as the demo grid's are).
+    """
     h = hashlib.sha256(json.dumps([grid.medium, float(grid.resolution_fwhm)]).encode())
-    for arr in (grid.params, grid.wave, grid.flux):
-        a = np.ascontiguousarray(to_numpy(arr))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    fp = h.hexdigest()
-    if not all(getattr(getattr(a, "flags", None), "writeable", True) is False for a in (grid.params, grid.wave, grid.flux)):
-        return fp  # arrays that may change in place are hashed again next time
-    try:
-        _FINGERPRINTS[id(grid.flux)] = (weakref.ref(grid.flux), (id(grid.params), id(grid.wave)), fp)
-    except TypeError:  # not weakly referenceable: hashed again next time
-        pass
-    return fp
+    _bytes_sha(h, grid.params)
+    _bytes_sha(h, grid.wave)
+    flux_sha = _cache_flux_sha(grid)
+    if flux_sha is not None:
+        h.update(f"cache flux {flux_sha}".encode())
+        return h.hexdigest()
+    entry = _FINGERPRINTS.get(id(grid.flux))
+    if entry is None or entry[0]() is not grid.flux:
+        fh = hashlib.sha256()
+        _bytes_sha(fh, grid.flux)
+        entry = (None, fh.hexdigest())
+        if getattr(getattr(grid.flux, "flags", None), "writeable", True) is False:  # else hashed again next time
+            try:
+                key = id(grid.flux)
+                entry = (weakref.ref(grid.flux, lambda _r, key=key: _FINGERPRINTS.pop(key, None)), entry[1])
+                _FINGERPRINTS[key] = entry
+            except TypeError:
+                pass
+    h.update(f"flux {entry[1]}".encode())
+    return h.hexdigest()
 
 
 def _mode():

@@ -234,3 +234,24 @@ def test_a_fresh_process_reuses_the_disk_entries_and_imports_no_speclite(grid, t
         [sys.executable, "-m", "gpucal.cli", "templates", "cache", "list", "--dir", str(tmp_path / "work")],
         env=env, capture_output=True, text=True, check=True).stdout.splitlines()]
     assert any("10 templates x" in k and "fwhm 2.0" in k for k in kinds) and kinds[-1].startswith("3 entries")
+
+
+def test_a_grid_cut_from_a_prepared_cache_is_not_taken_for_the_cache(grid, tmp_path):
+    """A grid that keeps a cache's meta but not its arrays (dataclasses.replace) has its own fingerprint."""
+    from gpucal.templates import load_template_cache, write_template_cache
+
+    cached = load_template_cache(write_template_cache(grid, tmp_path / "g"))
+    fp = workcache.grid_fingerprint(cached)
+    assert workcache.grid_fingerprint(load_template_cache(tmp_path / "g")) == fp  # same cache, same key
+    flux = np.asarray(cached.flux)
+    variants = [dataclasses.replace(cached, flux=np.array(flux[::-1])),
+                dataclasses.replace(cached, flux=cached.flux[:5], params=cached.params[:5]),
+                dataclasses.replace(cached, params=cached.params + [0.0, 0.0, 0.0, 0.1]),
+                dataclasses.replace(cached, flux=np.array(flux))]  # same numbers, in memory: another key
+    keys = {workcache.grid_fingerprint(v) for v in variants}
+    assert fp not in keys and len(keys) == len(variants)
+    writable = np.array(flux)
+    g = dataclasses.replace(grid, flux=writable)
+    before = workcache.grid_fingerprint(g)
+    writable[0, 0] *= 1.5  # changed in place: a writable array is hashed again
+    assert workcache.grid_fingerprint(g) != before
