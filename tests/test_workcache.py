@@ -255,3 +255,19 @@ def test_a_grid_cut_from_a_prepared_cache_is_not_taken_for_the_cache(grid, tmp_p
     before = workcache.grid_fingerprint(g)
     writable[0, 0] *= 1.5  # changed in place: a writable array is hashed again
     assert workcache.grid_fingerprint(g) != before
+
+
+def test_cli_templates_cache_prune(grid, cache, capsys):
+    from gpucal.cli import main
+
+    workcache.prepared_grid(grid, _wave(), fwhm=2.0, **OPTS)
+    workcache.colour_relations(grid)
+    assert main(["templates", "cache", "prune"]) == 2  # nothing said: refused, nothing removed
+    assert "--older-than DAYS, --keep SIZE or --all" in capsys.readouterr().err
+    assert main(["templates", "cache", "prune", "--keep", "1x"]) == 2
+    assert main(["templates", "cache", "prune", "--keep", "8K"]) == 0  # the relations entry (2 KB, newest) stays
+    out = capsys.readouterr().out
+    assert "1 entry removed" in out and len(workcache.list_entries()) == 1
+    assert main(["templates", "cache", "prune", "--all", "--dry-run"]) == 0
+    assert "1 entry would be removed" in capsys.readouterr().out and len(workcache.list_entries()) == 1
+    assert main(["templates", "cache", "prune", "--all"]) == 0 and workcache.list_entries() == []
