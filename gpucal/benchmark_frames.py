@@ -173,7 +173,8 @@ def _fresh_process(d: Path, frame: str, cache: str, fwhm: float, backend) -> dic
     run = [*base, "calibrate", frame, "--templates", cache, "--photometry", frame[:-5] + "_cat.csv",
            "--fwhm", str(fwhm), "--out", str(d / "fresh.fits"), "--overwrite",
            *(["--backend", backend] if backend else [])]
-    out = {"help_s": _timed([*base, "--help"], env)[0], "python_startup_s": _timed([sys.executable, "-c", "pass"], env)[0]}
+    out = {"help_s": _timed([*base, "--help"], env)[0],
+           "python_startup_s": _timed([sys.executable, "-c", "pass"], env)[0]}
     for name in ("cold_cache", "warm_cache"):
         wall, rc, err = _timed(run, env)
         out[f"frame_{name}_s"] = wall
@@ -242,7 +243,8 @@ def format_frames_report(r: dict) -> str:
         lines.append(f"  {row['mode']:<7}" + "  ".join(f"{k} {v:.3f} ({first.get(k, 0.0):.2f})" for k, v in st.items()))
     fr = r.get("fresh_process")
     if fr:
-        lines.append(f"fresh process: gpucal --help {fr['help_s']:.2f} s (python alone {fr['python_startup_s']:.2f} s); "
+        lines.append(f"fresh process: gpucal --help {fr['help_s']:.2f} s "
+                     f"(python alone {fr['python_startup_s']:.2f} s); "
                      f"one frame {fr['frame_cold_cache_s']:.2f} s with an empty working-grid cache, "
                      f"{fr['frame_warm_cache_s']:.2f} s with it warm")
     return "\n".join(lines)

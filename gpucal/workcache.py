@@ -5,14 +5,16 @@ what :func:`gpucal.fitting.prepare_grid` would — the grid LSF-convolved,
 resampled onto the frame's log-uniform working grid and continuum-normalised,
 a :class:`~gpucal.containers.PreparedGrid` (params (n_t, 4) float64, wave
 (n_q,) Å, norm_flux (n_t, n_q) in the scan's dtype, neighbours (n_t, 4, 2)) —
-and :func:`colour_relations` what :func:`gpucal.photometry.fit_colour_relations`
-would (the grid's colour–Teff relations; with them the band matrices on the
-grid's wavelengths, which :mod:`gpucal.photometry.bands` memoises per process).
-Both come from a cache when it holds them.
+:func:`colour_relations` what :func:`gpucal.photometry.fit_colour_relations`
+would (the grid's colour–Teff relations), and :func:`band_matrices` makes the
+band matrices (n_w, n_band) on the grid's wavelengths ready for
+:func:`gpucal.photometry.band_matrix` (handed to it, so that a new process loads
+no filter curve). Each comes from a cache when it holds it.
 
-Key. SHA-256 over everything the result depends on: the grid (the SHA-256 of a
-prepared cache's sidecar, which covers its arrays; otherwise of the grid's
-params, wave and flux bytes, its medium and own resolution), the LSF
+Key. SHA-256 over everything the result depends on: the grid (its params, wave,
+medium, own resolution and flux — the flux's SHA-256 as a prepared cache's
+sidecar records it where the flux is that cache's memory-mapped array, checked
+when opened — see :func:`grid_fingerprint`), the LSF
 (fwhm / fwhm_poly / resolution), the working wavelength grid's float64 bytes
 (from the frame's wavelengths and the velocity step), dtype, vstep, the masked
 regions, the continuum degree, the backend, the NumPy version and the source of
@@ -21,7 +23,8 @@ grid or wavelength grid makes a new entry, never a stale hit.
 
 Where. In memory: the last :data:`MEMORY_ENTRIES` entries of this process (so of
 each dask worker), on the backend's device. On disk: ``<cache dir>/working/wg-<key>``
-(``.npy`` arrays + ``entry.json``) and ``rel-<grid key>`` (the relations, JSON),
+(``.npy`` arrays + ``entry.json``), ``rel-<key>`` (the relations, JSON) and ``bm-<key>``
+(a band matrix),
 written atomically and opened memory-mapped with ``allow_pickle=False`` and every
 array checked against its SHA-256 by :func:`gpucal.templates.open_array_store`
 (the prepared cache's own store, which knows nothing of what the arrays mean).
@@ -58,8 +61,8 @@ from .fitting import prepare_grid, working_grid
 from .photometry import band_matrix, fit_colour_relations, resolve_band, seed_band_matrix
 from .templates import default_cache_dir, open_array_store, write_array_store
 
-__all__ = ["prepared_grid", "colour_relations", "band_matrices", "clear_memory", "work_cache_dir", "list_entries", "prune_entries",
-           "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
+__all__ = ["prepared_grid", "colour_relations", "band_matrices", "clear_memory", "work_cache_dir", "list_entries",
+           "prune_entries", "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
 
 logger = logging.getLogger("gpucal.workcache")
 
@@ -328,7 +331,8 @@ def band_matrices(grid: TemplateGrid, bands) -> None:
 
 
 def _load_bands(path, key):
-    return _open_entry(path, key, {"W": "float64", "covered": "bool"}, lambda arrays, _: (arrays["W"], arrays["covered"]))
+    return _open_entry(path, key, {"W": "float64", "covered": "bool"},
+                       lambda arrays, _: (arrays["W"], arrays["covered"]))
 
 
 # ------------------------------------------------------------------ gpucal templates cache list | prune

@@ -220,8 +220,8 @@ def test_a_fresh_process_reuses_the_disk_entries_and_imports_no_speclite(grid, t
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     runs = []
     for i in range(2):
-        argv = ["calibrate", str(tmp_path / "f.fits"), "--templates", cache, "--photometry", str(tmp_path / "f_cat.csv"),
-                "--fwhm", "2", "--out", str(tmp_path / f"out{i}.fits"), "--summary", str(tmp_path / f"s{i}.json")]
+        argv = ["calibrate", str(tmp_path / "f.fits"), "--templates", cache,
+                "--photometry", str(tmp_path / "f_cat.csv"), "--fwhm", "2", "--out", str(tmp_path / f"out{i}.fits"), "--summary", str(tmp_path / f"s{i}.json")]
         proc = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
         rc, imported = json.loads(proc.stdout.strip().splitlines()[-1])
