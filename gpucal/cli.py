@@ -279,8 +279,8 @@ def _add_demo_parser(sub):
 
 def add_templates_parser(sub) -> None:
     """Add ``templates prepare`` to the ``gpucal`` sub-command parsers."""
-    from .templates import DEFAULT_BANDS, DEFAULT_FRAME_RANGE, DEFAULT_VMAX
-
+    # The defaults are gpucal.templates' DEFAULT_FRAME_RANGE, DEFAULT_BANDS and DEFAULT_VMAX, filled in by
+    # the handler: importing gpucal.templates here would load NumPy for --help (test_workcache checks the texts).
     p = sub.add_parser("templates", help="template grids: prepare a BOSZ 2024 cache")
     tsub = p.add_subparsers(dest="templates_command", required=True)
     q = tsub.add_parser(
@@ -303,10 +303,10 @@ def add_templates_parser(sub) -> None:
     lsf.add_argument("--fwhm-poly", type=_floats, help="FWHM(λ) = c0 + c1 λ + ... in Å, ascending coefficients")
     lsf.add_argument("--resolution", type=float, help="instrument resolving power λ/Δλ")
     q.add_argument("--wave", type=_range_arg, default=None, metavar="MIN:MAX",
-                   help=f"frame wavelength range in Å (default {DEFAULT_FRAME_RANGE[0]:g}:{DEFAULT_FRAME_RANGE[1]:g}); "
+                   help="frame wavelength range in Å (default 3500:10000); "
                         "the grid also covers the bands and the velocity scan")
-    q.add_argument("--bands", default=",".join(DEFAULT_BANDS), help="photometric bands to cover (default g,r,i,z)")
-    q.add_argument("--vmax", type=float, default=DEFAULT_VMAX, help="largest |RV| to allow for, km/s (default 500)")
+    q.add_argument("--bands", default=None, help="photometric bands to cover (default g,r,i,z)")
+    q.add_argument("--vmax", type=float, default=None, help="largest |RV| to allow for, km/s (default 500)")
     q.add_argument("--dlnlam", type=float, default=None, help="working-grid Δlnλ (default: the library's)")
     q.add_argument("--medium", choices=("air", "vacuum"), default="air", help="wavelength medium of the frame")
     q.add_argument("--workers", type=int, default=None, help="reader processes (default: the CPUs)")
@@ -314,6 +314,28 @@ def add_templates_parser(sub) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     q.add_argument("--backend", default=None, help="array backend of the convolution")
     q.add_argument("--debug", action="store_true", help="show tracebacks, debug logging and Python warnings")
+    _add_templates_cache_parser(tsub)
+
+
+def _add_templates_cache_parser(tsub) -> None:
+    """``gpucal templates cache list|prune``: the working-grid cache (gpucal.workcache)."""
+    c = tsub.add_parser("cache", help="list or prune the working-grid cache (grids prepared per instrument setting)",
+                        description="The working-grid cache keeps each template grid convolved to an instrument "
+                                    "LSF and resampled to a frame's wavelength grid, and each grid's colour "
+                                    "relations ($GPUCAL_WORK_CACHE: a directory, 'memory' or 'off'; default "
+                                    "$GPUCAL_CACHE_DIR/working or ~/.cache/gpucal/templates/working).")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    for name, what in (("list", "list the entries: kind, size, last use, templates, LSF, pixels"),
+                       ("prune", "remove entries unused for --older-than days, or beyond --keep in all, or --all")):
+        q = csub.add_parser(name, help=what)
+        q.add_argument("--dir", default=None, help="cache directory (default: see 'gpucal templates cache --help')")
+        q.add_argument("--debug", action="store_true", help="show tracebacks, debug logging and Python warnings")
+        if name == "prune":
+            q.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="last used before this")
+            q.add_argument("--keep", default=None, metavar="SIZE",
+                           help="keep the most recently used entries up to SIZE in all (bytes or K/M/G)")
+            q.add_argument("--all", action="store_true", help="remove every entry")
+            q.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
 
 def add_bench_parser(sub):
@@ -330,7 +352,32 @@ def add_bench_parser(sub):
     p.add_argument("--out", default=None, help="write the JSON result here")
     _add_scan_options(p)
     _add_common(p)
+    _add_bench_frames_parser(p)
     return p
+
+
+def _add_bench_frames_parser(p) -> None:
+    """``gpucal bench frames``: N frames serially and on a LocalCluster, per-stage times (gpucal.benchmark_frames)."""
+    bsub = p.add_subparsers(dest="bench_command", required=False, metavar="{frames}")
+    q = bsub.add_parser("frames", help="N simulated frames serially and on a LocalCluster: s/frame, stages, frames/min",
+                        description="Simulate N frames and calibrate them in one process, serially and on a "
+                                    "LocalCluster; report per-frame wall time by stage, frames/min, a fresh "
+                                    "process's time for one frame, and the cores the machine really delivers.")
+    q.add_argument("--frames", type=_positive_int, default=10, help="number of frames (default 10)")
+    q.add_argument("--templates", type=_positive_int, default=240,
+                   help="grid nodes: the demo grid cut or tiled (default 240)")
+    q.add_argument("--standards", type=_positive_int, default=20, help="standards per frame (default 20)")
+    q.add_argument("--fibres", type=_positive_int, default=40, help="fibres per frame (default 40)")
+    q.add_argument("--pixels", type=_positive_int, default=4000, help="pixels per fibre (default 4000)")
+    q.add_argument("--workers", type=_workers_arg, default=2, metavar="N",
+                   help="LocalCluster size; 0: serial only; 'auto': one per core (default 2)")
+    q.add_argument("--repeat", type=_positive_int, default=1, help="runs of each mode, fastest counts (default 1)")
+    q.add_argument("--no-fresh", dest="fresh", action="store_false",
+                   help="skip the fresh-process timings (gpucal --help, one frame cold and warm)")
+    q.add_argument("--label", default=None, help="machine label in the result (default: the host name)")
+    q.add_argument("--out", default=None,
+                   help="JSON result (default bench/results/frames_<label>.json in a source checkout, else none)")
+    _add_common(q)
 
 
 def build_parser():
@@ -584,17 +631,20 @@ def run_templates_command(args) -> int:
     """Run ``gpucal templates prepare`` from parsed arguments; prints a one-line summary."""
     import time
 
-    from .templates import prepare_template_cache
+    from .templates import DEFAULT_BANDS, DEFAULT_VMAX, prepare_template_cache
 
+    if args.templates_command == "cache":
+        return run_templates_cache_command(args)
     if args.templates_command != "prepare":
         raise GpucalError(f"unknown templates command {args.templates_command!r}")
-    bands = tuple(b.strip() for b in args.bands.split(",") if b.strip())
+    bands = DEFAULT_BANDS if args.bands is None else tuple(b.strip() for b in args.bands.split(",") if b.strip())
+    vmax = DEFAULT_VMAX if args.vmax is None else args.vmax
     atmos = None if args.atmos is None else [a.strip() for a in args.atmos.split(",") if a.strip()]
     t0 = time.perf_counter()
     grid = prepare_template_cache(
         args.src, args.out, overwrite=args.overwrite, teff=args.teff, logg=args.logg, mh=args.mh, alpha=args.alpha,
         carbon=args.carbon, vturb=args.vturb, atmos=atmos, bosz_resolution=args.bosz_resolution, wave=args.wave,
-        bands=bands, vmax=args.vmax, dlnlam=args.dlnlam, medium=args.medium, fwhm=args.fwhm,
+        bands=bands, vmax=vmax, dlnlam=args.dlnlam, medium=args.medium, fwhm=args.fwhm,
         fwhm_poly=args.fwhm_poly, resolution=args.resolution, workers=args.workers,
         progress=False if args.no_progress else None, backend=args.backend,
     )
@@ -608,6 +658,8 @@ def run_templates_command(args) -> int:
 
 def run_bench_command(args) -> int:
     """Run ``gpucal bench`` from parsed arguments; prints the table, writes JSON if asked."""
+    if getattr(args, "bench_command", None) == "frames":
+        return run_bench_frames_command(args)
     from .benchmark import format_report, run_scan_benchmark
 
     for name in ("stars", "templates", "ref_templates"):
@@ -628,6 +680,70 @@ def run_bench_command(args) -> int:
         out.write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
     return 0
+
+
+def _size_arg(text) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().rstrip("B")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"--keep {text!r}: expected a size in bytes, or with a K/M/G/T suffix")
+    return int(value)
+
+
+def run_templates_cache_command(args) -> int:
+    """``gpucal templates cache list|prune``: one line per entry."""
+    import time
+
+    from .workcache import list_entries, prune_entries, work_cache_dir
+
+    root = work_cache_dir(args.dir)
+    if args.cache_command == "list":
+        entries = list_entries(root)
+    else:
+        if args.older_than is None and args.keep is None and not args.all:
+            raise InputError("gpucal templates cache prune: give --older-than DAYS, --keep SIZE or --all")
+        entries = prune_entries(root, older_than_days=args.older_than, dry_run=args.dry_run,
+                                keep_bytes=None if args.keep is None else _size_arg(args.keep))
+    for e in entries:
+        lsf = ", ".join(f"{k} {v}" for k, v in (e.get("lsf") or {}).items() if v is not None)
+        used = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e["last_used"]))
+        what = f"{e['n_templates']} templates x {e['n_q']} px {e['dtype']} {e['backend']}, {lsf}" \
+            if e["kind"] == "working grid" else e["kind"]
+        print(f"{os.path.basename(e['path'])}  {e['bytes'] / 2**20:8.1f} MiB  used {used} UTC  {what}")
+    verb = "" if args.cache_command == "list" else " would be removed" if args.dry_run else " removed"
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{verb} "
+          f"({sum(e['bytes'] for e in entries) / 2**20:.1f} MiB) in {root}")
+    return 0
+
+
+def run_bench_frames_command(args) -> int:
+    """``gpucal bench frames``: the table, and the JSON result (named by the machine's label)."""
+    import re
+
+    from .benchmark_frames import format_frames_report, run_frames_benchmark
+
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.label) if args.label else None
+    out = Path(args.out) if args.out else None
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    if out is None and results.is_dir():
+        import socket
+
+        out = results / f"frames_{label or re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())}.json"
+    if out is not None and not out.parent.is_dir():
+        raise InputError(f"--out {out}: directory {out.parent} does not exist")
+    result = run_frames_benchmark(n_frames=args.frames, n_templates=args.templates, n_standards=args.standards,
+                                  n_fibres=args.fibres, n_pix=args.pixels, workers=args.workers or 0,
+                                  repeat=args.repeat, backend=args.backend, label=label, fresh=args.fresh)
+    print(format_frames_report(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    ok = all(r["n_ok"] == r["n_frames"] for r in result["all_runs"])
+    return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------- warnings, logging, main

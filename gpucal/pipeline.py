@@ -50,13 +50,12 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import AlreadyCalibratedError, CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, prepare_grid, refine_on_own_lsf,
+from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, refine_on_own_lsf,
                       refined_templates, region_mask, representative_fwhm_poly)
 from .io import file_sha256, read_frame, write_calibrated_frame
 from .photometry import (
     fibre_bands,
     fibres_ebv,
-    fit_colour_relations,
     match_ebv,
     match_photometry,
     photometry_from_fibres,
@@ -72,6 +71,7 @@ from .report.stars import per_star_table
 from .report.summary import fits_keywords, frame_summary, history_lines
 from .templates import load_templates
 from .units import convert_medium
+from .workcache import band_matrices, colour_relations, prepared_grid
 
 __all__ = ["calibrate_frame"]
 
@@ -132,15 +132,11 @@ def _fibre_photometry(frame: Frame, names, bands, default_ebv):
 
 
 _NO_PRIOR = (None, None, None)
-#: Colour-Teff relations fitted per template grid, reused by every frame of a batch.
-_RELATIONS = weakref.WeakKeyDictionary()
 
 
 def _colour_relations(grid: TemplateGrid) -> tuple:
-    """The grid's colour-Teff relations, fitted once per grid (the colours it supports)."""
-    if grid not in _RELATIONS:
-        _RELATIONS[grid] = fit_colour_relations(grid)
-    return _RELATIONS[grid]
+    """The grid's colour-Teff relations, fitted once per grid and kept by the working-grid cache."""
+    return colour_relations(grid)
 
 
 def _colour_prior(grid: TemplateGrid, phot: Photometry, ebv, bparams, nsigma=3.0):
@@ -193,12 +189,14 @@ def _standards_batch(frame: Frame, std, names, fibres, medium, be) -> SpectraBat
     return SpectraBatch(wave=wave, flux=flux, var=var, mask=mask, fibre_ids=fibres, names=names, medium=medium)
 
 
-def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf):
-    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks.
-    xp = array_namespace(spectra.wave)
+def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf, bands):
+    # The grid stays where it is (host, possibly memory-mapped); prepare_grid streams it in blocks,
+    # once per grid and instrument setting: the working-grid cache (gpucal.workcache) keeps it,
+    # and the grid's band matrices for the photometric scale.
+    band_matrices(grid, bands)
     try:
-        return prepare_grid(grid, spectra.wave, dtype=getattr(xp, dtype), good_regions=mask_regions,
-                            vstep=float(vrange[2]), **lsf)
+        return prepared_grid(grid, spectra.wave, dtype=dtype, good_regions=mask_regions,
+                             vstep=float(vrange[2]), **lsf)
     except CoverageError as exc:
         raise CoverageError(f"{frame.path}: {exc}") from None
 
@@ -367,7 +365,7 @@ def _require_sane(frame, output, max_frame_chi2_dof, max_scatter):
 
 
 class _Clock:
-    """Wall time per stage of one frame."""
+    """Wall time per stage of one frame (``gpucal bench frames`` tables them)."""
 
     def __init__(self):
         self.t = time.perf_counter()
@@ -436,26 +434,28 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     phot, match_info, ebv_star = _photometry(frame, photometry, names, bands, match_radius, ebv)
     spectra = _standards_batch(frame, std, names, fibres, grid.medium, be)
     lsf, fwhm_star = _frame_lsf(frame, std, spectra, lsf, frame_lsf, be)
-    clock.lap("load")
-    prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf)
+    clock.lap("read")
+    prepared = _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf, phot.bands)
     prior = _colour_prior(grid, phot, ebv_star, prepared.params) if teff_prior else _NO_PRIOR
-    clock.lap("prepare_grid")
+    clock.lap("prepare")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
     if fwhm_star is not None:  # per-fibre LSF: the scan ran on one; the refinement on each star's own
         match = refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
-    clock.lap("match")
+    clock.lap("scan")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
                               sc.scale, sc.scale_err, template_fwhm=grid.resolution_fwhm,
                               mask_regions=mask_regions, fwhm_star=fwhm_star, keep_bands=telluric == "correct", **lsf)
     verdicts, dup_of, phot_reasons = _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof)
+    clock.lap("vectors")
     res = combine_calibration_vectors(_on_common_grid(frame, std, vec, be, mask_regions), usable=verdicts.usable,
                                       method=combine, smooth=smooth)
     verdicts = verdicts.then("discrepant", res.summary["discrepant"]).then("not_combined", ~res.used)
+    clock.lap("combine")
     cal_flux, cal_var, bad = _apply(frame, res, be)
-    clock.lap("calibrate")
+    clock.lap("apply")
     h = _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, bad)
     settings = dict(combine=combine, smooth=smooth, metric=metric, vrange=vrange, lsf=lsf, max_chi2_dof=max_chi2_dof,
                     telluric=telluric, telluric_min_stars=TELLURIC_MIN_STARS)
@@ -464,6 +464,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     _require_stars(frame, names, output, min_stars)
     _require_sane(frame, output, max_frame_chi2_dof, max_scatter)
     _outputs_qa(output, frame, std, spectra, vec, res, be, (grid, photometry, lsf, options))
+    clock.lap("report")
     if out is not None:
         write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
                                cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
@@ -472,6 +473,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                                mask=output.extra["mask"], mask_bits=MASK_BITS,
                                provenance=provenance_table(output.summary["provenance"]))
         output.out_path = str(out)
+        clock.lap("write")
+    output.summary["timing_s"] = dict(clock.laps)  # stages: read prepare scan vectors combine apply report write
     return output
 
 

@@ -12,7 +12,7 @@ Modules (other rooms import from this package, not from them):
 """
 
 from ..containers import ColourTeffRelation, Photometry
-from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band
+from .bands import BAND_ALIASES, REFCAT2_BANDS, band_matrix, band_system, load_filters, resolve_band, seed_band_matrix
 from .catalogue import (
     CATALOGUE_FORMATS,
     fibre_bands,
@@ -44,6 +44,7 @@ __all__ = [
     "band_system",
     "load_filters",
     "band_matrix",
+    "seed_band_matrix",
     # synthetic photometry
     "coverage_message",
     "synthetic_maggies",

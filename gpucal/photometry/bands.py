@@ -38,6 +38,7 @@ __all__ = [
     "band_system",
     "load_filters",
     "band_matrix",
+    "seed_band_matrix",
 ]
 
 #: Short band names (as catalogue columns spell them) -> speclite filter names.
@@ -80,9 +81,15 @@ _SYSTEMS = {"ab": "AB", "vega": "Vega"}
 
 
 def _speclite_names():
-    import speclite.filters  # speclite and astropy load on first use, not at import
+    # Found without importing speclite.filters (which imports scipy.interpolate and astropy.units):
+    # the curves themselves load on first use, and a process that is handed its band matrices
+    # (gpucal.workcache) never loads them.
+    import importlib.util
 
-    data = os.path.join(os.path.dirname(speclite.filters.__file__), "data", "filters")
+    spec = importlib.util.find_spec("speclite")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("speclite is not installed: it provides the filter curves (pip install speclite)")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data", "filters")
     return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(data, "*.ecsv")))
 
 
@@ -308,7 +315,30 @@ def band_matrix(wave, bands):
     w = host_wave(wave)
     if isinstance(bands, str):
         bands = (bands,)
-    return _band_matrix_cached(w.tobytes(), tuple(resolve_band(b) for b in bands))
+    key = (w.tobytes(), tuple(resolve_band(b) for b in bands))
+    return _GIVEN[key] if key in _GIVEN else _band_matrix_cached(*key)
+
+
+#: Band matrices handed over by the flow (the working-grid cache keeps them on disk), so that a
+#: new process need not load the filter curves: {(wave bytes, speclite names): (W, covered)}.
+_GIVEN: dict = {}
+
+
+def seed_band_matrix(wave, bands, W, covered) -> None:
+    """Make :func:`band_matrix` ``(wave, bands)`` return ``(W, covered)`` (host arrays, kept read-only):
+    a band matrix computed by :func:`band_matrix` earlier (the last 32 given are kept)."""
+    w = host_wave(wave)
+    W = np.array(W, dtype=np.float64)
+    covered = np.array(covered, dtype=bool)
+    bands = (bands,) if isinstance(bands, str) else tuple(bands)
+    if W.shape != (w.shape[0], len(bands)) or covered.shape != (len(bands),):
+        raise InputError(f"band matrix of shape {W.shape} / {covered.shape} for {w.shape[0]} pixels and "
+                         f"{len(bands)} bands")
+    W.flags.writeable = False
+    covered.flags.writeable = False
+    while len(_GIVEN) >= 32:
+        _GIVEN.pop(next(iter(_GIVEN)))
+    _GIVEN[w.tobytes(), tuple(resolve_band(b) for b in bands)] = (W, covered)
 
 
 def uncovered_message(wave: np.ndarray, bands) -> str:

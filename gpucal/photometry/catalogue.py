@@ -330,7 +330,6 @@ def _match_rows(catalogue, names, ra, dec, radius_arcsec):
     rows that differ are a :class:`PhotometryError`.
     """
     import astropy.units as u
-    from astropy.coordinates import SkyCoord
 
     radius_arcsec = _radius(radius_arcsec)
     source = catalogue.meta.get("path", "catalogue")
@@ -360,6 +359,8 @@ def _match_rows(catalogue, names, ra, dec, radius_arcsec):
     usable = np.nonzero(np.isfinite(cat_ra) & np.isfinite(cat_dec))[0]
     todo = np.nonzero((row < 0) & np.isfinite(ra) & np.isfinite(dec))[0]
     if usable.size and todo.size:
+        from astropy.coordinates import SkyCoord  # only where a star is matched by position (slow to import)
+
         stars = SkyCoord(ra[todo] * u.deg, dec[todo] * u.deg)
         cat = SkyCoord(cat_ra[usable] * u.deg, cat_dec[usable] * u.deg)
         idx, sep, _ = stars.match_to_catalog_sky(cat)

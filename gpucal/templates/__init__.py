@@ -39,8 +39,10 @@ from .cache import (
     load_or_prepare_bosz,
     load_or_prepare_fits_grid,
     load_template_cache,
+    open_array_store,
     open_templates,
     prepare_template_cache,
+    write_array_store,
     write_template_cache,
 )
 from .fitsgrid import (
@@ -108,6 +110,8 @@ __all__ = [
     "read_fits_grid",
     "prepare_fits_grid",
     "write_fits_grid",
+    "write_array_store",
+    "open_array_store",
     # load
     "load_templates",
     # demo (the grid; the frame simulator is not part of this room)

@@ -75,6 +75,8 @@ __all__ = [
     "load_or_prepare_fits_grid",
     "open_templates",
     "default_cache_dir",
+    "write_array_store",
+    "open_array_store",
 ]
 
 logger = logging.getLogger("gpucal.templates.cache")
@@ -99,39 +101,51 @@ def write_template_cache(grid: TemplateGrid, out, *, overwrite: bool = False) ->
     only with ``overwrite``; an existing directory that is not a cache is
     never touched.
     """
+    arrays = {
+        "params": np.asarray(grid.params, dtype=np.float64),
+        "wave": np.asarray(grid.wave, dtype=np.float64),
+        "flux": np.asarray(grid.flux, dtype=np.float32),
+        "continuum": np.asarray(grid.continuum if grid.continuum is not None else grid.flux, dtype=np.float32),
+    }
+    meta = dict(grid.meta)
+    meta.update({"medium": grid.medium, "resolution_fwhm": grid.resolution_fwhm,
+                 "has_continuum": grid.continuum is not None, "params": arrays["params"].tolist()})
+    return write_array_store(out, arrays, meta, overwrite=overwrite)
+
+
+def write_array_store(out, arrays: dict, meta: dict, *, fmt=(CACHE_FORMAT, CACHE_VERSION),
+                      sidecar: str = SIDECAR, overwrite: bool = False, what: str = "template cache") -> str:
+    """Store named host ``arrays`` as ``.npy`` files plus a JSON ``sidecar`` (``meta`` with each array's
+    file, shape, dtype and SHA-256, the format and its own SHA-256) in the directory ``out``.
+
+    Built beside ``out`` and renamed into place: a reader never sees a half-written store. What the
+    arrays mean is the caller's business. An existing store is replaced only with ``overwrite``; an
+    existing directory that is not a store of this kind is never touched. Returns the path.
+    """
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
-        if not _is_cache(out):
-            raise InputError(f"{out}: exists and is not a gpucal template cache; choose another --out")
+        if not os.path.isfile(os.path.join(out, sidecar)):
+            raise InputError(f"{out}: exists and is not a gpucal {what}; choose another --out")
         if not overwrite:
-            raise InputError(f"{out}: a template cache already exists (use --overwrite to replace it)")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+            raise InputError(f"{out}: a {what} already exists (use --overwrite to replace it)")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        arrays = {
-            "params": np.ascontiguousarray(np.asarray(grid.params, dtype=np.float64)),
-            "wave": np.ascontiguousarray(np.asarray(grid.wave, dtype=np.float64)),
-            "flux": np.ascontiguousarray(np.asarray(grid.flux, dtype=np.float32)),
-            "continuum": np.ascontiguousarray(np.asarray(grid.continuum if grid.continuum is not None
-                                                         else grid.flux, dtype=np.float32)),
-        }
         info = {}
         for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
             fname = os.path.join(tmp, f"{name}.npy")
             np.save(fname, arr, allow_pickle=False)
             info[name] = {"file": f"{name}.npy", "dtype": str(arr.dtype), "shape": list(arr.shape),
                           "sha256": _sha256_file(fname)}
-        meta = dict(grid.meta)
-        meta.update({"format": CACHE_FORMAT, "version": CACHE_VERSION, "arrays": info, "medium": grid.medium,
-                     "resolution_fwhm": grid.resolution_fwhm, "has_continuum": grid.continuum is not None,
-                     "params": arrays["params"].tolist()})
+        meta = dict(meta)
+        meta.update({"format": fmt[0], "version": fmt[1], "arrays": info})
         meta = json.loads(json.dumps(meta, default=str))  # as a reader will see it
         meta["sidecar_sha256"] = _sidecar_sha256(meta)
-        with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as fh:
+        with open(os.path.join(tmp, sidecar), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1)
         if os.path.exists(out):
             trash = f"{out}.old-{os.getpid()}"
@@ -144,6 +158,24 @@ def write_template_cache(grid: TemplateGrid, out, *, overwrite: bool = False) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def open_array_store(path, dtypes: dict, *, fmt=(CACHE_FORMAT, CACHE_VERSION), sidecar: str = SIDECAR,
+                     full: bool = False, what: str = "template cache") -> tuple:
+    """The arrays of a store written by :func:`write_array_store`, memory-mapped read-only, and its sidecar.
+
+    ``dtypes`` {name: dtype string} names the arrays the caller expects. Checked, always: the
+    sidecar's format and its own SHA-256, every file a regular file inside ``path``, each array's
+    dtype and shape, each array's SHA-256 (skipped where the verification stamp shows it unchanged;
+    ``full`` hashes them all): :class:`CorruptCacheError` naming the file, else ``(arrays, meta)``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta = _read_sidecar(path, sidecar=sidecar, fmt=fmt, what=what)
+    side = os.path.join(path, sidecar)
+    recs = meta.get("arrays") if isinstance(meta.get("arrays"), dict) else {}
+    arrays = {name: _open_array(path, side, name, recs.get(name), dt) for name, dt in dtypes.items()}
+    _verify_arrays(path, meta, tuple(dtypes), full=full)
+    return arrays, meta
 
 
 def _input_changes(meta: dict, *, full: bool):
@@ -226,13 +258,11 @@ def load_template_cache(path, *, verify: str = "stat") -> TemplateGrid:
     path = os.path.abspath(os.fspath(path))
     if verify not in ("stat", "full", "none"):
         raise InputError(f"verify must be 'stat', 'full' or 'none', got {verify!r}")
-    meta = _read_sidecar(path)
     side = os.path.join(path, SIDECAR)
-    arrays = {name: _open_array(path, side, name, (meta.get("arrays") or {}).get(name)) for name in _ARRAYS}
+    arrays, meta = open_array_store(path, _DTYPES, full=verify == "full")
     n_t, n_w = arrays["flux"].shape
     if arrays["params"].shape != (n_t, 4) or arrays["wave"].shape != (n_w,) or arrays["continuum"].shape != (n_t, n_w):
         raise CorruptCacheError(f"{path}: inconsistent array shapes in the cache")
-    _verify_arrays(path, meta, full=verify == "full")
     params, wave = np.array(arrays["params"]), np.array(arrays["wave"])
     _cross_check(side, meta, params, wave, n_t)
     if verify != "none" and isinstance(meta.get("source"), dict):  # else no source files to check
@@ -270,37 +300,38 @@ def _member(path: str, name: str, what: str) -> str:
     return fname
 
 
-def _read_sidecar(path: str) -> dict:
+def _read_sidecar(path: str, *, sidecar: str = SIDECAR, fmt=(CACHE_FORMAT, CACHE_VERSION),
+                  what: str = "template cache") -> dict:
     """The cache's sidecar, checked: a regular file, JSON, the known format and version, its own SHA-256."""
-    side = os.path.join(path, SIDECAR)
+    side = os.path.join(path, sidecar)
     if not os.path.lexists(side) or not os.path.isdir(path):
-        raise InputError(f"{path}: not a gpucal template cache (no {SIDECAR})")
-    _member(path, SIDECAR, "sidecar")
+        raise InputError(f"{path}: not a gpucal {what} (no {sidecar})")
+    _member(path, sidecar, "sidecar")
     try:
         with open(side, encoding="utf-8") as fh:
             meta = json.load(fh)
     except OSError as exc:
-        raise InputError(f"{path}: not a gpucal template cache (cannot read {SIDECAR}: {exc.strerror or exc})") from None
+        raise InputError(f"{path}: not a gpucal {what} (cannot read {sidecar}: {exc.strerror or exc})") from None
     except ValueError as exc:
         raise CorruptCacheError(f"{side}: corrupt sidecar ({exc})") from None
     if not isinstance(meta, dict):
         raise CorruptCacheError(f"{side}: corrupt sidecar (not a JSON object)")
-    if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+    if meta.get("format") != fmt[0] or meta.get("version") != fmt[1]:
         raise InputError(f"{side}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-                         f"{CACHE_FORMAT!r} version {CACHE_VERSION}; prepare the cache again")
+                         f"{fmt[0]!r} version {fmt[1]}; prepare the cache again")
     if meta.get("sidecar_sha256") != _sidecar_sha256(meta):
         raise CorruptCacheError(f"{side}: content does not match its recorded SHA-256 (edited or corrupt sidecar); "
                                 f"prepare the cache again")
     return meta
 
 
-def _open_array(path: str, side: str, name: str, rec) -> np.ndarray:
+def _open_array(path: str, side: str, name: str, rec, dtype: str) -> np.ndarray:
     """The cache's ``name`` array, memory-mapped read-only, checked against its sidecar record ``rec``."""
     if not isinstance(rec, dict) or not {"file", "shape", "dtype", "sha256"} <= set(rec):
         raise CorruptCacheError(f"{side}: no complete entry for the {name} array")
     fname = _member(path, rec["file"], f"{name} array")
-    if rec["dtype"] != _DTYPES[name]:
-        raise CorruptCacheError(f"{side}: the {name} array is recorded as {rec['dtype']}, a cache holds {_DTYPES[name]}")
+    if rec["dtype"] != dtype:
+        raise CorruptCacheError(f"{side}: the {name} array is recorded as {rec['dtype']}, a cache holds {dtype}")
     try:
         arr = np.load(fname, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 -- whatever a damaged .npy raises, the cache is unusable
@@ -379,7 +410,7 @@ def _remove_stale_stamp_temporaries(folder: str) -> None:
                 pass
 
 
-def _verify_arrays(path: str, meta: dict, *, full: bool) -> None:
+def _verify_arrays(path: str, meta: dict, names=_ARRAYS, *, full: bool) -> None:
     """Every array of the cache against its recorded SHA-256, skipping those the stamp shows unchanged.
 
     An array changed within :data:`RACY_S` seconds before its hash began, or
@@ -387,7 +418,7 @@ def _verify_arrays(path: str, meta: dict, *, full: bool) -> None:
     """
     stamped = {} if full else _read_stamps(path, meta)
     entries, todo = {}, {}
-    for name in _ARRAYS:
+    for name in names:
         rec = meta["arrays"][name]
         st = os.lstat(os.path.join(path, rec["file"]))
         old = stamped.get(name) or {}
