@@ -122,7 +122,9 @@ def grid_fingerprint(grid: TemplateGrid) -> str:
     memory-mapped array (checked when opened), else computed, and remembered per array object where
     params, wave and flux are all read-only (as the demo grid's are).
     """
-    h = hashlib.sha256(json.dumps([grid.medium, float(grid.resolution_fwhm)]).encode())
+    res = grid.resolution_fwhm  # a number (Å) or a resolution spec ("R:5000", "poly:...", a mapping)
+    res = float(res) if isinstance(res, (int, float)) else (res if isinstance(res, (str, dict)) else repr(res))
+    h = hashlib.sha256(json.dumps([grid.medium, res], sort_keys=True, default=str).encode())
     _bytes_sha(h, grid.params)
     _bytes_sha(h, grid.wave)
     flux_sha = _cache_flux_sha(grid)
