@@ -441,7 +441,9 @@ def test_calibrate_end_to_end_with_a_bosz_directory(tmp_path, monkeypatch):
                str(tmp_path / "cat.csv"), "--fwhm", str(sim.truth["fwhm"]), "--smooth", "51", "--out", str(out),
                "--summary", str(tmp_path / "summary.json")])
     assert rc == 0
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    # one prepared grid, beside the working-grid cache of the instrument setting (issue 17)
+    assert len([e for e in os.listdir(tmp_path / "cache") if e != "working"]) == 1
+    assert len(os.listdir(tmp_path / "cache" / "working")) >= 1
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["n_stars_used"] == 5 and summary["n_templates"] == 40
     rv = {s["name"]: s["rv"] for s in summary["stars"]}
