@@ -128,8 +128,8 @@ def test_tiny_max_memory_gives_the_default_result(files, grid, default, monkeypa
 
     real, blocks = scan._block_size, []
 
-    def spy(*args):
-        blocks.append((args, real(*args)))
+    def spy(*args, **kwargs):
+        blocks.append((args, real(*args, **kwargs)))
         return blocks[-1][1]
 
     monkeypatch.setattr(scan, "_block_size", spy)

@@ -163,7 +163,12 @@ def test_mask_bits_are_set_where_expected(calibrated):
     tell = np.zeros(wave.size, bool)
     for lo, hi, _ in TELLURIC_BANDS:
         tell |= (wave >= lo) & (wave <= hi)
-    np.testing.assert_array_equal((mask & TELLURIC) != 0, np.broadcast_to(tell, mask.shape))
+    # the bands are corrected (issue 16): TELLURIC marks the band pixels left uncorrected (saturated, too few stars)
+    extra = c["res"].extra
+    np.testing.assert_array_equal(extra["telluric_band"], tell)
+    assert extra["telluric_corrected"].sum() > 0.5 * tell.sum()
+    np.testing.assert_array_equal((mask & TELLURIC) != 0,
+                                  np.broadcast_to(tell & ~extra["telluric_corrected"], mask.shape))
     nocover = np.zeros(wave.size, bool)
     nocover[NOCOVER_PIX] = True
     np.testing.assert_array_equal((mask & NOCOVER) != 0, np.broadcast_to(nocover, mask.shape))
@@ -482,7 +487,8 @@ def test_real_miles_standards_give_a_verified_masked_output(tmp_path):
     for lo, hi, _ in TELLURIC_BANDS:
         tell |= (wave >= lo) & (wave <= hi)
     assert tell.sum() > 100  # the O2 B band and the 7150-7340 Å H2O band lie in MILES' range
-    np.testing.assert_array_equal((mask & TELLURIC) != 0, np.broadcast_to(tell, mask.shape))
+    flagged = tell & ~res.extra["telluric_corrected"]  # corrected band pixels are not flagged (issue 16)
+    np.testing.assert_array_equal((mask & TELLURIC) != 0, np.broadcast_to(flagged, mask.shape))
     assert not (mask & BADPIX).any() and not (mask & NOCOVER).any()
     assert prov["input_frame_sha256"] == hashlib.sha256((tmp_path / "miles.fits").read_bytes()).hexdigest()
     # the QA's zeropoint is the written vector's, and it follows the injected throughput's shape
