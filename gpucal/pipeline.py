@@ -16,6 +16,7 @@ import time
 import weakref
 
 import numpy as np
+from array_api_compat import device as _device
 
 from .backends import array_namespace, get_backend, to_backend, to_numpy
 from .calibration import (
@@ -36,7 +37,16 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import TELLURIC_DEFAULT, match_templates, prepare_grid, refined_templates
+from .fitting import (
+    TELLURIC_DEFAULT,
+    PhotometricTerm,
+    fit_forward,
+    fit_grid,
+    fitted_templates,
+    gather_templates,
+    match_templates,
+    prepare_grid,
+)
 from .io import read_frame, write_calibrated_frame
 from .photometry import (
     fit_colour_relations,
@@ -45,6 +55,7 @@ from .photometry import (
     photometric_consistency,
     read_catalogue,
     redden,
+    synthetic_mags,
     teff_disagreement,
     teff_from_colour,
     teff_prior_mask,
@@ -157,10 +168,55 @@ def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf):
 def _models(grid, match, ebv_star, be):
     """Each star's refined rest-frame template, reddened by its E(B−V): (grid wave, (n_star, n_w))."""
     gwave = to_backend(grid.wave, be, dtype=be.xp.float64)
-    model = refined_templates(grid.flux, match)
+    model = fitted_templates(grid.flux, match)
     if np.any(ebv_star != 0):
         model = redden(gwave, model, ebv_star)
     return gwave, model
+
+
+#: Synthetic magnitudes of every grid node, per grid and (bands, systems): the fit's photometric term.
+_NODE_MAGS = weakref.WeakKeyDictionary()
+FITS = ("continuous", "nodes")
+
+
+def _node_mags(grid, phot, be):
+    key = (tuple(phot.bands), tuple(phot.system))
+    cache = _NODE_MAGS.setdefault(grid, {})
+    if key not in cache:
+        flux = to_backend(grid.flux, be, dtype=be.xp.float64)
+        cache[key] = to_numpy(synthetic_mags(grid.wave, flux, phot.bands, system=phot.system or None))
+    return to_backend(cache[key], be, dtype=be.xp.float64)
+
+
+def _photometric_term(grid, phot, ebv_star, match, be, weight):
+    """The catalogue's magnitudes as a term of the fit; reddening from each star's scan node (first order)."""
+    xp = be.xp
+    offset = None
+    if np.any(ebv_star != 0):
+        gwave = to_backend(grid.wave, be, dtype=xp.float64)
+        node = xp.astype(gather_templates(grid.flux, be, match.index), xp.float64)
+        system = phot.system or None
+        offset = (synthetic_mags(gwave, redden(gwave, node, ebv_star), phot.bands, system=system)
+                  - synthetic_mags(gwave, node, phot.bands, system=system))
+    mag = to_backend(phot.mag, be, dtype=xp.float64)
+    err = to_backend(phot.err, be, dtype=xp.float64)
+    return PhotometricTerm(node_mag=_node_mags(grid, phot, be), mag=mag, err=err,
+                           valid=to_backend(phot.valid, be), offset=offset, weight=weight)
+
+
+def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_weight=1.0):
+    """The continuous forward-model fit from the scan's answer (``fit="continuous"``), else the scan's."""
+    if fit == "nodes":
+        return match
+    fine = fit_grid(grid, spectra.wave, **lsf)
+    term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
+    return fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
+
+
+def _not_converged(match):
+    xp = array_namespace(match.rv)
+    conv = match.meta.get("converged")
+    return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv)) if conv is None else ~conv
 
 
 def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
@@ -175,7 +231,7 @@ def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
     dup_of = duplicate_of(spectra.flux, spectra.var)
     checks = {"few_input_pixels": xp.astype(n_in, xp.float64) < floor, "duplicate": dup_of >= 0,
               "no_photometry": ~sc.ok, "photometry_inconsistent": phot_bad,
-              "rv_at_edge": match.meta["rv_at_edge"],
+              "rv_at_edge": match.meta["rv_at_edge"], "fit_not_converged": _not_converged(match),
               "few_vector_pixels": xp.astype(n_good, xp.float64) < floor}
     if max_chi2_dof is not None:
         checks["chi2_dof"] = ~(_reduced_chi2(match) <= max_chi2_dof)
@@ -272,7 +328,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
-                    max_scatter=MAX_SCATTER) -> CalibrationOutput:
+                    max_scatter=MAX_SCATTER, fit="continuous") -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -296,8 +352,15 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     1000) and max_scatter (RMS between the standards' vectors, default 0.2) — a frame beyond
     either is a CalibrationError naming the likely cause (transposed frame, wrong LSF, wrong
     medium); None = no bound.
+
+    fit : ``"continuous"`` (default) — after the scan, every standard's (Teff, logg, [M/H],
+    [α/M], v) fitted continuously in the grid by a forward model of its counts
+    (:mod:`gpucal.fitting.forward`), a star that does not converge excluded; ``"nodes"`` —
+    the scan's best node and one refinement step, as before.
     """
     clock = _Clock()
+    if fit not in FITS:
+        raise InputError(f"--fit must be one of {', '.join(FITS)}, got {fit!r}")
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     be = get_backend(backend)
     frame = frame if isinstance(frame, Frame) else read_frame(frame)
@@ -314,6 +377,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
     clock.lap("match")
+    match = _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be)
+    clock.lap("fit")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,
