@@ -208,6 +208,10 @@ def _add_calibration_options(p):
     p.add_argument("--no-teff-prior", dest="teff_prior", action="store_false",
                    help="scan the whole grid even when colours give a Teff prior")
     p.add_argument("--fast", action="store_true", help="fast-path scan (velocity from fiducial templates first)")
+    # issue 14: the continuous forward-model fit after the scan
+    p.add_argument("--fit", choices=("continuous", "nodes"), default="continuous",
+                   help="stellar parameters: continuous forward-model fit after the scan (default), "
+                        "or the scan's node with one refinement step")
 
 
 def add_batch_options(parser) -> None:

@@ -40,6 +40,8 @@ from .errors import CalibrationError, CoverageError, InputError, PhotometryError
 from .fitting import (
     TELLURIC_DEFAULT,
     PhotometricTerm,
+    common_shape,
+    divide_shape,
     fit_forward,
     fit_grid,
     fitted_templates,
@@ -210,7 +212,10 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
         return match
     fine = fit_grid(grid, spectra.wave, **lsf)
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
-    return fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
+    first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
+    # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
+    flat = divide_shape(spectra, common_shape(spectra, first))
+    return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions)
 
 
 def _not_converged(match):

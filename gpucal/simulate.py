@@ -24,7 +24,8 @@ from .fitting.tellurics import TELLURIC_BANDS
 from .templates.demo import demo_model, demo_wave
 from .units import FWHM_PER_SIGMA, doppler_factor
 
-__all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission"]
+__all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission",
+           "offnode_grid", "structured_throughput", "simulate_offnode_frame"]
 
 #: Telluric band edges (Å) and peak depths the simulator absorbs: the one table in fitting/tellurics.py.
 DEFAULT_TELLURIC_BANDS = TELLURIC_BANDS
@@ -346,3 +347,74 @@ def write_catalogue_csv(catalogue, path) -> str:
             vals += [f"{float(row[c]):.6f}" for c in cols[3:]]
             fh.write(",".join(vals) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- issue 14: off-node frames
+#: Parameter box of the off-node standards: inside the demo 240-model grid of issue 14
+#: (Teff 4500-8000 K, logg 3.5-5.0, [M/H] -1.0..+0.5), clear of its faces.
+OFFNODE_BOX = ((4600.0, 7900.0), (3.6, 4.9), (-0.9, 0.4))
+
+
+def offnode_grid():
+    """The issue's ~240-model grid: Teff 4500-8000 K step 250, logg 3.5-5.0 step 0.5, [M/H] -1.0..+0.5 step 0.5."""
+    from .templates.demo import demo_grid
+
+    return demo_grid()  # the demo grid is that grid (DEMO_TEFF, DEMO_LOGG, DEMO_MH)
+
+
+def structured_throughput(wave, *, seed=0, kind="structured") -> np.ndarray:
+    """Relative throughput with structure (max ≈ 1): a steep blue cut-off, a 10-20 % dip 60-150 Å wide, ripple.
+
+    ``kind="smooth"``: the demo's bell alone. Otherwise the bell times a logistic
+    cut-off (half power at 3850-3950 Å, 40 Å scale), a Gaussian dip (depth 10-20 %,
+    FWHM 60-150 Å, centred 4800-8200 Å) and a 2-4 % sinusoidal ripple (period
+    250-600 Å), each drawn from ``seed``.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    shape = _throughput_shape(wave)
+    if kind == "smooth":
+        return shape / shape.max()
+    if kind != "structured":
+        raise ValueError(f"throughput kind must be 'structured' or 'smooth', got {kind!r}")
+    rng = np.random.default_rng(seed)
+    cut = 1.0 / (1.0 + np.exp(-(wave - rng.uniform(3850.0, 3950.0)) / 40.0))
+    depth, fwhm, centre = rng.uniform(0.10, 0.20), rng.uniform(60.0, 150.0), rng.uniform(4800.0, 8200.0)
+    dip = 1.0 - depth * np.exp(-0.5 * ((wave - centre) / (fwhm / FWHM_PER_SIGMA)) ** 2)
+    ripple = 1.0 + rng.uniform(0.02, 0.04) * np.sin(2.0 * np.pi * wave / rng.uniform(250.0, 600.0) + rng.uniform(0, 6))
+    out = shape * cut * dip * ripple
+    return out / out.max()
+
+
+def simulate_offnode_frame(*, n_std=20, n_prog=10, n_sky=2, snr=50.0, seed=0, throughput="structured",
+                           fwhm=2.0, n_pix=4000, wave_range=(3700.0, 9300.0), telluric=True,
+                           box=OFFNODE_BOX, rv_max=150.0, read_noise=3.0) -> DemoFrame:
+    """A frame whose standards are NOT grid nodes: random (Teff, logg, [M/H]) in ``box``, RVs within ±``rv_max``.
+
+    The standards' spectra are the demo model evaluated at their own parameters
+    (:func:`gpucal.templates.demo.demo_model`), so no grid contains them: a fit can
+    only interpolate. The throughput is :func:`structured_throughput` of ``kind``
+    ``throughput`` (seeded), scaled so that the median S/N of the standards' pixels
+    is ``snr``; telluric bands as :func:`simulate_frame`. Program fibres (random
+    parameters, r 16-18.5) carry their truth ('program_true_flux'). Catalogue
+    magnitudes exact (their errors 0.01-0.02 mag). ``truth`` as
+    :func:`simulate_frame`'s, plus 'throughput_kind'.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 14]))
+    params = np.stack([rng.uniform(*box[0], n_std), rng.uniform(*box[1], n_std), rng.uniform(*box[2], n_std),
+                       np.zeros(n_std)], axis=1)
+    rvs = rng.uniform(-rv_max, rv_max, n_std)
+    wave = np.linspace(float(wave_range[0]), float(wave_range[1]), int(n_pix))
+    shape = structured_throughput(wave, seed=int(seed), kind=throughput)
+    sim = simulate_frame(n_standards=n_std, n_program=n_prog, n_sky=n_sky, rvs=rvs, params=params, snr=snr,
+                         fwhm=fwhm, wave_range=wave_range, n_pix=n_pix, seed=seed, throughput=shape,
+                         telluric=telluric, noise=False, read_noise=read_noise)
+    t = sim.truth
+    m = float(np.median(t["std_true_flux"] * shape * t["telluric"]))
+    c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))
+    k = c / m
+    counts = t["counts_true"] * k
+    var = counts + read_noise**2
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 14, 1]))
+    flux = counts + noise_rng.standard_normal(counts.shape) * np.sqrt(var)
+    truth = dict(t, throughput=shape * k, counts_true=counts, throughput_kind=throughput, snr=float(snr))
+    return DemoFrame(wave=sim.wave, flux=flux, var=var, fibres=sim.fibres, catalogue=sim.catalogue, truth=truth)

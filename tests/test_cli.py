@@ -50,6 +50,7 @@ OPTIONS = {
     "fast": (["--fast"], True),
     "max_frame_chi2_dof": (["--max-frame-chi2-dof", "none"], None),
     "max_scatter": (["--max-scatter", "0.5"], 0.5),
+    "fit": (["--fit", "nodes"], "nodes"),
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),

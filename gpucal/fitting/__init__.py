@@ -50,6 +50,8 @@ from .forward import (
     FIT_DEGREE,
     FIT_OVERSAMPLE,
     PhotometricTerm,
+    common_shape,
+    divide_shape,
     fit_forward,
     fit_grid,
     fit_wave,
@@ -96,6 +98,8 @@ __all__ = [
     "fit_wave",
     "fit_grid",
     "fit_forward",
+    "common_shape",
+    "divide_shape",
     "fitted_templates",
     "poly_on_pixels",
 ]

@@ -60,7 +60,7 @@ from typing import Any
 
 from array_api_compat import device as _device
 
-from ..backends import array_namespace, backend_of, interp, to_backend
+from ..backends import array_namespace, backend_of, interp, masked_median, to_backend
 from ..containers import MatchResult, PreparedGrid, SpectraBatch, TemplateGrid
 from ..errors import InputError
 from ..units import C_KMS, doppler_factor
@@ -70,7 +70,8 @@ from .lsf import convolve_to_instrument
 from .prepare import _grid_window, gather_templates, normalise_observed
 from .refine import refined_templates
 
-__all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward", "fitted_templates",
+__all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
+           "common_shape", "divide_shape", "fitted_templates",
            "poly_on_pixels"]
 
 #: Default Legendre degree of P(λ) (see bench/results/forward_accuracy*.json for the comparison).
@@ -265,7 +266,7 @@ def _evaluate(pb: _Problem, theta, v, good):
         pad = xp.zeros((n, 5, 5), dtype=xp.float64, device=_device(r))
         curv = curv + wt * xp.concat([xp.concat([cp, pad[:, :4, :1]], axis=2), pad[:, :1, :]], axis=1)
     return dict(chi2s=chi2s, chi2p=chi2p, total=chi2s + wt * chi2p, grad=grad, curv=curv, r=r, w=w,
-                coef=coef, use=use, idx=idx, wc=wc, moved=moved)
+                coef=coef, use=use, idx=idx, wc=wc, moved=moved, model=xp.where(use, p * m, 0.0))
 
 
 def _photometric(ph, idx, wc, dwc):
@@ -439,7 +440,7 @@ def _result(pb, match, theta, v, st, accepted, degree, tol):
     converged = (gain < tol * xp.maximum(red, 1.0)) | (st["moved"] & ~accepted)
     err4 = xp.where(free[None, :4], err[:, :4], xp.nan)
     meta = {key: val for key, val in match.meta.items() if key not in ("blend_index", "blend_frac")}
-    meta.update(fit="continuous", chi2_phot=st["chi2p"], corner_index=st["idx"], corner_weight=st["wc"],
+    meta.update(fit="continuous", chi2_phot=st["chi2p"], fit_mask=st["use"], model_counts=st["model"], corner_index=st["idx"], corner_weight=st["wc"],
                 poly_coef=st["coef"], poly_degree=degree, on_hull=on_hull, converged=converged, covariance=cov,
                 scan_params=match.params, scan_rv=match.rv)
     return MatchResult(index=match.index, params=theta, params_err=err4, rv=v, rv_err=err[:, 4],
@@ -472,3 +473,41 @@ def poly_on_pixels(wave, match: MatchResult):
     coef = match.meta["poly_coef"]
     wave2 = xp.broadcast_to(wave[None, :], (coef.shape[0], wave.shape[0])) if wave.ndim == 1 else wave
     return xp.sum(_legendre(wave2, int(match.meta["poly_degree"])) * coef[:, :, None], axis=1)
+
+
+def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15):
+    """The throughput structure P(λ) cannot follow, common to the frame: (n_pix,), median 1.
+
+    Per pixel, the median over the stars of counts / fitted model (the pixels each
+    star's fit used), averaged over ``window`` pixels; 1 where no star measured the
+    pixel. A dip tens of Å wide or a ripple of a few hundred Å, which a Legendre
+    series of degree ~20 cannot follow, is the same in every fibre; divided out of
+    the counts (:func:`divide_shape`) it no longer tilts each star's θ.
+    """
+    xp = array_namespace(spectra.flux)
+    use = fit.meta["fit_mask"]
+    model = fit.meta["model_counts"]
+    ok = use & (model > 0)
+    ratio = xp.where(ok, spectra.flux / xp.where(ok, model, 1.0), 1.0)
+    med = masked_median(ratio, ok, axis=0)
+    has = xp.any(ok, axis=0) & xp.isfinite(med)
+    med = xp.where(has, med, 1.0)
+    hw = max(int(window) // 2, 0)
+    n = med.shape[0]
+    c = xp.cumulative_sum(xp.where(has, med, 0.0), include_initial=True)
+    k = xp.cumulative_sum(xp.astype(has, xp.float64), include_initial=True)
+    i = xp.arange(n, device=_device(med))
+    lo, hi = xp.clip(i - hw, 0, n), xp.clip(i + hw + 1, 0, n)
+    cnt = xp.take(k, hi) - xp.take(k, lo)
+    mean = (xp.take(c, hi) - xp.take(c, lo)) / xp.where(cnt > 0, cnt, 1.0)
+    shape = xp.where(has & (cnt > 0), mean, 1.0)
+    centre = masked_median(shape[None, :], has[None, :], axis=1)[0]
+    return shape / xp.where(xp.isfinite(centre) & (centre > 0), centre, 1.0)
+
+
+def divide_shape(spectra: SpectraBatch, shape) -> SpectraBatch:
+    """The standards with a common multiplicative ``shape`` (n_pix,) divided out of counts and variance."""
+    import dataclasses
+
+    return dataclasses.replace(spectra, flux=spectra.flux / shape[None, :],
+                               var=spectra.var / (shape * shape)[None, :])
