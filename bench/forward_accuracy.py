@@ -56,9 +56,10 @@ def parameter_errors(res, sim):
                 used=np.asarray(tab["USED"]).astype(bool))
 
 
-def run(n_std, seed, fit, combine, grid, tmp):
-    sim = simulate_offnode_frame(n_std=n_std, n_prog=10, seed=seed)
-    frame, cat = os.path.join(tmp, f"f{n_std}_{seed}.fits"), os.path.join(tmp, f"c{n_std}_{seed}.csv")
+def run(n_std, seed, fit, combine, grid, tmp, throughput="structured", spectra="interpolated"):
+    sim = simulate_offnode_frame(n_std=n_std, n_prog=10, seed=seed, throughput=throughput, spectra=spectra)
+    tag = f"{n_std}_{seed}_{throughput}_{spectra}"
+    frame, cat = os.path.join(tmp, f"f{tag}.fits"), os.path.join(tmp, f"c{tag}.csv")
     if not os.path.exists(frame):
         write_frame(frame, sim.flux, sim.var, sim.wave, sim.fibres)
         write_catalogue_csv(sim.catalogue, cat)
@@ -68,7 +69,7 @@ def run(n_std, seed, fit, combine, grid, tmp):
     wall = time.perf_counter() - t0
     pe = parameter_errors(res, sim)
     prog = program_errors(res, sim)
-    return dict(n_std=n_std, seed=seed, fit=fit, combine=combine, wall_s=wall, timing_s=res.summary["timing_s"],
+    return dict(n_std=n_std, seed=seed, fit=fit, combine=combine, throughput=throughput, spectra=spectra, wall_s=wall, timing_s=res.summary["timing_s"],
                 median_abs_dteff=float(np.median(np.abs(pe["dteff"]))), mean_dteff=float(np.mean(pe["dteff"])),
                 mean_dlogg=float(np.mean(pe["dlogg"])), mean_dmh=float(np.mean(pe["dmh"])),
                 rv_rms=float(np.sqrt(np.mean(pe["drv"] ** 2))), n_used=int(pe["used"].sum()),
@@ -81,23 +82,24 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--fits", nargs="+", default=["continuous", "nodes"])
     ap.add_argument("--combines", nargs="+", default=["weighted_mean", "median"])
+    ap.add_argument("--throughputs", nargs="+", default=["structured"])
+    ap.add_argument("--spectra", nargs="+", default=["interpolated"])
     ap.add_argument("--machine", default="2-core VM, shared")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     grid = offnode_grid()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.n_std:
-            for seed in args.seeds:
-                for fit in args.fits:
-                    for comb in args.combines:
-                        r = run(n, seed, fit, comb, grid, tmp)
-                        rows.append(r)
-                        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                          for k, v in r.items() if k != "timing_s"}), flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump({"machine": args.machine, "runs": rows}, fh, indent=1)
+        cases = [(n, s, f, c, t, k) for t in args.throughputs for k in args.spectra for n in args.n_std
+                 for s in args.seeds for f in args.fits for c in args.combines]
+        for n, seed, fit, comb, thr, kind in cases:
+            r = run(n, seed, fit, comb, grid, tmp, thr, kind)
+            rows.append(r)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in r.items() if k != "timing_s"}), flush=True)
+            if args.out:  # after every case: a run cut short keeps what it measured
+                with open(args.out, "w", encoding="utf-8") as fh:
+                    json.dump({"machine": args.machine, "runs": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

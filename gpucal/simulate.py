@@ -25,7 +25,7 @@ from .templates.demo import demo_model, demo_wave
 from .units import FWHM_PER_SIGMA, doppler_factor
 
 __all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission",
-           "offnode_grid", "structured_throughput", "simulate_offnode_frame"]
+           "offnode_grid", "structured_throughput", "grid_interpolated_model", "simulate_offnode_frame"]
 
 #: Telluric band edges (Å) and peak depths the simulator absorbs: the one table in fitting/tellurics.py.
 DEFAULT_TELLURIC_BANDS = TELLURIC_BANDS
@@ -95,8 +95,9 @@ def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     return np.array(ra), np.array(dec)
 
 
-def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
+def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin, model=None):
     """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame."""
+    model = demo_model if model is None else model
     from scipy.ndimage import gaussian_filter1d
 
     lo, hi = wave_frame[0] - margin, wave_frame[-1] + margin
@@ -104,7 +105,7 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin):
     fine = lo + fine_step * np.arange(n_fine)
     out = np.empty((params.shape[0], fine.size))
     for k in range(params.shape[0]):
-        out[k] = demo_model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
+        out[k] = model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
     if fwhm > 0:
         sigma_pix = fwhm / FWHM_PER_SIGMA / fine_step
         out = gaussian_filter1d(out, sigma_pix, axis=1, mode="nearest", truncate=8.0)
@@ -129,6 +130,7 @@ def simulate_frame(
     noise=True,
     read_noise=3.0,
     mag_noise=False,
+    model=None,
 ) -> DemoFrame:
     """Simulate a reduced fibre frame from demo templates with known calibration.
 
@@ -166,7 +168,11 @@ def simulate_frame(
     ``true_flux`` itself outside the telluric bands; 'program_params',
     'program_rv'; 'dilution', 'program_dilution'; 'mags' (n_std, 4) exact
     g r i z; 'counts_true' (n_fibre, n_pix); 'fwhm', 'snr', 'read_noise'.
+
+    ``model(params (1, 4), wave) -> (flux (1, n), ...)`` replaces :func:`demo_model` as
+    the stars' surface flux (e.g. :func:`grid_interpolated_model`).
     """
+    model = demo_model if model is None else model
     n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
     if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
         raise ValueError("need a non-negative number of each fibre type and at least one fibre")
@@ -229,7 +235,7 @@ def simulate_frame(
     dilution = np.empty(n_star)
     std_full = np.empty((n_standards, full_wave.size))
     for k in range(n_star):
-        f = demo_model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
+        f = model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
         r0 = _ab_mags(full_wave, f)[0, 1]
         dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
         if k < n_standards:
@@ -240,7 +246,7 @@ def simulate_frame(
     fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
     margin = 10.0 * fwhm + 5.0
     if n_star:
-        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin) * dilution[:, None]
+        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, model) * dilution[:, None]
     else:
         conv = np.empty((0, n_pix))
     std_true, prog_true = conv[:n_standards], conv[n_standards:]
@@ -385,14 +391,37 @@ def structured_throughput(wave, *, seed=0, kind="structured") -> np.ndarray:
     return out / out.max()
 
 
+def grid_interpolated_model(params, wave):
+    """The demo model's fluxes at the corners of θ's cell in the demo grid, blended multilinearly: (flux (1, n), None).
+
+    A star "flux-interpolated between nodes": what a grid can represent exactly off its nodes.
+    """
+    from .templates.demo import DEMO_LOGG, DEMO_MH, DEMO_TEFF
+
+    th = np.asarray(params, dtype=np.float64).reshape(-1)
+    axes = (DEMO_TEFF, DEMO_LOGG, DEMO_MH)
+    lo = [int(np.clip(np.searchsorted(a, th[j], side="right") - 1, 0, len(a) - 2)) for j, a in enumerate(axes)]
+    out = 0.0
+    for c in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
+        node, w = [], 1.0
+        for d in range(3):
+            a0, a1 = axes[d][lo[d]], axes[d][lo[d] + 1]
+            f = (th[d] - a0) / (a1 - a0)
+            node.append(a1 if c[d] else a0)
+            w *= f if c[d] else 1.0 - f
+        out = out + w * demo_model(np.array([[*node, th[3]]]), wave)[0][0]
+    return np.asarray(out)[None, :], None
+
+
 def simulate_offnode_frame(*, n_std=20, n_prog=10, n_sky=2, snr=50.0, seed=0, throughput="structured",
                            fwhm=2.0, n_pix=4000, wave_range=(3700.0, 9300.0), telluric=True,
-                           box=OFFNODE_BOX, rv_max=150.0, read_noise=3.0) -> DemoFrame:
+                           box=OFFNODE_BOX, rv_max=150.0, read_noise=3.0, spectra="model") -> DemoFrame:
     """A frame whose standards are NOT grid nodes: random (Teff, logg, [M/H]) in ``box``, RVs within ±``rv_max``.
 
-    The standards' spectra are the demo model evaluated at their own parameters
-    (:func:`gpucal.templates.demo.demo_model`), so no grid contains them: a fit can
-    only interpolate. The throughput is :func:`structured_throughput` of ``kind``
+    ``spectra="model"``: the stars' spectra are the demo model evaluated at their own
+    parameters (:func:`gpucal.templates.demo.demo_model`), so no grid contains them
+    (the grid's own interpolation error is in the answer); ``"interpolated"``: flux-
+    interpolated between the demo grid's nodes (:func:`grid_interpolated_model`). The throughput is :func:`structured_throughput` of ``kind``
     ``throughput`` (seeded), scaled so that the median S/N of the standards' pixels
     is ``snr``; telluric bands as :func:`simulate_frame`. Program fibres (random
     parameters, r 16-18.5) carry their truth ('program_true_flux'). Catalogue
@@ -407,7 +436,8 @@ def simulate_offnode_frame(*, n_std=20, n_prog=10, n_sky=2, snr=50.0, seed=0, th
     shape = structured_throughput(wave, seed=int(seed), kind=throughput)
     sim = simulate_frame(n_standards=n_std, n_program=n_prog, n_sky=n_sky, rvs=rvs, params=params, snr=snr,
                          fwhm=fwhm, wave_range=wave_range, n_pix=n_pix, seed=seed, throughput=shape,
-                         telluric=telluric, noise=False, read_noise=read_noise)
+                         telluric=telluric, noise=False, read_noise=read_noise,
+                         model={"model": None, "interpolated": grid_interpolated_model}[spectra])
     t = sim.truth
     m = float(np.median(t["std_true_flux"] * shape * t["telluric"]))
     c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))
@@ -416,5 +446,6 @@ def simulate_offnode_frame(*, n_std=20, n_prog=10, n_sky=2, snr=50.0, seed=0, th
     var = counts + read_noise**2
     noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 14, 1]))
     flux = counts + noise_rng.standard_normal(counts.shape) * np.sqrt(var)
-    truth = dict(t, throughput=shape * k, counts_true=counts, throughput_kind=throughput, snr=float(snr))
+    truth = dict(t, throughput=shape * k, counts_true=counts, throughput_kind=throughput, snr=float(snr),
+                 spectra=spectra)
     return DemoFrame(wave=sim.wave, flux=flux, var=var, fibres=sim.fibres, catalogue=sim.catalogue, truth=truth)
