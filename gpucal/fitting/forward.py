@@ -334,7 +334,10 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
     st = _evaluate(pb, theta, v, good)
     lam = xp.full(v.shape, 1e-2, dtype=xp.float64, device=_device(v))
     accepted = xp.ones(v.shape, dtype=xp.bool, device=_device(v))
+    earlier = st["total"]
     for it in range(n_iter):
+        if it == n_iter - 3:
+            earlier = st["total"]
         if it in clip_at:  # pixels far off the current model are outliers of that star
             good = good & ~(xp.abs(st["r"]) * xp.sqrt(st["w"]) > clip_nsigma)
             st = _evaluate(pb, theta, v, good)
@@ -347,6 +350,7 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
         theta = xp.where(accepted[:, None], th_c, theta)
         v = xp.where(accepted, v_c, v)
         lam = xp.clip(xp.where(accepted, lam * 0.3, lam * 10.0), 1e-7, 1e7)
+    st["recent_gain"] = earlier - st["total"]  # what the last three iterations still gained
     return theta, v, st, accepted, good
 
 
@@ -437,7 +441,10 @@ def _result(pb, match, theta, v, st, accepted, degree, tol):
     for j in cg.active:
         bounds = bounds | (theta[:, j] <= cg.axes[j][0]) | (theta[:, j] >= cg.axes[j][-1])
     on_hull = st["moved"] | bounds
-    converged = (gain < tol * xp.maximum(red, 1.0)) | (st["moved"] & ~accepted)
+    # converged: the undamped step would gain little, or (at a cell face, where the interpolant's
+    # kink keeps the quadratic model from predicting it) the last iterations gained little
+    small = tol * xp.maximum(red, 1.0)
+    converged = (gain < small) | (st["recent_gain"] < small) | (st["moved"] & ~accepted)
     err4 = xp.where(free[None, :4], err[:, :4], xp.nan)
     meta = {key: val for key, val in match.meta.items() if key not in ("blend_index", "blend_frac")}
     meta.update(fit="continuous", chi2_phot=st["chi2p"], fit_mask=st["use"], model_counts=st["model"], corner_index=st["idx"], corner_weight=st["wc"],
