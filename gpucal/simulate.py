@@ -15,6 +15,7 @@ throughput in counts per erg/s/cm²/Å.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -25,7 +26,8 @@ from .templates.demo import demo_model, demo_wave
 from .units import FWHM_PER_SIGMA, doppler_factor
 
 __all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission",
-           "offnode_grid", "structured_throughput", "grid_interpolated_model", "simulate_offnode_frame"]
+           "offnode_grid", "structured_throughput", "cell_corners", "grid_interpolated_model",
+           "simulate_offnode_frame"]
 
 #: Telluric band edges (Å) and peak depths the simulator absorbs: the one table in fitting/tellurics.py.
 DEFAULT_TELLURIC_BANDS = TELLURIC_BANDS
@@ -391,6 +393,20 @@ def structured_throughput(wave, *, seed=0, kind="structured") -> np.ndarray:
     return out / out.max()
 
 
+def cell_corners(theta, axes):
+    """The corners (node values) of θ's cell on ``axes`` and their multilinear weights: a host loop, for truths."""
+    lo = [int(np.clip(np.searchsorted(a, theta[j], side="right") - 1, 0, len(a) - 2)) for j, a in enumerate(axes)]
+    out = []
+    for c in itertools.product((0, 1), repeat=len(axes)):
+        node, w = [], 1.0
+        for d, a in enumerate(axes):
+            f = (theta[d] - a[lo[d]]) / (a[lo[d] + 1] - a[lo[d]])
+            node.append(a[lo[d] + 1] if c[d] else a[lo[d]])
+            w *= f if c[d] else 1.0 - f
+        out.append((tuple(node), w))
+    return out
+
+
 def grid_interpolated_model(params, wave):
     """The demo model's fluxes at the corners of θ's cell in the demo grid, blended multilinearly: (flux (1, n), None).
 
@@ -399,16 +415,8 @@ def grid_interpolated_model(params, wave):
     from .templates.demo import DEMO_LOGG, DEMO_MH, DEMO_TEFF
 
     th = np.asarray(params, dtype=np.float64).reshape(-1)
-    axes = (DEMO_TEFF, DEMO_LOGG, DEMO_MH)
-    lo = [int(np.clip(np.searchsorted(a, th[j], side="right") - 1, 0, len(a) - 2)) for j, a in enumerate(axes)]
     out = 0.0
-    for c in ((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)):
-        node, w = [], 1.0
-        for d in range(3):
-            a0, a1 = axes[d][lo[d]], axes[d][lo[d] + 1]
-            f = (th[d] - a0) / (a1 - a0)
-            node.append(a1 if c[d] else a0)
-            w *= f if c[d] else 1.0 - f
+    for node, w in cell_corners(th, (DEMO_TEFF, DEMO_LOGG, DEMO_MH)):
         out = out + w * demo_model(np.array([[*node, th[3]]]), wave)[0][0]
     return np.asarray(out)[None, :], None
 

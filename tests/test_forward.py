@@ -23,6 +23,7 @@ from gpucal.fitting import (
     poly_on_pixels,
 )
 from gpucal.fitting.cells import corner_weights, locate
+from gpucal.simulate import cell_corners
 from gpucal.templates.demo import demo_grid
 from gpucal.units import doppler_factor
 
@@ -127,15 +128,8 @@ def _frame(backend, grid, wave, *, per_fibre=False):
     lookup = {tuple(r): i for i, r in enumerate(params.tolist())}
     out, ptrue, waves = [], [], []
     for s, (th, v) in enumerate(zip(TRUTH, RV)):
-        lo = [max(k for k in range(len(a) - 1) if a[k] <= th[j]) if len(a) > 1 else 0 for j, a in enumerate(AXES)]
         spec = np.zeros(wq.size)
-        for c in itertools.product((0, 1), (0, 1), (0, 1)):
-            node, wgt = [], 1.0
-            for j in range(3):
-                a0, a1 = AXES[j][lo[j]], AXES[j][lo[j] + 1]
-                f = (th[j] - a0) / (a1 - a0)
-                node.append(a1 if c[j] else a0)
-                wgt *= f if c[j] else 1.0 - f
+        for node, wgt in cell_corners(th, AXES[:3]):
             spec += wgt * rows[lookup[(*node, 0.0)]]
         w = wave + (0.3 * s if per_fibre else 0.0)
         x = np.log(w)
