@@ -215,7 +215,7 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     flat = divide_shape(spectra, common_shape(spectra, first))
-    return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions)
+    return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions, n_starts=1)
 
 
 def _not_converged(match):
