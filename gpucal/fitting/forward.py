@@ -342,7 +342,12 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
         if it == n_iter - 3:
             earlier = st["total"]
         if it in clip_at:  # pixels far off the current model are outliers of that star
-            good = good & ~(xp.abs(st["r"]) * xp.sqrt(st["w"]) > clip_nsigma)
+            z = xp.abs(st["r"]) * xp.sqrt(st["w"])
+            # in units of the star's own residual scale when that exceeds 1 (a variance that is too
+            # small must keep its honest χ², not lose every pixel it fits badly)
+            scale = 1.4826 * masked_median(z, st["use"], axis=1)
+            scale = xp.where(xp.isfinite(scale) & (scale > 1.0), scale, 1.0)
+            good = good & ~(z > clip_nsigma * scale[:, None])
             st = _evaluate(pb, theta, v, good)
         dp, _, _ = _active_set_step(pb, st, lam, theta)
         th_c, _, _ = locate(pb.cg, theta + dp[:, :4])
