@@ -302,6 +302,10 @@ def _step(st, lam, free):
     safe = xp.where(diag > 0, diag, 1.0)
     h = h * keep[:, :, None] * keep[:, None, :] + eye[None, :, :] * (1.0 - keep)[:, None, :]
     h = h + (lam[:, None] * safe * keep)[:, :, None] * eye[None, :, :]
+    # a relative ridge keeps the solve defined for a star with no usable pixel (zero curvature: a zero
+    # step, the star judged later by its verdicts)
+    scale = xp.sum(xp.linalg.diagonal(h), axis=1) / k
+    h = h + xp.where(scale > 0, 1e-12 * scale, 1.0)[:, None, None] * eye[None, :, :]
     return xp.linalg.solve(h, (st["grad"] * keep)[:, :, None])[:, :, 0], h
 
 
