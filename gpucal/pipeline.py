@@ -214,7 +214,8 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
     first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
-    flat = divide_shape(spectra, common_shape(spectra, first))
+    distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
+    flat = divide_shape(spectra, common_shape(spectra, first, stars=distinct))
     return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions, n_starts=1)
 
 

@@ -494,17 +494,18 @@ def poly_on_pixels(wave, match: MatchResult):
     return xp.sum(_legendre(wave2, int(match.meta["poly_degree"])) * coef[:, :, None], axis=1)
 
 
-def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15):
+def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15, stars=None):
     """The throughput structure P(λ) cannot follow, common to the frame: (n_pix,), median 1.
 
     Per pixel, the median over the stars of counts / fitted model (the pixels each
     star's fit used), averaged over ``window`` pixels; 1 where no star measured the
     pixel. A dip tens of Å wide or a ripple of a few hundred Å, which a Legendre
     series of degree ~20 cannot follow, is the same in every fibre; divided out of
-    the counts (:func:`divide_shape`) it no longer tilts each star's θ.
+    the counts (:func:`divide_shape`) it no longer tilts each star's θ. ``stars``
+    (n_star,) bool: the stars that count (e.g. not duplicates of another); default all.
     """
     xp = array_namespace(spectra.flux)
-    use = fit.meta["fit_mask"]
+    use = fit.meta["fit_mask"] if stars is None else fit.meta["fit_mask"] & stars[:, None]
     model = fit.meta["model_counts"]
     ok = use & (model > 0)
     ratio = xp.where(ok, spectra.flux / xp.where(ok, model, 1.0), 1.0)
