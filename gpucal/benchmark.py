@@ -359,6 +359,7 @@ def run_scan_benchmark(*, backend="numpy", n_star=32, n_templates=520, ref_templ
         "agreement": _agreement(inputs, r_ex, r_fast, ref, n_t),
         "notes": "reference time extrapolated linearly from the measured templates" if n_ref < n_t else "",
     }
+    result["fit"] = fit_timing(inputs, spec, prep, vel, be)
     if memory_check is not None:
         mc = _memory_check(spec, prep, vel, be, memory_budget(memory_check))
         same = mc.pop("index_mod_base")
@@ -399,8 +400,51 @@ def format_report(result) -> str:
                      f"reference with the finer correlation {ag['reference_fine_ccf_vs_truth_dv_kms']['rms']:.2f} km/s")
     lines.append(f"  fast vs exhaustive: same template {100 * ag['fast_vs_exhaustive_same_template']:.0f} %, "
                  f"max velocity difference {ag['fast_vs_exhaustive_dv_kms']['max']:.2f} km/s")
+    if "fit" in result:
+        lines.append(format_fit_timing(result["fit"]))
     if "memory_check" in result:
         mc = result["memory_check"]
         lines.append(f"  streamed grid {_mib(mc['grid_bytes'])} with budget {_mib(mc['budget_bytes'])}: "
                      f"peak {_mib(mc['peak_bytes'])}, block {mc['block_size']}, {mc['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- issue 14: the continuous fit's cost
+def _subset(spec, n):
+    return SpectraBatch(wave=spec.wave, flux=spec.flux[:n, :], var=spec.var[:n, :], mask=spec.mask[:n, :],
+                        fibre_ids=spec.fibre_ids[:n], names=spec.names[:n])
+
+
+def fit_timing(inputs, spec, prep, vel, be, n_stars=(20, 32)):
+    """Seconds of the scan (as the pipeline runs it, with refinement) and of the continuous fit after it.
+
+    For each n in ``n_stars`` (at most the frame's standards): the scan of n standards and
+    :func:`gpucal.fitting.fit_forward` from its answer; and, once, the preparation of each
+    one's grid (:func:`prepare_grid` for the scan, :func:`fit_grid` for the fit). None when
+    the prepared grid was tiled (the fit needs the grid's own nodes).
+    """
+    from .fitting import fit_forward, fit_grid
+
+    if int(prep.norm_flux.shape[0]) != inputs["n_base"]:
+        return None
+    t_prep, fg = _timed(lambda: fit_grid(inputs["grid"], spec.wave, fwhm=inputs["fwhm"]), be, repeat=1)
+    out = {"prepare_fit_grid": t_prep, "fit_working_pixels": int(fg.wave.shape[0]), "stars": {}}
+    for n in [k for k in n_stars if k <= int(spec.flux.shape[0])]:
+        sub = _subset(spec, n)
+        t_scan, match = _timed(lambda: match_templates(sub, prep, velocities=vel), be, repeat=1)
+        t_fit, res = _timed(lambda: fit_forward(sub, fg, match), be, repeat=1)
+        out["stars"][str(n)] = {"scan": t_scan, "fit": t_fit, "fit_over_scan": t_fit / t_scan,
+                                "converged": float(np.mean(to_numpy(res.meta["converged"])))}
+    return out
+
+
+def format_fit_timing(ft) -> str:
+    """One line per star count: the scan's and the fit's seconds (for :func:`format_report`)."""
+    if not ft:
+        return "  continuous fit: not timed (tiled grid)"
+    lines = [f"  continuous fit ({ft['fit_working_pixels']} working pixels; its grid prepared in "
+             f"{ft['prepare_fit_grid']:.2f} s):"]
+    for n, r in ft["stars"].items():
+        lines.append(f"    {n:>3} standards: scan {r['scan']:7.3f} s, fit {r['fit']:7.3f} s "
+                     f"({r['fit_over_scan']:.2f}x the scan), converged {100 * r['converged']:.0f} %")
     return "\n".join(lines)

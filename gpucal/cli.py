@@ -215,6 +215,10 @@ def _add_calibration_options(p):
                         "bridged) or mask them (bridged by the throughput around them)")
     p.add_argument("--recalibrate", action="store_true", default=argparse.SUPPRESS,
                    help="calibrate a frame that is already flux-calibrated (refused otherwise)")
+    # issue 14: the continuous forward-model fit after the scan
+    p.add_argument("--fit", choices=("continuous", "nodes"), default="continuous",
+                   help="stellar parameters: continuous forward-model fit after the scan (default), "
+                        "or the scan's node with one refinement step")
 
 
 def add_batch_options(parser) -> None:

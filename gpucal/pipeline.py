@@ -24,6 +24,7 @@ import astropy
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
+from array_api_compat import device as _device
 
 from . import __version__
 from .backends import array_namespace, get_backend, to_backend, to_numpy
@@ -50,8 +51,21 @@ from .calibration.verdicts import (
 )
 from .containers import CalibrationOutput, Frame, Photometry, SpectraBatch, TemplateGrid
 from .errors import AlreadyCalibratedError, CalibrationError, CoverageError, InputError, PhotometryError
-from .fitting import (TELLURIC_DEFAULT, fwhm_from_resolution, match_templates, refine_on_own_lsf,
-                      refined_templates, region_mask, representative_fwhm_poly)
+from .fitting import (
+    TELLURIC_DEFAULT,
+    PhotometricTerm,
+    common_shape,
+    divide_shape,
+    fit_forward,
+    fit_grid,
+    fitted_templates,
+    fwhm_from_resolution,
+    gather_templates,
+    match_templates,
+    refine_on_own_lsf,
+    region_mask,
+    representative_fwhm_poly,
+)
 from .io import file_sha256, read_frame, write_calibrated_frame
 from .photometry import (
     fibre_bands,
@@ -62,6 +76,7 @@ from .photometry import (
     photometric_consistency,
     read_catalogue,
     redden,
+    synthetic_mags,
     teff_disagreement,
     teff_from_colour,
     teff_prior_mask,
@@ -204,10 +219,59 @@ def _prepare(grid, spectra, frame, dtype, mask_regions, vrange, lsf, bands):
 def _models(grid, match, ebv_star, be):
     """Each star's refined rest-frame template, reddened by its E(B−V): (grid wave, (n_star, n_w))."""
     gwave = to_backend(grid.wave, be, dtype=be.xp.float64)
-    model = refined_templates(grid.flux, match)
+    model = fitted_templates(grid.flux, match)
     if np.any(ebv_star != 0):
         model = redden(gwave, model, ebv_star)
     return gwave, model
+
+
+#: Synthetic magnitudes of every grid node, per grid and (bands, systems): the fit's photometric term.
+_NODE_MAGS = weakref.WeakKeyDictionary()
+FITS = ("continuous", "nodes")
+
+
+def _node_mags(grid, phot, be):
+    key = (tuple(phot.bands), tuple(phot.system))
+    cache = _NODE_MAGS.setdefault(grid, {})
+    if key not in cache:
+        flux = to_backend(grid.flux, be, dtype=be.xp.float64)
+        cache[key] = to_numpy(synthetic_mags(grid.wave, flux, phot.bands, system=phot.system or None))
+    return to_backend(cache[key], be, dtype=be.xp.float64)
+
+
+def _photometric_term(grid, phot, ebv_star, match, be, weight):
+    """The catalogue's magnitudes as a term of the fit; reddening from each star's scan node (first order)."""
+    xp = be.xp
+    offset = None
+    if np.any(ebv_star != 0):
+        gwave = to_backend(grid.wave, be, dtype=xp.float64)
+        node = xp.astype(gather_templates(grid.flux, be, match.index), xp.float64)
+        system = phot.system or None
+        offset = (synthetic_mags(gwave, redden(gwave, node, ebv_star), phot.bands, system=system)
+                  - synthetic_mags(gwave, node, phot.bands, system=system))
+    mag = to_backend(phot.mag, be, dtype=xp.float64)
+    err = to_backend(phot.err, be, dtype=xp.float64)
+    return PhotometricTerm(node_mag=_node_mags(grid, phot, be), mag=mag, err=err,
+                           valid=to_backend(phot.valid, be), offset=offset, weight=weight)
+
+
+def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_weight=1.0):
+    """The continuous forward-model fit from the scan's answer (``fit="continuous"``), else the scan's."""
+    if fit == "nodes":
+        return match
+    fine = fit_grid(grid, spectra.wave, **lsf)
+    term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
+    first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
+    # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
+    distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
+    flat = divide_shape(spectra, common_shape(spectra, first, stars=distinct))
+    return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions, n_starts=1)
+
+
+def _not_converged(match):
+    xp = array_namespace(match.rv)
+    conv = match.meta.get("converged")
+    return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv)) if conv is None else ~conv
 
 
 def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
@@ -222,7 +286,7 @@ def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
     dup_of = duplicate_of(spectra.flux, spectra.var)
     checks = {"few_input_pixels": xp.astype(n_in, xp.float64) < floor, "duplicate": dup_of >= 0,
               "no_photometry": ~sc.ok, "photometry_inconsistent": phot_bad,
-              "rv_at_edge": match.meta["rv_at_edge"],
+              "rv_at_edge": match.meta["rv_at_edge"], "fit_not_converged": _not_converged(match),
               "few_vector_pixels": xp.astype(n_good, xp.float64) < floor}
     if max_chi2_dof is not None:
         checks["chi2_dof"] = ~(_reduced_chi2(match) <= max_chi2_dof)
@@ -384,7 +448,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
                     max_scatter=MAX_SCATTER, medium=None, frame_lsf=None, telluric="correct", recalibrate=False,
-                    command_line=None) -> CalibrationOutput:
+                    command_line=None, fit="continuous") -> CalibrationOutput:
     """Flux-calibrate one reduced frame; returns a CalibrationOutput (host arrays), written to ``out`` if given.
 
     frame : a FITS path or a :class:`~gpucal.containers.Frame`; templates : ``"demo"``, a
@@ -418,9 +482,16 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     Outputs: recalibrate — accept an input already flux-calibrated (refused otherwise,
     AlreadyCalibratedError); command_line — the command that ran, for the PROVENANCE table
     (default: ``GPUCAL_COMMAND_LINE``, which ``gpucal`` sets).
+
+    fit : ``"continuous"`` (default) — after the scan, every standard's (Teff, logg, [M/H],
+    [α/M], v) fitted continuously in the grid by a forward model of its counts
+    (:mod:`gpucal.fitting.forward`), a star that does not converge excluded; ``"nodes"`` —
+    the scan's best node and one refinement step, as before.
     """
     options = dict(locals())  # every option as called, for the provenance
     clock = _Clock()
+    if fit not in FITS:
+        raise InputError(f"--fit must be one of {', '.join(FITS)}, got {fit!r}")
     _check_options(vrange, min_stars, dict(max_frame_chi2_dof=max_frame_chi2_dof, max_scatter=max_scatter))
     _check_telluric(telluric)
     be = get_backend(backend)
@@ -443,6 +514,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     if fwhm_star is not None:  # per-fibre LSF: the scan ran on one; the refinement on each star's own
         match = refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
     clock.lap("scan")
+    match = _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be)
+    clock.lap("fit")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)
     vec = calibration_vectors(spectra.wave, spectra.flux, spectra.var, spectra.mask, gwave, model, match.rv,

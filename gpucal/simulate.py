@@ -15,6 +15,7 @@ throughput in counts per erg/s/cm²/Å.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -24,7 +25,9 @@ from .fitting.tellurics import TELLURIC_BANDS
 from .templates.demo import demo_model, demo_wave
 from .units import FWHM_PER_SIGMA, doppler_factor
 
-__all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission"]
+__all__ = ["DEFAULT_TELLURIC_BANDS", "simulate_frame", "write_catalogue_csv", "telluric_transmission",
+           "offnode_grid", "structured_throughput", "cell_corners", "grid_interpolated_model",
+           "simulate_offnode_frame"]
 
 #: Telluric band edges (Å) and peak depths the simulator absorbs: the one table in fitting/tellurics.py.
 DEFAULT_TELLURIC_BANDS = TELLURIC_BANDS
@@ -94,12 +97,13 @@ def _positions(rng, n, ra0=150.0, dec0=2.0, radius=0.5, min_sep_arcsec=10.0):
     return np.array(ra), np.array(dec)
 
 
-def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin, transmission=None):
-    """Rest-frame demo spectra shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame.
+def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin, transmission=None, model=None):
+    """Rest-frame spectra (demo, or ``model``) shifted by rv, LSF-convolved (constant FWHM in Å), sampled at wave_frame.
 
     ``transmission`` (callable, fine λ -> T): the spectra are absorbed before the LSF, and the
     convolved transmission itself is appended as the last row.
     """
+    model = demo_model if model is None else model
     from scipy.ndimage import gaussian_filter1d
 
     lo, hi = wave_frame[0] - margin, wave_frame[-1] + margin
@@ -107,7 +111,7 @@ def _convolved_on_frame(params, rv, wave_frame, fwhm, fine_step, margin, transmi
     fine = lo + fine_step * np.arange(n_fine)
     out = np.empty((params.shape[0], fine.size))
     for k in range(params.shape[0]):
-        out[k] = demo_model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
+        out[k] = model(params[k : k + 1], fine / doppler_factor(rv[k]))[0][0]
     if transmission is not None:
         t_fine = np.asarray(transmission(fine), dtype=np.float64)
         out = np.vstack([out * t_fine[None, :], t_fine[None, :]])
@@ -193,6 +197,7 @@ def simulate_frame(
     wave_jitter=None,
     fwhm_poly=None,
     fwhm_scatter=0.0,
+    model=None,
 ) -> DemoFrame:
     """Simulate a reduced fibre frame from demo templates with known calibration.
 
@@ -245,7 +250,11 @@ def simulate_frame(
     'fwhm_fibre' (n_fibre, n_pix, frame row order); 'std_true_flux' and
     'program_true_flux' are then at each star's own wavelengths. The noise draw
     is that of the same frame without these options.
+
+    ``model(params (1, 4), wave) -> (flux (1, n), ...)`` replaces :func:`demo_model` as
+    the stars' surface flux (e.g. :func:`grid_interpolated_model`).
     """
+    model = demo_model if model is None else model
     n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
     if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
         raise ValueError("need a non-negative number of each fibre type and at least one fibre")
@@ -308,7 +317,7 @@ def simulate_frame(
     dilution = np.empty(n_star)
     std_full = np.empty((n_standards, full_wave.size))
     for k in range(n_star):
-        f = demo_model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
+        f = model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
         r0 = _ab_mags(full_wave, f)[0, 1]
         dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
         if k < n_standards:
@@ -321,13 +330,15 @@ def simulate_frame(
     src_fwhm = _fibre_fwhm(src_wave, fwhm, fwhm_poly, fwhm_scatter, seed) if varying else None
     fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
     margin = 10.0 * fwhm + 5.0
+    if model is not None and varying:
+        raise ValueError("a model other than the demo's is simulated on a common wavelength grid only")
     if varying and n_star:
         fine_step = min(0.1, float(src_fwhm.min()) / 10.0)
         margin = 10.0 * float(src_fwhm.max()) + 5.0
         conv = _convolved_varying(all_params, all_rv, src_wave[:n_star], src_fwhm[:n_star], fine_step, margin)
         conv = conv * dilution[:, None]
     elif n_star:
-        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin) * dilution[:, None]
+        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, model=model) * dilution[:, None]
     else:
         conv = np.empty((0, n_pix))
     std_true, prog_true = conv[:n_standards], conv[n_standards:]
@@ -338,7 +349,7 @@ def simulate_frame(
     if callable(telluric):  # resolved lines (gpucal.simulate_tellurics): absorbed before the LSF
         if varying:
             raise ValueError("resolved telluric lines are simulated on a common wavelength grid only")
-        rows = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, telluric)
+        rows = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, telluric, model=model)
         absorbed, tell, after_lsf = rows[:-1] * dilution[:, None], rows[-1], np.ones(n_pix)
     if throughput is None:
         shape = _throughput_shape(at)
@@ -449,3 +460,105 @@ def write_catalogue_csv(catalogue, path) -> str:
             vals += [f"{float(row[c]):.6f}" for c in cols[3:]]
             fh.write(",".join(vals) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- issue 14: off-node frames
+#: Parameter box of the off-node standards: inside the demo 240-model grid of issue 14
+#: (Teff 4500-8000 K, logg 3.5-5.0, [M/H] -1.0..+0.5), clear of its faces.
+OFFNODE_BOX = ((4600.0, 7900.0), (3.6, 4.9), (-0.9, 0.4))
+
+
+def offnode_grid():
+    """The issue's ~240-model grid: Teff 4500-8000 K step 250, logg 3.5-5.0 step 0.5, [M/H] -1.0..+0.5 step 0.5."""
+    from .templates.demo import demo_grid
+
+    return demo_grid()  # the demo grid is that grid (DEMO_TEFF, DEMO_LOGG, DEMO_MH)
+
+
+def structured_throughput(wave, *, seed=0, kind="structured") -> np.ndarray:
+    """Relative throughput with structure (max ≈ 1): a steep blue cut-off, a 10-20 % dip 60-150 Å wide, ripple.
+
+    ``kind="smooth"``: the demo's bell alone. Otherwise the bell times a logistic
+    cut-off (half power at 3850-3950 Å, 40 Å scale), a Gaussian dip (depth 10-20 %,
+    FWHM 60-150 Å, centred 4800-8200 Å) and a 2-4 % sinusoidal ripple (period
+    250-600 Å), each drawn from ``seed``.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    shape = _throughput_shape(wave)
+    if kind == "smooth":
+        return shape / shape.max()
+    if kind != "structured":
+        raise ValueError(f"throughput kind must be 'structured' or 'smooth', got {kind!r}")
+    rng = np.random.default_rng(seed)
+    cut = 1.0 / (1.0 + np.exp(-(wave - rng.uniform(3850.0, 3950.0)) / 40.0))
+    depth, fwhm, centre = rng.uniform(0.10, 0.20), rng.uniform(60.0, 150.0), rng.uniform(4800.0, 8200.0)
+    dip = 1.0 - depth * np.exp(-0.5 * ((wave - centre) / (fwhm / FWHM_PER_SIGMA)) ** 2)
+    ripple = 1.0 + rng.uniform(0.02, 0.04) * np.sin(2.0 * np.pi * wave / rng.uniform(250.0, 600.0) + rng.uniform(0, 6))
+    out = shape * cut * dip * ripple
+    return out / out.max()
+
+
+def cell_corners(theta, axes):
+    """The corners (node values) of θ's cell on ``axes`` and their multilinear weights: a host loop, for truths."""
+    lo = [int(np.clip(np.searchsorted(a, theta[j], side="right") - 1, 0, len(a) - 2)) for j, a in enumerate(axes)]
+    out = []
+    for c in itertools.product((0, 1), repeat=len(axes)):
+        node, w = [], 1.0
+        for d, a in enumerate(axes):
+            f = (theta[d] - a[lo[d]]) / (a[lo[d] + 1] - a[lo[d]])
+            node.append(a[lo[d] + 1] if c[d] else a[lo[d]])
+            w *= f if c[d] else 1.0 - f
+        out.append((tuple(node), w))
+    return out
+
+
+def grid_interpolated_model(params, wave):
+    """The demo model's fluxes at the corners of θ's cell in the demo grid, blended multilinearly: (flux (1, n), None).
+
+    A star "flux-interpolated between nodes": what a grid can represent exactly off its nodes.
+    """
+    from .templates.demo import DEMO_LOGG, DEMO_MH, DEMO_TEFF
+
+    th = np.asarray(params, dtype=np.float64).reshape(-1)
+    out = 0.0
+    for node, w in cell_corners(th, (DEMO_TEFF, DEMO_LOGG, DEMO_MH)):
+        out = out + w * demo_model(np.array([[*node, th[3]]]), wave)[0][0]
+    return np.asarray(out)[None, :], None
+
+
+def simulate_offnode_frame(*, n_std=20, n_prog=10, n_sky=2, snr=50.0, seed=0, throughput="structured",
+                           fwhm=2.0, n_pix=4000, wave_range=(3700.0, 9300.0), telluric=True,
+                           box=OFFNODE_BOX, rv_max=150.0, read_noise=3.0, spectra="model") -> DemoFrame:
+    """A frame whose standards are NOT grid nodes: random (Teff, logg, [M/H]) in ``box``, RVs within ±``rv_max``.
+
+    ``spectra="model"``: the stars' spectra are the demo model evaluated at their own
+    parameters (:func:`gpucal.templates.demo.demo_model`), so no grid contains them
+    (the grid's own interpolation error is in the answer); ``"interpolated"``: flux-
+    interpolated between the demo grid's nodes (:func:`grid_interpolated_model`). The throughput is :func:`structured_throughput` of ``kind``
+    ``throughput`` (seeded), scaled so that the median S/N of the standards' pixels
+    is ``snr``; telluric bands as :func:`simulate_frame`. Program fibres (random
+    parameters, r 16-18.5) carry their truth ('program_true_flux'). Catalogue
+    magnitudes exact (their errors 0.01-0.02 mag). ``truth`` as
+    :func:`simulate_frame`'s, plus 'throughput_kind'.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 14]))
+    params = np.stack([rng.uniform(*box[0], n_std), rng.uniform(*box[1], n_std), rng.uniform(*box[2], n_std),
+                       np.zeros(n_std)], axis=1)
+    rvs = rng.uniform(-rv_max, rv_max, n_std)
+    wave = np.linspace(float(wave_range[0]), float(wave_range[1]), int(n_pix))
+    shape = structured_throughput(wave, seed=int(seed), kind=throughput)
+    sim = simulate_frame(n_standards=n_std, n_program=n_prog, n_sky=n_sky, rvs=rvs, params=params, snr=snr,
+                         fwhm=fwhm, wave_range=wave_range, n_pix=n_pix, seed=seed, throughput=shape,
+                         telluric=telluric, noise=False, read_noise=read_noise,
+                         model={"model": None, "interpolated": grid_interpolated_model}[spectra])
+    t = sim.truth
+    m = float(np.median(t["std_true_flux"] * shape * t["telluric"]))
+    c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))
+    k = c / m
+    counts = t["counts_true"] * k
+    var = counts + read_noise**2
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 14, 1]))
+    flux = counts + noise_rng.standard_normal(counts.shape) * np.sqrt(var)
+    truth = dict(t, throughput=shape * k, counts_true=counts, throughput_kind=throughput, snr=float(snr),
+                 spectra=spectra)
+    return DemoFrame(wave=sim.wave, flux=flux, var=var, fibres=sim.fibres, catalogue=sim.catalogue, truth=truth)

@@ -51,6 +51,7 @@ OPTIONS = {
     "medium": (["--medium", "air"], "air"),  # issue 15: these frames state no medium
     "telluric": (["--telluric", "mask"], "mask"),
     "recalibrate": (["--recalibrate"], True),
+    "fit": (["--fit", "nodes"], "nodes"),
 }
 LSF = {
     "fwhm": (["--fwhm", "2.0"], 2.0),

@@ -125,7 +125,7 @@ def _scanned_standards(n=120, seed=0):
     """One simulated frame of ``n`` standards at one grid node and random RVs, scanned on a small grid."""
     from gpucal.backends import get_backend
     from gpucal.containers import SpectraBatch
-    from gpucal.fitting import match_templates, prepare_grid
+    from gpucal.fitting import fit_forward, fit_grid, match_templates, prepare_grid
     from gpucal.simulate import simulate_frame
     from gpucal.templates.demo import demo_grid
 
@@ -142,7 +142,8 @@ def _scanned_standards(n=120, seed=0):
                         fibre_ids=rows + 1, names=tuple(str(r) for r in rows))
     res = match_templates(spec, prepare_grid(grid, spec.wave, fwhm=float(sim.truth["fwhm"])),
                           vrange=(-200.0, 200.0, 5.0))
-    return res, np.asarray(sim.truth["rv"])[idx], np.asarray(sim.truth["params"])[idx]
+    fit = fit_forward(spec, fit_grid(grid, spec.wave, fwhm=float(sim.truth["fwhm"])), res, n_starts=1)
+    return res, np.asarray(sim.truth["rv"])[idx], np.asarray(sim.truth["params"])[idx], fit
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +153,29 @@ def scanned():
 
 def test_rv_error_pulls(scanned):
     """rv_err from the χ² curvature in velocity: unit pulls over 120 standards at S/N 50."""
-    res, rv_true, _ = scanned
+    res, rv_true = scanned[:2]
     pull = (to_numpy(res.rv) - rv_true) / to_numpy(res.rv_err)
     # 120 pulls: the width's sampling error is ~0.065, so 0.15 is over two of them
     assert abs(float(np.std(pull)) - 1.0) < 0.15, float(np.std(pull))
     assert abs(float(np.mean(pull))) < 0.35, float(np.mean(pull))
 
 
-@pytest.mark.xfail(strict=True, reason="params_err from the node refinement is too small and the parameters "
-                   "biased (logg, [M/H] pulls 1.3-1.6 wide, means -4 and +6): issue 14's continuous fit")
+@pytest.mark.xfail(strict=True, reason="issue 14's continuous fit halves the bias (pull means +0.2, -0.5, +1.2 from "
+                   "+1.3, -4.2, +6.3) but its pulls are 0.79-0.88 wide: these stars sit ON a node, where the "
+                   "multilinear interpolant has a kink and the estimate sticks to the node (errors from the "
+                   "curvature of one cell overstate the scatter there)")
 def test_parameter_error_pulls(scanned):
-    res, _, p_true = scanned
-    pull = (to_numpy(res.params) - p_true)[:, :3] / to_numpy(res.params_err)[:, :3]
+    """params_err of the continuous fit (issue 14): unit pulls of Teff, logg, [M/H] over 120 standards."""
+    _, _, p_true, fit = scanned
+    pull = (to_numpy(fit.params) - p_true)[:, :3] / to_numpy(fit.params_err)[:, :3]
     assert np.all(np.abs(np.std(pull, axis=0) - 1.0) < 0.15) and np.all(np.abs(np.mean(pull, axis=0)) < 0.35)
+
+
+def test_rv_error_pulls_of_the_continuous_fit(scanned):
+    """rv_err of the continuous fit: unit pulls, RMS below 1 km/s at S/N 50."""
+    _, rv_true, _, fit = scanned
+    d = to_numpy(fit.rv) - rv_true
+    pull = d / to_numpy(fit.rv_err)
+    assert float(np.sqrt(np.mean(d * d))) < 1.0
+    assert abs(float(np.std(pull)) - 1.0) < 0.15, float(np.std(pull))
+    assert abs(float(np.mean(pull))) < 0.35, float(np.mean(pull))

@@ -57,6 +57,7 @@ CHECKS = (
     "no_photometry",
     "photometry_inconsistent",
     "rv_at_edge",
+    "fit_not_converged",
     "few_vector_pixels",
     "chi2_dof",
     "discrepant",
@@ -132,6 +133,7 @@ def verdict_reasons(code, details: dict) -> list:
         "no_photometry": lambda i: f"no usable photometry ({d['match_info'][i]})",
         "photometry_inconsistent": lambda i: d["phot_reasons"][i],
         "rv_at_edge": lambda i: f"velocity at the edge of the scan range {d['vrange'][0]}..{d['vrange'][1]} km/s",
+        "fit_not_converged": lambda i: "the continuous parameter fit did not converge (--fit nodes to compare)",
         "few_vector_pixels": lambda i: f"too few good pixels ({int(d['n_good'][i])} of {d['n_pix']})",
         "chi2_dof": lambda i: f"chi2/dof {d['chi2'][i]:.2f} above {d['max_chi2_dof']}",
         "discrepant": lambda i: (f"discrepant: level {100 * (math.exp(d['level'][i]) - 1):+.1f}% "

@@ -17,7 +17,10 @@ Modules (the order data flows through them):
   velocity) scored by χ², candidates re-scored by Huber, the best node and
   velocity;
 * :mod:`~gpucal.fitting.refine` — around the best node: χ² on the frame's
-  pixels, one Gauss–Newton step in the grid parameters, the blended template.
+  pixels, one Gauss–Newton step in the grid parameters, the blended template;
+* :mod:`~gpucal.fitting.cells` / :mod:`~gpucal.fitting.forward` — the continuous
+  forward-model fit after the scan: counts = P(λ)·S(θ, v), θ interpolated in the
+  grid's complete cells, P a Legendre series solved inside, photometry in χ².
 
 Other rooms import from here (``from ..fitting import match_templates``),
 not from the modules, so the modules may be cut differently later.
@@ -47,6 +50,19 @@ from .prepare import (
 )
 from .refine import refined_templates
 from .scan import match_templates, memory_budget
+from .cells import CellGrid, cell_grid
+from .forward import (
+    FIT_DEGREE,
+    FIT_OVERSAMPLE,
+    PhotometricTerm,
+    common_shape,
+    divide_shape,
+    fit_forward,
+    fit_grid,
+    fit_wave,
+    fitted_templates,
+    poly_on_pixels,
+)
 from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
 
 __all__ = [
@@ -83,4 +99,17 @@ __all__ = [
     "memory_budget",
     # refine
     "refined_templates",
+    # the continuous fit
+    "CellGrid",
+    "cell_grid",
+    "FIT_DEGREE",
+    "FIT_OVERSAMPLE",
+    "PhotometricTerm",
+    "fit_wave",
+    "fit_grid",
+    "fit_forward",
+    "common_shape",
+    "divide_shape",
+    "fitted_templates",
+    "poly_on_pixels",
 ]
