@@ -53,7 +53,7 @@ MUTATIONS = (
         "fwhm_sigma_x1.05", "gpucal/units.py",
         (("FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))",
           "FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0)) / 1.05"),),
-        ("tests/test_lsf.py",),
+        ("tests/test_lsf.py", "tests/test_scan_oracle.py"),
         "the LSF width: σ per unit FWHM 5 % too large (the simulator uses the same constant)"),
     Mutation(
         "median_pi_over_2", "gpucal/calibration/combine.py",
@@ -63,7 +63,7 @@ MUTATIONS = (
         "the variance of the median-combined vector (π/2 × the weighted-mean variance)"),
     Mutation(
         "vector_scale_term_dropped", "gpucal/calibration/vectors.py",
-        (("frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + ((scale_err / scale) ** 2)[:, None]",
+        (("frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan) + frac_s",
           "frac = xp.where(good, var / (safe_flux * safe_flux), xp.nan)"),),
         ("tests/test_calibration.py", "tests/test_pulls.py"),
         "the per-star vector variance: the photometric-scale term (σ_s/s)²"),
@@ -96,7 +96,7 @@ MUTATIONS = (
     # The options (tests/test_options.py): an option that silently stops reaching the computation.
     Mutation(
         "ebv_ignored", "gpucal/pipeline.py",
-        (("if np.any(ebv_star != 0):", "if False:"),),
+        (("    if np.any(ebv_star != 0):\n        model = redden(", "    if False:\n        model = redden("),),
         ("tests/test_options.py::test_ebv_recovers_the_throughput_of_reddened_standards",),
         "--ebv: the templates reddened by E(B−V)"),
     Mutation(
@@ -120,6 +120,49 @@ MUTATIONS = (
           'checks["chi2_dof"] = ~(_reduced_chi2(match) <= 1e30)'),),
         ("tests/test_options.py::test_max_chi2_dof_excludes_the_worst_fitting_star",),
         "--max-chi2-dof: stars above the χ²/dof limit are excluded"),
+    # Code of this round (issues 14-18): the same kinds of slip in the new rooms.
+    Mutation(
+        "continuum_degree_8", "gpucal/fitting/prepare.py",
+        (("dtype=None, continuum_degree: int = 7, good_regions=TELLURIC_DEFAULT,",
+          "dtype=None, continuum_degree: int = 8, good_regions=TELLURIC_DEFAULT,"),),
+        ("tests/test_scan_oracle.py",),
+        "the scan's template continuum (degree 7, as the standards')"),
+    Mutation(
+        "fit_params_err_x2", "gpucal/fitting/forward.py",
+        (("err4 = xp.where(free[None, :4], err[:, :4], xp.nan)", "err4 = 2.0 * xp.where(free[None, :4], err[:, :4], xp.nan)"),),
+        ("tests/test_pulls.py", "tests/test_forward.py"),
+        "the continuous fit's parameter errors params_err (from its curvature)"),
+    Mutation(
+        "fit_rv_err_x2", "gpucal/fitting/forward.py",
+        (("params_err=err4, rv=v, rv_err=err[:, 4],", "params_err=err4, rv=v, rv_err=2.0 * err[:, 4],"),),
+        ("tests/test_pulls.py", "tests/test_forward.py"),
+        "the continuous fit's RV error (from its curvature)"),
+    Mutation(
+        "telluric_var_term_dropped", "gpucal/calibration/telluric.py",
+        (("xp.where(corrected, trans_var, 0.0) / (safe_t * safe_t)", "0.0 * trans_var / (safe_t * safe_t)"),),
+        ("tests/test_telluric.py",),
+        "the corrected vector's variance: the transmission's own term σ²_T/T²"),
+    Mutation(
+        "telluric_median_pi_over_2", "gpucal/calibration/telluric.py",
+        (("value, var = masked_median(t, keep, axis=0), (math.pi / 2.0) / safe",
+          "value, var = masked_median(t, keep, axis=0), 1.0 / safe"),),
+        ("tests/test_telluric.py",),
+        "the variance of the median-combined transmission"),
+    Mutation(
+        "perfibre_applied_on_common_grid", "gpucal/calibration/resample.py",
+        (("    c = interp(wave_fibres, wave_c, cal)\n", "    c = interp(wave_c + 0.0 * wave_fibres, wave_c, cal)\n"),),
+        ("tests/test_perfibre.py",),
+        "per-fibre wavelengths: the combined vector read at each fibre's own wavelengths"),
+    Mutation(
+        "workcache_key_without_lsf", "gpucal/workcache.py",
+        (('settings = {"grid": grid_fingerprint(grid), "lsf": lsf,', 'settings = {"grid": grid_fingerprint(grid), "lsf": None,'),),
+        ("tests/test_workcache.py",),
+        "the working-grid cache key: a changed LSF must make a new entry"),
+    Mutation(
+        "mask_interp_bit_dropped", "gpucal/calibration/maskbits.py",
+        (("    m = m | _flag(~measured, INTERP, xp)[None, :]\n", "    m = m | _flag(measured & ~measured, INTERP, xp)[None, :]\n"),),
+        ("tests/test_outputs.py",),
+        "the MASK's INTERP bit (pixels where the vector was interpolated)"),
 )
 
 

@@ -59,6 +59,7 @@ from .fitting import (
     fit_forward,
     fit_grid,
     fitted_templates,
+    with_node_fallback,
     fwhm_from_resolution,
     gather_templates,
     match_templates,
@@ -265,13 +266,24 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
     flat = divide_shape(spectra, common_shape(spectra, first, stars=distinct))
-    return fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions, n_starts=1)
+    # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
+    return with_node_fallback(fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions,
+                                          n_starts=1), match)
+
+
+def _fallback(match):
+    """(n_star,) bool: the stars whose continuous fit fell back on the node path's answer."""
+    back = match.meta.get("fit_fallback")
+    return back if back is not None else _not_converged(match) & False
 
 
 def _not_converged(match):
+    """Stars whose continuous fit did not converge and that kept no node answer instead (none, after the fallback)."""
     xp = array_namespace(match.rv)
-    conv = match.meta.get("converged")
-    return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv)) if conv is None else ~conv
+    conv, back = match.meta.get("converged"), match.meta.get("fit_fallback")
+    if conv is None:
+        return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv))
+    return ~conv & ~back if back is not None else ~conv
 
 
 def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
@@ -372,7 +384,7 @@ def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, 
         n_good=xp.sum(xp.astype(vec.mask, xp.int64), axis=1), level=res.summary["level"],
         n_outlier=res.summary["n_outlier_pixels"], rms=res.summary["rms_scatter"], cal=res.cal,
         cal_var=res.var, measured=res.measured, flux=cal_flux, var=cal_var, star_cal=vec.cal,
-        star_mask=vec.mask, bad=bad, **_telluric_arrays(res),
+        star_mask=vec.mask, bad=bad, fit_fallback=_fallback(match), **_telluric_arrays(res),
     ).items()}
 
 
@@ -402,6 +414,8 @@ def _warn(names, fibres, reasons, prior, h):
         _, msgs = teff_disagreement(h["params"][:, 0], prior[0], prior[1], best_err=h["params_err"][:, 0],
                                     names=list(names))
         warnings += [m for m in msgs if m]
+    warnings += [f"standard {names[i]} (fibre {fibres[i]}): the continuous fit did not converge; "
+                 "the scan's refined node is used" for i in np.flatnonzero(h["fit_fallback"])]
     for m in warnings:
         logger.warning("%s", m)
     for i, r in enumerate(reasons):

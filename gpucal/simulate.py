@@ -254,7 +254,7 @@ def simulate_frame(
     ``model(params (1, 4), wave) -> (flux (1, n), ...)`` replaces :func:`demo_model` as
     the stars' surface flux (e.g. :func:`grid_interpolated_model`).
     """
-    model = demo_model if model is None else model
+    given_model, model = model is not None, (demo_model if model is None else model)
     n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
     if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
         raise ValueError("need a non-negative number of each fibre type and at least one fibre")
@@ -330,7 +330,7 @@ def simulate_frame(
     src_fwhm = _fibre_fwhm(src_wave, fwhm, fwhm_poly, fwhm_scatter, seed) if varying else None
     fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
     margin = 10.0 * fwhm + 5.0
-    if model is not None and varying:
+    if given_model and varying:
         raise ValueError("a model other than the demo's is simulated on a common wavelength grid only")
     if varying and n_star:
         fine_step = min(0.1, float(src_fwhm.min()) / 10.0)

@@ -131,13 +131,30 @@ def test_log_linear_wcs_frame_calibrates(sim, tmp_path, monkeypatch, grid):
                            "DC-FLAG": 1, "AIRORVAC": "air"}
     wave = _log_frame(sim, tmp_path, "log.fits", cards)
     write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
+    # The node path: this test is about the WCS. The continuous fit on this broad-LSF (8 Å) frame
+    # is the strict xfail below (issue 14 is still open for it).
     res = calibrate_frame(str(tmp_path / "log.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
-                          fwhm=sim.truth["fwhm"], smooth=51, out=tmp_path / "out.fits")
+                          fwhm=sim.truth["fwhm"], smooth=51, out=tmp_path / "out.fits", fit="nodes")
     rel = res.cal * np.interp(wave, sim.wave, sim.truth["throughput"]) - 1.0
-    assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01
+    assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.01  # 0.34 % measured
     with fits.open(tmp_path / "out.fits") as h:  # the log WCS kept: it still describes the output's pixels
         assert h[0].header["DC-FLAG"] == 1 and "WAVELA" not in h
         np.testing.assert_allclose(read_frame(tmp_path / "out.fits", require_standards=False).wave, wave, rtol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: on this 8 Å-FWHM frame of on-node stars the continuous fit "
+                   "lands 60-80 K cool and the vector is 1.03 % RMS off (the node path: 0.34 %)")
+def test_continuous_fit_on_a_broad_lsf_frame(sim, tmp_path, grid):
+    from gpucal.pipeline import calibrate_frame
+
+    cards = lambda lw, w: {"CRVAL1": float(lw[0]), "CD1_1": float(lw[1] - lw[0]), "CRPIX1": 1,  # noqa: E731
+                           "DC-FLAG": 1, "AIRORVAC": "air"}
+    wave = _log_frame(sim, tmp_path, "log.fits", cards)
+    write_catalogue_csv(sim.catalogue, tmp_path / "cat.csv")
+    res = calibrate_frame(str(tmp_path / "log.fits"), templates=grid, photometry=str(tmp_path / "cat.csv"),
+                          fwhm=sim.truth["fwhm"], smooth=51, fit="continuous")
+    rel = res.cal * np.interp(wave, sim.wave, sim.truth["throughput"]) - 1.0
+    assert np.sqrt(np.mean(rel[res.measured] ** 2)) < 0.005
 
 
 def test_unknown_medium_warns_and_medium_option_decides(sim, tmp_path, caplog, grid):

@@ -61,6 +61,7 @@ from .forward import (
     fit_grid,
     fit_wave,
     fitted_templates,
+    with_node_fallback,
     poly_on_pixels,
 )
 from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
@@ -111,5 +112,6 @@ __all__ = [
     "common_shape",
     "divide_shape",
     "fitted_templates",
+    "with_node_fallback",
     "poly_on_pixels",
 ]

@@ -71,7 +71,7 @@ from .prepare import _grid_window, gather_templates, normalise_observed
 from .refine import refined_templates
 
 __all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
-           "common_shape", "divide_shape", "fitted_templates",
+           "common_shape", "divide_shape", "fitted_templates", "with_node_fallback",
            "poly_on_pixels"]
 
 #: Default Legendre degree of P(λ): the middle of the 15-25 the issue's exploration found to work. On 40
@@ -483,7 +483,33 @@ def fitted_templates(flux, match: MatchResult):
     n, nc = idx.shape
     t = xp.astype(gather_templates(flux, be, xp.reshape(idx, (-1,))), xp.float64)
     t = xp.reshape(t, (n, nc, -1))
-    return xp.sum(xp.astype(match.meta["corner_weight"], xp.float64)[:, :, None] * t, axis=1)
+    out = xp.sum(xp.astype(match.meta["corner_weight"], xp.float64)[:, :, None] * t, axis=1)
+    fallback = match.meta.get("fit_fallback")
+    if fallback is None:
+        return out
+    return xp.where(fallback[:, None], refined_templates(flux, match.meta["node_match"]), out)
+
+
+def with_node_fallback(fit: MatchResult, node: MatchResult) -> MatchResult:
+    """The fit's answer where it converged; the scan's refined node (``node``) for the other stars.
+
+    A star whose fit does not converge keeps the node path's parameters, velocity and template
+    instead of being lost: typically a star beside a missing node, where no complete cell holds
+    its parameters (the fit never interpolates across a missing node). ``meta['fit_fallback']``
+    (n_star,) bool says which; :func:`fitted_templates` then blends those stars' templates as
+    the node path does.
+    """
+    xp = array_namespace(fit.params)
+    back = ~fit.meta["converged"]
+
+    def pick(a, b):
+        return xp.where(back[:, None] if a.ndim == 2 else back, b, a)
+
+    return MatchResult(index=fit.index, params=pick(fit.params, node.params),
+                       params_err=pick(fit.params_err, node.params_err), rv=pick(fit.rv, node.rv),
+                       rv_err=pick(fit.rv_err, node.rv_err), chi2=pick(fit.chi2, node.chi2),
+                       dof=pick(fit.dof, xp.astype(node.dof, fit.dof.dtype)),
+                       meta=dict(fit.meta, fit_fallback=back, node_match=node))
 
 
 def poly_on_pixels(wave, match: MatchResult):
