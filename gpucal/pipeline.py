@@ -256,6 +256,23 @@ def _photometric_term(grid, phot, ebv_star, match, be, weight):
                            valid=to_backend(phot.valid, be), offset=offset, weight=weight)
 
 
+def _own_lsf(grid, prepared, spectra, match, fwhm_star, mask_regions):
+    """Per-fibre LSF: the scan ran on one; the refinement redone on each star's own (else ``match``)."""
+    if fwhm_star is None:
+        return match
+    return refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
+
+
+def _write(out, frame, output, history, overwrite):
+    """The calibrated frame, its MASK and PROVENANCE, written atomically to ``out``."""
+    write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
+                           cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
+                           keywords={**fits_keywords(output.summary), **_qa_keywords(output)},
+                           history=history, overwrite=overwrite, mask=output.extra["mask"], mask_bits=MASK_BITS,
+                           provenance=provenance_table(output.summary["provenance"]))
+    output.out_path = str(out)
+
+
 def _fit_mode(fit, fwhm_star, frame):
     """``fit``, except with a per-fibre LSF: the fit runs on one LSF, the node refinement on each star's own.
 
@@ -538,8 +555,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     clock.lap("prepare")
     match = match_templates(spectra, prepared, vrange=vrange, good_regions=mask_regions, max_memory=max_memory,
                             prior=prior[2], fast=fast, metric=metric)
-    if fwhm_star is not None:  # per-fibre LSF: the scan ran on one; the refinement on each star's own
-        match = refine_on_own_lsf(grid, prepared, spectra, match, fwhm_star, good_regions=mask_regions)
+    match = _own_lsf(grid, prepared, spectra, match, fwhm_star, mask_regions)
     clock.lap("scan")
     match = _fit(_fit_mode(fit, fwhm_star, frame), grid, spectra, match, phot, ebv_star, mask_regions, lsf, be)
     clock.lap("fit")
@@ -566,13 +582,7 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     _outputs_qa(output, frame, std, spectra, vec, res, be, (grid, photometry, lsf, options))
     clock.lap("report")
     if out is not None:
-        write_calibrated_frame(out, frame, output.flux, output.var, cal_wave=output.wave, cal=output.cal,
-                               cal_var=output.cal_var, cal_measured=output.measured, per_star=output.per_star,
-                               keywords={**fits_keywords(output.summary), **_qa_keywords(output)},
-                               history=history_lines(names, fibres, h), overwrite=overwrite,
-                               mask=output.extra["mask"], mask_bits=MASK_BITS,
-                               provenance=provenance_table(output.summary["provenance"]))
-        output.out_path = str(out)
+        _write(out, frame, output, history_lines(names, fibres, h), overwrite)
         clock.lap("write")
     output.summary["timing_s"] = dict(clock.laps)  # stages: read prepare scan vectors combine apply report write
     return output
