@@ -130,11 +130,11 @@ def _stage_medians(records) -> dict:
     return {s: statistics.median(lap.get(s, 0.0) for lap in laps) for s in names} if laps else {}
 
 
-def _run(paths, d: Path, name: str, workers, cache, fwhm, backend) -> dict:
+def _run(paths, d: Path, name: str, workers, cache, fwhm, backend, fit="continuous") -> dict:
     from .distributed import calibrate_frames
 
     res = calibrate_frames(paths, outputs=d / name, workers=workers, progress=False, overwrite=True,
-                           templates=cache, photometry="{dir}/{stem}_cat.csv", fwhm=fwhm, backend=backend)
+                           templates=cache, photometry="{dir}/{stem}_cat.csv", fwhm=fwhm, backend=backend, fit=fit)
     ex, n = res.summary["execution"], len(paths)
     wall, start = res.summary["wall_s"], ex["cluster_start_s"]
     recs = res.records
@@ -165,13 +165,13 @@ def _timed(cmd, env) -> tuple:
     return time.perf_counter() - t, proc.returncode, proc.stderr[-2000:]
 
 
-def _fresh_process(d: Path, frame: str, cache: str, fwhm: float, backend) -> dict:
+def _fresh_process(d: Path, frame: str, cache: str, fwhm: float, backend, fit="continuous") -> dict:
     """``gpucal --help`` and one frame in new processes: cold, then warm working-grid cache."""
     env = dict(os.environ, GPUCAL_WORK_CACHE=str(d / "fresh-work"))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     base = [sys.executable, "-m", "gpucal.cli"]
     run = [*base, "calibrate", frame, "--templates", cache, "--photometry", frame[:-5] + "_cat.csv",
-           "--fwhm", str(fwhm), "--out", str(d / "fresh.fits"), "--overwrite",
+           "--fwhm", str(fwhm), "--out", str(d / "fresh.fits"), "--overwrite", "--fit", fit,
            *(["--backend", backend] if backend else [])]
     out = {"help_s": _timed([*base, "--help"], env)[0],
            "python_startup_s": _timed([sys.executable, "-c", "pass"], env)[0]}
@@ -184,7 +184,7 @@ def _fresh_process(d: Path, frame: str, cache: str, fwhm: float, backend) -> dic
 
 
 def run_frames_benchmark(*, n_frames=10, n_templates=240, n_standards=20, n_fibres=40, n_pix=4000, workers=2,
-                         repeat=1, fwhm=2.0, backend=None, label=None, fresh=True) -> dict:
+                         repeat=1, fwhm=2.0, backend=None, label=None, fresh=True, fit="continuous") -> dict:
     """Time ``n_frames`` frames serially and on ``workers`` processes; see the module docstring."""
     with tempfile.TemporaryDirectory(prefix="gpucal-bench-frames-") as tmp:
         d = Path(tmp)
@@ -200,13 +200,13 @@ def run_frames_benchmark(*, n_frames=10, n_templates=240, n_standards=20, n_fibr
                         continue
                     os.environ["GPUCAL_WORK_CACHE"] = str(d / f"work-{mode}-{i}")
                     clear_memory()
-                    runs[mode].append(_run(paths, d, mode, w, cache, fwhm, backend))
+                    runs[mode].append(_run(paths, d, mode, w, cache, fwhm, backend, fit))
         finally:
             if saved is None:
                 os.environ.pop("GPUCAL_WORK_CACHE", None)
             else:
                 os.environ["GPUCAL_WORK_CACHE"] = saved
-        fresh_rows = _fresh_process(d, paths[0], cache, fwhm, backend) if fresh else None
+        fresh_rows = _fresh_process(d, paths[0], cache, fwhm, backend, fit) if fresh else None
     best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items() if v}
     return {
         "benchmark": "gpucal bench frames (gpucal/benchmark_frames.py)",
@@ -217,7 +217,7 @@ def run_frames_benchmark(*, n_frames=10, n_templates=240, n_standards=20, n_fibr
         "parallel_capacity": {"processes": n_par, "effective_cores": capacity},
         "frame": {"n_templates": n_templates, "n_standards": n_standards, "n_fibres": n_fibres, "n_pix": n_pix,
                   "n_frames": n_frames, "fwhm": fwhm},
-        "forward_fit": "fit" in best.get("serial", {}).get("stages_median_s", {}),
+        "fit": fit, "forward_fit": "fit" in best.get("serial", {}).get("stages_median_s", {}),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": _commit(),
         "repeat": repeat, "best": best, "fresh_process": fresh_rows,
         "all_runs": [r for v in runs.values() for r in v],

@@ -378,6 +378,8 @@ def _add_bench_frames_parser(p) -> None:
     q.add_argument("--repeat", type=_positive_int, default=1, help="runs of each mode, fastest counts (default 1)")
     q.add_argument("--no-fresh", dest="fresh", action="store_false",
                    help="skip the fresh-process timings (gpucal --help, one frame cold and warm)")
+    q.add_argument("--fit", choices=("continuous", "nodes"), default="continuous",
+                   help="stellar parameters of every frame: the continuous fit (default) or the node path")
     q.add_argument("--label", default=None, help="machine label in the result (default: the host name)")
     q.add_argument("--out", default=None,
                    help="JSON result (default bench/results/frames_<label>.json in a source checkout, else none)")
@@ -741,7 +743,8 @@ def run_bench_frames_command(args) -> int:
         raise InputError(f"--out {out}: directory {out.parent} does not exist")
     result = run_frames_benchmark(n_frames=args.frames, n_templates=args.templates, n_standards=args.standards,
                                   n_fibres=args.fibres, n_pix=args.pixels, workers=args.workers or 0,
-                                  repeat=args.repeat, backend=args.backend, label=label, fresh=args.fresh)
+                                  repeat=args.repeat, backend=args.backend, label=label, fresh=args.fresh,
+                                  fit=args.fit)
     print(format_frames_report(result))
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
