@@ -117,7 +117,7 @@ def _make_inputs(d: Path, n_frames, n_templates, n_standards, n_fibres, n_pix) -
         sim = simulate_frame(n_standards=n_standards, n_program=max(1, n_fibres - n_standards - n_sky), n_sky=n_sky,
                              n_pix=n_pix, seed=1000 + seed)
         p = d / f"frame{seed:03d}.fits"
-        write_frame(p, sim.flux, sim.var, sim.wave, sim.fibres, overwrite=True)
+        write_frame(p, sim.flux, sim.var, sim.wave, sim.fibres, overwrite=True, medium="air")
         write_catalogue_csv(sim.catalogue, d / f"frame{seed:03d}_cat.csv")
         paths.append(str(p))
     return cache, paths
