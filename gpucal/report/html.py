@@ -45,7 +45,11 @@ def _utc() -> str:
 
 
 def _num(x, fmt: str) -> str:
-    return "n/a" if x is None else format(float(x), fmt)
+    """``x`` formatted, "n/a" for None; a value that rounds to zero is written without a sign ("0", not "-0")."""
+    if x is None:
+        return "n/a"
+    text = format(float(x), fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
 
 
 def _star_rows(output) -> list:
