@@ -54,6 +54,7 @@ from .errors import AlreadyCalibratedError, CalibrationError, CoverageError, Inp
 from .fitting import (
     TELLURIC_DEFAULT,
     PhotometricTerm,
+    cell_grid,
     common_shape,
     divide_shape,
     fit_forward,
@@ -292,13 +293,14 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
         return match
     fine = fit_grid(grid, spectra.wave, **lsf)
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
-    first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions)
+    cells = cell_grid(fine.params)  # the grid's complete cells, built once for both passes
+    first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions, cells=cells)
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
     flat = divide_shape(spectra, common_shape(spectra, first, stars=distinct))
     # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
     return with_node_fallback(fit_forward(flat, fine, first, photometry=term, good_regions=mask_regions,
-                                          n_starts=1), match)
+                                          n_starts=1, cells=cells), match)
 
 
 def _fallback(match):

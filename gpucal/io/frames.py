@@ -764,12 +764,21 @@ def write_calibrated_frame(
     if isinstance(history, str):
         history = [history]
 
+    hdus = _calibrated_hdus(frame, flux, var, items, history, cal_columns, per_star,
+                            (mask, mask_bits, provenance))
+    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True,
+                  tail=_carried_bytes(frame))
+
+
+def _calibrated_hdus(frame: Frame, flux, var, items, history, cal_columns, per_star, extras) -> list:
+    """The calibrated frame's HDUs in gpucal's layout, in the input's pixel order (see the module docstring)."""
+    mask, mask_bits, provenance = extras
+    shape = (frame.n_fibre, frame.n_pix)
     wave = frame.wave
     if frame.flipped:
         flux = flux[:, ::-1]
         var = var[:, ::-1]
         wave = wave[..., ::-1]
-
     hdus = [_primary_hdu(frame, flux, items, history)]
     vhdr = _clean_header(frame.ext_headers.get("VARIANCE"))
     vhdr["BUNIT"] = (VAR_BUNIT, "variance unit")
@@ -787,9 +796,7 @@ def write_calibrated_frame(
         hdus.append(_mask_hdu(mask, mask_bits, shape, frame.flipped))
     if provenance is not None:
         hdus.append(_table_hdu(provenance, "PROVENANCE", "write_calibrated_frame: provenance"))
-
-    _atomic_write(fits.HDUList(hdus), path, overwrite, protect=frame.path or None, checksum=True,
-                  tail=_carried_bytes(frame))
+    return hdus
 
 
 def _primary_hdu(frame: Frame, flux: np.ndarray, items, history) -> fits.PrimaryHDU:
