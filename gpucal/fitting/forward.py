@@ -155,28 +155,40 @@ class _Problem:
     """Everything an evaluation needs, one row per (star, start)."""
 
     wave: Any      # (n, n_pix)
-    basis: Any     # (n, K, n_pix)
+    basis: Any     # (K, n_pix), shared by every row
+    pairs: Any     # (K·K, n_pix): basis_j · basis_k, for the normal matrices in one product
     y: Any         # (n, n_pix)
     w: Any         # (n, n_pix)
-    wq: Any
+    lnq0: float    # ln of the working grid's first wavelength
     dln: float
-    norm_flux: Any
+    nq: int
+    flat_flux: Any  # (n_t · n_q,) the working grid's fluxes, flattened for one gather per evaluation
     be: Any
     cg: Any
     phot: Any      # dict of row-repeated arrays or None
     free: Any      # (5,) bool
 
 
-def _legendre(wave2, degree):
-    """Legendre polynomials of ln λ mapped to [−1, 1] over each row's range: (n, degree + 1, n_pix)."""
-    xp = array_namespace(wave2)
-    lnw = xp.log(wave2)
-    lo, hi = xp.min(lnw, axis=1, keepdims=True), xp.max(lnw, axis=1, keepdims=True)
+def _legendre(lnw, degree):
+    """Legendre polynomials of ``lnw`` (n_pix,) (ln λ) mapped to [−1, 1] over its range: (degree + 1, n_pix)."""
+    xp = array_namespace(lnw)
+    lo, hi = xp.min(lnw), xp.max(lnw)
     x = 2.0 * (lnw - lo) / (hi - lo) - 1.0
     cols = [xp.ones_like(x), x]
     for k in range(1, degree):
         cols.append(((2 * k + 1) * x * cols[k] - k * cols[k - 1]) / (k + 1))
-    return xp.stack(cols[: degree + 1], axis=1)
+    return xp.stack(cols[: degree + 1], axis=0)
+
+
+def _mean_lnw(wave):
+    """ln λ of each pixel, (n_pix,): the frame's (n_pix,) wavelengths, or the stars' mean at each pixel.
+
+    P(λ) is one Legendre series in this for every star: with per-fibre wavelengths (offsets of a
+    fraction of a pixel) a smooth function of the mean solution is as smooth in each fibre's own λ.
+    """
+    xp = array_namespace(wave)
+    lnw = xp.log(wave)
+    return lnw if wave.ndim == 1 else xp.mean(lnw, axis=0)
 
 
 def _rows(a, k):
@@ -199,72 +211,73 @@ def _observed(spectra: SpectraBatch, good_regions):
     return wave2, xp.where(good, f, 0.0), cap_local_weights(w, good), good
 
 
-def _dlnlam(s, dln):
-    """dS/d ln λ on the log-uniform working grid (central differences, one-sided at the ends)."""
-    xp = array_namespace(s)
-    inner = (s[:, 2:] - s[:, :-2]) / (2.0 * dln)
-    return xp.concat([(s[:, 1:2] - s[:, :1]) / dln, inner, (s[:, -1:] - s[:, -2:-1]) / dln], axis=1)
-
-
 def _mt(a):
     xp = array_namespace(a)
     return xp.permute_dims(a, (0, 2, 1))
 
 
 def _model_rows(pb: _Problem, theta, v, good):
-    """S, ∂S/∂p on the frame's pixels for each row: (M (n, n_pix), dM (n, 5, n_pix), usable (n, n_pix), corners)."""
+    """S, ∂S/∂p on the frame's pixels for each row: (M (n, n_pix), dM (n, 5, n_pix), usable (n, n_pix), corners).
+
+    The shifted pixels' positions on the log-uniform working grid are computed, not searched
+    for; each corner template is gathered at the two samples around every pixel (one ``take``)
+    and the corners blended there: S = Σ_c w_c T_c(x), ∂S/∂θ = Σ_c ∂w_c/∂θ T_c(x), and ∂S/∂ln x
+    the slope of the linear interpolant (its exact derivative).
+    """
     xp = pb.be.xp
     th, cell, moved = locate(pb.cg, theta)
     idx, wc, dwc = corner_weights(pb.cg, th, cell)
     n, nc = idx.shape
-    t = xp.astype(gather_templates(pb.norm_flux, pb.be, xp.reshape(idx, (-1,))), xp.float64)
-    t = xp.reshape(t, (n, nc, -1))
-    s = xp.sum(wc[:, :, None] * t, axis=1)
-    ds = _mt(dwc) @ t  # (n, 4, n_q)
-    rows = xp.concat([s[:, None, :], ds, _dlnlam(s, pb.dln)[:, None, :]], axis=1)
-    x = pb.wave / doppler_factor(v)[:, None]
-    rp = interp(x[:, None, :], pb.wq, rows, left=xp.nan, right=xp.nan)  # (n, 6, n_pix)
-    use = good & xp.isfinite(rp[:, 0, :])
-    rp = xp.where(use[:, None, :], rp, 0.0)
+    u = (xp.log(pb.wave) - xp.log(doppler_factor(v))[:, None] - pb.lnq0) / pb.dln  # (n, n_pix)
+    inside = (u >= 0.0) & (u <= pb.nq - 1)
+    i0 = xp.astype(xp.clip(xp.floor(u), 0.0, pb.nq - 2.0), xp.int64)
+    frac = xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0)
+    at = idx[:, :, None] * pb.nq + i0[:, None, :]  # (n, nc, n_pix)
+    t0 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at, (-1,))), xp.float64)
+    t1 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at + 1, (-1,))), xp.float64)
+    t0, t1 = xp.reshape(t0, at.shape), xp.reshape(t1, at.shape)
+    slope = t1 - t0
+    tv = t0 + frac[:, None, :] * slope
+    rows = xp.concat([wc[:, None, :], _mt(dwc)], axis=1) @ tv  # (n, 5, n_pix): S, ∂S/∂θ
+    dlnx = (wc[:, None, :] @ slope)[:, 0, :] / pb.dln
+    use = good & inside
     beta = v / C_KMS
     dlnd = 1.0 / (C_KMS * (1.0 - beta * beta))  # d ln D / dv
-    dm = xp.concat([rp[:, 1:5, :], (-rp[:, 5, :] * dlnd[:, None])[:, None, :]], axis=1)
-    return rp[:, 0, :], dm, use, (idx, wc, dwc, moved)
+    dm = xp.concat([rows[:, 1:5, :], (-dlnx * dlnd[:, None])[:, None, :]], axis=1)
+    dm = xp.where(use[:, None, :], dm, 0.0)
+    return xp.where(use, rows[:, 0, :], 0.0), dm, use, (idx, wc, dwc, moved)
 
 
 def _evaluate(pb: _Problem, theta, v, good):
     """χ², gradient and curvature of every row at (θ, v), P solved inside (variable projection).
 
-    Two batched Gram products on the (rows, columns, pixels) layout: [A | y] gives
-    the normal matrix N = AᵀWA of the P columns A_k = L_k·S and c = N⁻¹AᵀWy;
-    J = P·∂S/∂p against [A | J | r] gives JᵀWA, JᵀWJ and JᵀWr, and the curvature
-    of the projected problem is JᵀWJ − JᵀWA N⁻¹ AᵀWJ.
+    The P columns are A_k = L_k·S with one basis L (K, n_pix) for every row, so the normal
+    matrices N = AᵀWA of all rows are one product of the weights S²W with the basis' pairwise
+    products, and AᵀWy, P and JᵀWA (J = P·∂S/∂p) products with L; c = N⁻¹AᵀWy, and the
+    curvature of the projected problem is JᵀWJ − JᵀWA N⁻¹ AᵀWJ.
     """
     xp = pb.be.xp
     m, dm, use, (idx, wc, dwc, moved) = _model_rows(pb, theta, v, good)
     w = xp.where(use, pb.w, 0.0)
-    a = pb.basis * m[:, None, :]  # (n, K, n_pix)
-    k = a.shape[1]
-    d1 = xp.concat([a, pb.y[:, None, :]], axis=1)
-    g1 = (d1 * w[:, None, :]) @ _mt(d1)
-    normal = g1[:, :k, :k]
-    eye = xp.eye(k, dtype=xp.float64, device=_device(a))
+    n, k = m.shape[0], pb.basis.shape[0]
+    mw = m * w
+    normal = xp.reshape((mw * m) @ pb.pairs.T, (n, k, k))
+    eye = xp.eye(k, dtype=xp.float64, device=_device(m))
     ridge = xp.sum(xp.linalg.diagonal(normal), axis=1) / k
     normal = normal + xp.where(ridge > 0, 1e-12 * ridge, 1.0)[:, None, None] * eye[None, :, :]
-    coef = xp.linalg.solve(normal, g1[:, :k, k:k + 1])[:, :, 0]  # (n, K)
-    p = xp.sum(pb.basis * coef[:, :, None], axis=1)
+    coef = xp.linalg.solve(normal, ((mw * pb.y) @ pb.basis.T)[:, :, None])[:, :, 0]  # (n, K)
+    p = coef @ pb.basis
     r = xp.where(use, pb.y - p * m, 0.0)
     jac = dm * p[:, None, :]  # (n, 5, n_pix)
-    g2 = (jac * w[:, None, :]) @ _mt(xp.concat([a, jac, r[:, None, :]], axis=1))
-    jwa = g2[:, :, :k]
-    curv = g2[:, :, k:k + 5] - jwa @ xp.linalg.solve(normal, _mt(jwa))
-    grad = g2[:, :, k + 5]
+    jw = jac * w[:, None, :]
+    jwa = xp.reshape(xp.reshape(jw * m[:, None, :], (n * 5, -1)) @ pb.basis.T, (n, 5, k))
+    curv = jw @ _mt(jac) - jwa @ xp.linalg.solve(normal, _mt(jwa))
+    grad = xp.sum(jw * r[:, None, :], axis=2)
     chi2s = xp.sum(w * r * r, axis=1)
     chi2p = xp.zeros_like(chi2s)
     wt = 0.0 if pb.phot is None else pb.phot["weight"]
     if pb.phot is not None:
         chi2p, cp, gp = _photometric(pb.phot, idx, wc, dwc)
-        n = r.shape[0]
         grad = grad + wt * xp.concat([gp, xp.zeros((n, 1), dtype=xp.float64, device=_device(r))], axis=1)
         pad = xp.zeros((n, 5, 5), dtype=xp.float64, device=_device(r))
         curv = curv + wt * xp.concat([xp.concat([cp, pad[:, :4, :1]], axis=2), pad[:, :1, :]], axis=1)
@@ -407,9 +420,12 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     wave_r = _rows(wave2, k)
     inside = (wave_r / doppler_factor(vlim[0])[:, None] <= hi) & (wave_r / doppler_factor(vlim[1])[:, None] >= lo)
     free = xp.asarray([j in cg.active for j in range(4)] + [True], dtype=xp.bool, device=_device(y))
-    pb = _Problem(wave=wave_r, basis=_legendre(wave_r, degree), y=_rows(y, k), w=_rows(w, k), wq=wq,
-                  dln=math.log(float(wq[nq - 1]) / float(wq[0])) / (nq - 1), norm_flux=prepared.norm_flux,
-                  be=be, cg=cg, phot=_phot_rows(photometry, k, be), free=free)
+    basis = _legendre(_mean_lnw(spectra.wave), degree)
+    pb = _Problem(wave=wave_r, basis=basis, pairs=xp.reshape(basis[:, None, :] * basis[None, :, :], (-1, basis.shape[1])),
+                  y=_rows(y, k), w=_rows(w, k), lnq0=math.log(float(wq[0])),
+                  dln=math.log(float(wq[nq - 1]) / float(wq[0])) / (nq - 1), nq=nq,
+                  flat_flux=xp.reshape(prepared.norm_flux, (-1,)), be=be, cg=cg,
+                  phot=_phot_rows(photometry, k, be), free=free)
     theta, v, st, accepted, good_r = _iterate(pb, theta0, v0, vlim, _rows(good, k) & inside, n_iter=n_iter,
                                               clip_at=(1, 3), clip_nsigma=clip_nsigma)
     best = xp.argmin(xp.reshape(st["total"], (n_star, k)), axis=1)
@@ -513,11 +529,8 @@ def with_node_fallback(fit: MatchResult, node: MatchResult) -> MatchResult:
 
 
 def poly_on_pixels(wave, match: MatchResult):
-    """The fitted P(λ) of every star on ``wave`` ((n_pix,) or (n_star, n_pix)): (n_star, n_pix)."""
-    xp = array_namespace(wave)
-    coef = match.meta["poly_coef"]
-    wave2 = xp.broadcast_to(wave[None, :], (coef.shape[0], wave.shape[0])) if wave.ndim == 1 else wave
-    return xp.sum(_legendre(wave2, int(match.meta["poly_degree"])) * coef[:, :, None], axis=1)
+    """The fitted P(λ) of every star on its pixels (``wave`` (n_pix,) or (n_star, n_pix), as fitted): (n_star, n_pix)."""
+    return match.meta["poly_coef"] @ _legendre(_mean_lnw(wave), int(match.meta["poly_degree"]))
 
 
 def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15, stars=None):
