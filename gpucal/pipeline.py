@@ -58,7 +58,6 @@ from .fitting import (
     common_shape,
     divide_shape,
     fit_forward,
-    fit_grid,
     fitted_templates,
     with_node_fallback,
     fwhm_from_resolution,
@@ -89,6 +88,7 @@ from .report.summary import fits_keywords, frame_summary, history_lines
 from .templates import load_templates
 from .units import convert_medium
 from .workcache import band_matrices, colour_relations, prepared_grid
+from .workcache import fit_grid as cached_fit_grid
 
 __all__ = ["calibrate_frame"]
 
@@ -291,7 +291,7 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     """The continuous forward-model fit from the scan's answer (``fit="continuous"``), else the scan's."""
     if fit == "nodes":
         return match
-    fine = fit_grid(grid, spectra.wave, **lsf)
+    fine = cached_fit_grid(grid, spectra.wave, **lsf)  # once per grid and instrument setting
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
     cells = cell_grid(fine.params)  # the grid's complete cells, built once for both passes
     first = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions, cells=cells)

@@ -23,8 +23,8 @@ grid or wavelength grid makes a new entry, never a stale hit.
 
 Where. In memory: the last :data:`MEMORY_ENTRIES` entries of this process (so of
 each dask worker), on the backend's device. On disk: ``<cache dir>/working/wg-<key>``
-(``.npy`` arrays + ``entry.json``), ``rel-<key>`` (the relations, JSON) and ``bm-<key>``
-(a band matrix),
+(``.npy`` arrays + ``entry.json``), ``fg-<key>`` (the forward fit's fine grid,
+:func:`fit_grid`), ``rel-<key>`` (the relations, JSON) and ``bm-<key>`` (a band matrix),
 written atomically and opened memory-mapped with ``allow_pickle=False`` and every
 array checked against its SHA-256 by :func:`gpucal.templates.open_array_store`
 (the prepared cache's own store, which knows nothing of what the arrays mean).
@@ -57,11 +57,13 @@ import numpy as np
 from .backends import backend_of, to_backend, to_numpy
 from .containers import ColourTeffRelation, PreparedGrid, TemplateGrid
 from .errors import GpucalError, InputError
-from .fitting import prepare_grid, working_grid
+from .fitting import fit_grid as fitting_fit_grid
+from .fitting import fit_wave, prepare_grid, working_grid
+from .fitting.forward import FIT_OVERSAMPLE
 from .photometry import band_matrix, fit_colour_relations, resolve_band, seed_band_matrix
 from .templates import default_cache_dir, open_array_store, write_array_store
 
-__all__ = ["prepared_grid", "colour_relations", "band_matrices", "clear_memory", "work_cache_dir", "list_entries",
+__all__ = ["prepared_grid", "fit_grid", "colour_relations", "band_matrices", "clear_memory", "work_cache_dir", "list_entries",
            "prune_entries", "grid_fingerprint", "STATS", "MEMORY_ENTRIES"]
 
 logger = logging.getLogger("gpucal.workcache")
@@ -192,6 +194,31 @@ def prepared_grid(grid: TemplateGrid, wave_obs, *, dtype, good_regions, vstep, f
                 "n_q": int(wq.size), "dtype": dtype, "vstep": vstep, "medium": grid.medium,
                 "regions": [list(map(float, r)) for r in (good_regions or ())],
                 "continuum_degree": int(continuum_degree), "backend": be.name, "code": _code_fingerprint()}
+    return _through_cache(settings, "wg", be, dtype,
+                          lambda: prepare_grid(grid, wave_obs, dtype=getattr(be.xp, dtype), good_regions=good_regions,
+                                               vstep=vstep, continuum_degree=continuum_degree, **lsf))
+
+
+def fit_grid(grid: TemplateGrid, wave_obs, *, fwhm=None, fwhm_poly=None, resolution=None,
+             oversample: int = FIT_OVERSAMPLE) -> PreparedGrid:
+    """:func:`gpucal.fitting.fit_grid` (the forward fit's fine convolved grid, float32) through the cache.
+
+    Keyed like :func:`prepared_grid` by the grid, the LSF, the fine wavelength grid's bytes, the
+    oversampling, the backend and the code; stored as ``fg-<key>``.
+    """
+    be = backend_of(wave_obs)
+    lsf = {"fwhm": fwhm, "fwhm_poly": None if fwhm_poly is None else [float(c) for c in fwhm_poly],
+           "resolution": resolution}
+    wq = np.ascontiguousarray(to_numpy(fit_wave(wave_obs, oversample)), dtype=np.float64)
+    settings = {"kind": "fit grid", "grid": grid_fingerprint(grid), "lsf": lsf,
+                "wq": hashlib.sha256(wq.tobytes()).hexdigest(), "n_q": int(wq.size), "oversample": int(oversample),
+                "dtype": "float32", "medium": grid.medium, "backend": be.name, "code": _code_fingerprint()}
+    return _through_cache(settings, "fg", be, "float32",
+                          lambda: fitting_fit_grid(grid, wave_obs, oversample=oversample, **lsf))
+
+
+def _through_cache(settings, prefix, be, dtype, compute) -> PreparedGrid:
+    """The grid for ``settings``: from memory, else from disk (``<prefix>-<key>``), else ``compute()`` and stored."""
     key = _sha(settings)
     memory, disk = _mode()
     mkey = (key, str(be.device))
@@ -199,11 +226,10 @@ def prepared_grid(grid: TemplateGrid, wave_obs, *, dtype, good_regions, vstep, f
         _MEMORY.move_to_end(mkey)
         STATS["memory"] += 1
         return _MEMORY[mkey]
-    path = None if disk is None else os.path.join(disk, f"wg-{key[:32]}")
+    path = None if disk is None else os.path.join(disk, f"{prefix}-{key[:32]}")
     prep = _load_prepared(path, key, be, dtype) if path else None
     if prep is None:
-        prep = prepare_grid(grid, wave_obs, dtype=getattr(be.xp, dtype), good_regions=good_regions, vstep=vstep,
-                            continuum_degree=continuum_degree, **lsf)
+        prep = compute()
         STATS["prepared"] += 1
         if path:
             _store_prepared(path, key, settings, prep)
@@ -257,7 +283,7 @@ def _store_prepared(path, key, settings, prep) -> None:
     arrays = {"params": to_numpy(prep.params), "wave": to_numpy(prep.wave), "norm_flux": to_numpy(prep.norm_flux)}
     if prep.neighbours is not None:
         arrays["neighbours"] = to_numpy(prep.neighbours).astype(np.int64)
-    meta = {"kind": "working grid", "key": key, "settings": settings, "lsf": prep.lsf,
+    meta = {"kind": settings.get("kind", "working grid"), "key": key, "settings": settings, "lsf": prep.lsf,
             "has_neighbours": prep.neighbours is not None, "n_templates": prep.n_templates,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _store(path, arrays, meta)
@@ -347,7 +373,7 @@ def list_entries(root=None) -> list:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         p = os.path.join(root, name)
         side = os.path.join(p, SIDECAR)
-        if not (name.startswith(("wg-", "rel-", "bm-")) and os.path.isfile(side)):
+        if not (name.startswith(("wg-", "fg-", "rel-", "bm-")) and os.path.isfile(side)):
             continue
         try:
             with open(side, encoding="utf-8") as fh:

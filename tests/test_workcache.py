@@ -229,11 +229,11 @@ def test_a_fresh_process_reuses_the_disk_entries_and_imports_no_speclite(grid, t
         runs.append((imported, json.loads((tmp_path / f"s{i}.json").read_text())["timing_s"]))
     assert runs[0][0] == ["scipy", "speclite"] and runs[1][0] == []
     assert runs[1][1]["prepare"] < runs[0][1]["prepare"], runs
-    assert sorted(p.name[:3] for p in (tmp_path / "work").iterdir()) == ["bm-", "rel", "wg-"]
+    assert sorted(p.name[:3] for p in (tmp_path / "work").iterdir()) == ["bm-", "fg-", "rel", "wg-"]
     kinds = [line for line in subprocess.run(
         [sys.executable, "-m", "gpucal.cli", "templates", "cache", "list", "--dir", str(tmp_path / "work")],
         env=env, capture_output=True, text=True, check=True).stdout.splitlines()]
-    assert any("10 templates x" in k and "fwhm 2.0" in k for k in kinds) and kinds[-1].startswith("3 entries")
+    assert any("10 templates x" in k and "fwhm 2.0" in k for k in kinds) and kinds[-1].startswith("4 entries")
 
 
 def test_a_grid_cut_from_a_prepared_cache_is_not_taken_for_the_cache(grid, tmp_path):
@@ -271,3 +271,24 @@ def test_cli_templates_cache_prune(grid, cache, capsys):
     assert main(["templates", "cache", "prune", "--all", "--dry-run"]) == 0
     assert "1 entry would be removed" in capsys.readouterr().out and len(workcache.list_entries()) == 1
     assert main(["templates", "cache", "prune", "--all"]) == 0 and workcache.list_entries() == []
+
+
+def test_fit_grid_cached_equals_fitting_fit_grid_and_keys_on_the_lsf(grid, cache, backend):
+    """The forward fit's fine grid through the cache: equal to gpucal.fitting.fit_grid, from disk the
+    second time, a new entry (not a stale hit) for another FWHM."""
+    from gpucal.fitting import fit_grid
+
+    wave = backend.asarray(_wave())
+    want = fit_grid(grid, wave, fwhm=2.0)
+    first = workcache.fit_grid(grid, wave, fwhm=2.0)
+    workcache._MEMORY.clear()
+    again = workcache.fit_grid(grid, wave, fwhm=2.0)
+    assert dict(workcache.STATS) == {"prepared": 1, "disk": 1}
+    for got in (first, again):
+        np.testing.assert_array_equal(to_numpy(got.norm_flux), to_numpy(want.norm_flux))
+        np.testing.assert_array_equal(to_numpy(got.wave), to_numpy(want.wave))
+    other = workcache.fit_grid(grid, wave, fwhm=3.0)
+    assert workcache.STATS["prepared"] == 2
+    assert np.max(np.abs(to_numpy(other.norm_flux) - to_numpy(want.norm_flux))) > 1e-3 * np.max(to_numpy(want.norm_flux))
+    assert len([p for p in cache.iterdir() if p.name.startswith("fg-")]) == 2
+    assert {e["kind"] for e in workcache.list_entries(cache)} >= {"fit grid"}
