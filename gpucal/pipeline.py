@@ -302,7 +302,7 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
         return match
     fine = cached_fit_grid(grid, spectra.wave, **lsf)  # once per grid and instrument setting
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
-    cells = cell_grid(fine.params)  # the grid's complete cells, built once for both passes
+    cells = cell_grid(fine.params)  # the grid's complete cells, built once for every pass
     cur = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions, cells=cells)
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
@@ -311,7 +311,21 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
         cur = fit_forward(flat, fine, cur, photometry=term, good_regions=mask_regions, n_starts=1,
                           n_iter=SHAPE_ITER, cells=cells)
     # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
-    return with_node_fallback(cur, match)
+    out = with_node_fallback(cur, match)
+    return dataclasses.replace(out, meta=dict(out.meta, rv_at_edge=_rv_at_edge(out, match)))
+
+
+def _rv_at_edge(fit, scan):
+    """(n_star,) bool: the final velocity within one scan step of the scan range's ends (the scan's own
+    flag for a star that kept the scan's answer): the fit may move a star off the edge, or onto it."""
+    xp = array_namespace(fit.rv)
+    lo = scan.meta.get("vrange_min")
+    if lo is None:
+        return scan.meta["rv_at_edge"]
+    step, hi = scan.meta["velocity_step"], scan.meta["vrange_max"]
+    edge = (fit.rv <= lo + step) | (fit.rv >= hi - step)
+    back = fit.meta.get("fit_fallback")
+    return edge if back is None else xp.where(back, scan.meta["rv_at_edge"], edge)
 
 
 def _fallback(match):

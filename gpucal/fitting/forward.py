@@ -381,7 +381,7 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
 
 def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResult, *, degree: int = FIT_DEGREE,
                 n_iter: int = 10, n_starts: int = 2, photometry: PhotometricTerm | None = None,
-                good_regions=TELLURIC_DEFAULT, clip_nsigma: float = 5.0, vmargin: float = 100.0,
+                good_regions=TELLURIC_DEFAULT, clip_nsigma: float = 5.0, vmargin: float = 400.0,
                 tol: float = 0.1, cells=None) -> MatchResult:
     """Continuous fit of every standard's (θ, v) from the scan's answer ``match`` (module docstring).
 
@@ -390,7 +390,10 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     degree : Legendre degree of P(λ); n_iter : LM iterations; n_starts : 1 (from the
     scan's refined parameters) or 2 (and from its best node); photometry : the
     catalogue term (None = spectra only); clip_nsigma : pixel outlier cut;
-    vmargin : v stays within the scan's ± this (km/s); tol : χ² gain below which a
+    vmargin : v stays within the start's ± this (km/s): wide, because a throughput dip or ripple
+    the scan's continuum cannot follow can put a weak-lined star's scan velocity hundreds of km/s
+    off (two hot stars of 20 at +474 and +500 km/s for +26 and +56 in bench/forward_accuracy.py's
+    structured frame, seed 1) and the fit of the counts walks back from there; tol : χ² gain below which a
     star counts as converged; cells : :func:`~gpucal.fitting.cells.cell_grid` of the
     grid (built from ``prepared.params`` when None).
 

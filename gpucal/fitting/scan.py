@@ -431,6 +431,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
     params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
     meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
+            "vrange_min": float(velocities[0]), "vrange_max": float(velocities[n_vel - 1]),
             "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
