@@ -5,6 +5,7 @@ Oracles: brute-force loops over the corners and a multilinear function known at 
 cubic spline for the Doppler shift) at an off-node θ: the fit must return θ and v.
 """
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -221,3 +222,18 @@ def test_bad_options_are_input_errors(backend, small):
     start, _ = _start(backend, np.asarray(grid.params))
     with pytest.raises(InputError):
         fit_forward(spec, fg, start, n_starts=3)
+
+
+def test_rv_at_edge_is_judged_on_the_fitted_velocity():
+    """pipeline._rv_at_edge: a star the fit moved off the scan's edge is no longer flagged, one it moved onto
+    the edge is, and a star that kept the scan's answer (fallback) keeps the scan's flag."""
+    from gpucal.containers import MatchResult
+    from gpucal.pipeline import _rv_at_edge
+
+    scan = MatchResult(index=np.zeros(4, int), params=np.zeros((4, 4)), params_err=np.zeros((4, 4)),
+                       rv=np.array([500.0, 0.0, 10.0, -500.0]), rv_err=np.ones(4), chi2=np.ones(4), dof=np.ones(4),
+                       meta={"rv_at_edge": np.array([True, False, False, True]), "velocity_step": 5.0,
+                             "vrange_min": -500.0, "vrange_max": 500.0})
+    fit = dataclasses.replace(scan, rv=np.array([56.0, 497.0, 10.0, -120.0]),
+                              meta={"fit_fallback": np.array([False, False, False, True])})
+    np.testing.assert_array_equal(_rv_at_edge(fit, scan), [False, True, False, True])
