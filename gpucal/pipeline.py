@@ -309,7 +309,7 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     for _ in range(SHAPE_PASSES):
         flat = divide_shape(spectra, common_shape(spectra, cur, stars=distinct))
         cur = fit_forward(flat, fine, cur, photometry=term, good_regions=mask_regions, n_starts=1,
-                          n_iter=SHAPE_ITER, cells=cells)
+                          n_iter=SHAPE_ITER, cells=cells, pixels=cur.meta["obs_pixels"])
     # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
     out = with_node_fallback(cur, match)
     return dataclasses.replace(out, meta=dict(out.meta, rv_at_edge=_rv_at_edge(out, match)))

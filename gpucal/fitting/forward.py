@@ -198,14 +198,20 @@ def _rows(a, k):
                       (a.shape[0] * k,) + tuple(a.shape[1:]))
 
 
-def _observed(spectra: SpectraBatch, good_regions):
-    """Wavelengths (n_star, n_pix), counts, capped inverse variance and usable pixels."""
+def _observed(spectra: SpectraBatch, good_regions, pixels=None):
+    """Wavelengths (n_star, n_pix), counts, capped inverse variance and usable pixels.
+
+    ``pixels`` (n_star, n_pix) bool: the usable pixels an earlier pass found (the scan's outlier
+    logic is not run again); None: found here.
+    """
     xp = array_namespace(spectra.flux)
     wave = spectra.wave
     wave2 = xp.broadcast_to(wave[None, :], spectra.flux.shape) if wave.ndim == 1 else wave
     f, v = spectra.flux, spectra.var
     good = spectra.mask & xp.isfinite(f) & xp.isfinite(v) & (v > 0) & region_mask(wave2, good_regions)
-    if wave.ndim == 1:  # the scan's per-star outlier logic (hot pixels, cosmic rays)
+    if pixels is not None:
+        good = good & pixels
+    elif wave.ndim == 1:  # the scan's per-star outlier logic (hot pixels, cosmic rays)
         good = good & normalise_observed(spectra, good_regions=good_regions)[2]
     w = xp.where(good, 1.0 / xp.where(good, v, 1.0), 0.0)
     return wave2, xp.where(good, f, 0.0), cap_local_weights(w, good), good
@@ -382,7 +388,7 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
 def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResult, *, degree: int = FIT_DEGREE,
                 n_iter: int = 10, n_starts: int = 2, photometry: PhotometricTerm | None = None,
                 good_regions=TELLURIC_DEFAULT, clip_nsigma: float = 5.0, vmargin: float = 400.0,
-                tol: float = 0.1, cells=None) -> MatchResult:
+                tol: float = 0.1, cells=None, pixels=None) -> MatchResult:
     """Continuous fit of every standard's (θ, v) from the scan's answer ``match`` (module docstring).
 
     spectra : the standards (counts, variance; wave (n_pix,) or (n_star, n_pix));
@@ -395,7 +401,8 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     off (two hot stars of 20 at +474 and +500 km/s for +26 and +56 in bench/forward_accuracy.py's
     structured frame, seed 1) and the fit of the counts walks back from there; tol : χ² gain below which a
     star counts as converged; cells : :func:`~gpucal.fitting.cells.cell_grid` of the
-    grid (built from ``prepared.params`` when None).
+    grid (built from ``prepared.params`` when None); pixels : (n_star, n_pix) bool, the usable
+    pixels of an earlier pass (``meta['obs_pixels']``) instead of finding the outliers again.
 
     Returns a MatchResult: ``index`` the scan's node; ``params``, ``rv`` the fit's, with
     errors from the curvature; ``chi2`` χ²_spec, ``dof``; ``meta`` the scan's (blend keys
@@ -409,7 +416,7 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     be = backend_of(spectra.flux)
     xp = be.xp
     cg = cells if cells is not None else cell_grid(prepared.params)
-    wave2, y, w, good = _observed(spectra, good_regions)
+    wave2, y, w, good = _observed(spectra, good_regions, pixels)
     params = xp.astype(prepared.params, xp.float64)
     starts = [match.params, xp.take(params, match.index, axis=0)][:n_starts]
     k = len(starts)
@@ -434,8 +441,10 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     best = xp.argmin(xp.reshape(st["total"], (n_star, k)), axis=1)
     pick = xp.arange(n_star, dtype=xp.int64, device=_device(y)) * k + best
     st = {key: xp.take(a, pick, axis=0) for key, a in st.items()}
-    return _result(pb, match, xp.take(theta, pick, axis=0), xp.take(v, pick, axis=0), st,
-                   xp.take(accepted, pick, axis=0), degree, tol)
+    out = _result(pb, match, xp.take(theta, pick, axis=0), xp.take(v, pick, axis=0), st,
+                  xp.take(accepted, pick, axis=0), degree, tol)
+    out.meta["obs_pixels"] = good
+    return out
 
 
 def _phot_rows(ph: PhotometricTerm | None, k, be):
