@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..backends import array_namespace, backend_of, interp, to_backend
+from ..backends import array_namespace, backend_of, interp
 from ..containers import MatchResult, SpectraBatch, TemplateGrid
 from ..units import doppler_factor
 from .forward import fitted_templates
-from .lsf import convolve_fwhm, convolve_to_instrument, fwhm_on_grid
+from .lsf import convolve_fwhm, convolve_to_instrument, fwhm_on_grid, instrument_fwhm
+from .prepare import _grid_window
 
 __all__ = ["lsf_ratio", "divide_ratio", "on_own_lsf"]
 
@@ -40,12 +41,19 @@ def on_own_lsf(spectra: SpectraBatch, grid: TemplateGrid, fit: MatchResult, fwhm
     """The standards divided by R_i at ``fit``'s (θ, v) (module docstring), for the fit's next pass.
 
     ``grid`` the full-range rest-frame grid (host, possibly memory-mapped: only each star's
-    corner rows are read); ``fwhm`` / ``fwhm_poly`` / ``resolution`` the fit's one LSF.
+    corner rows are read, and only the window its pixels need is convolved); ``fwhm`` /
+    ``fwhm_poly`` / ``resolution`` the fit's one LSF.
     """
     be = backend_of(spectra.flux)
-    wave_t = to_backend(grid.wave, be, dtype=be.xp.float64)
-    ratio = lsf_ratio(wave_t, fitted_templates(grid.flux, fit), spectra.wave, fit.rv, fwhm_star, fwhm=fwhm,
-                      fwhm_poly=fwhm_poly, resolution=resolution, template_fwhm=grid.resolution_fwhm)
+    xp = be.xp
+    # the rest-frame range the stars' pixels see, six σ of the broadest LSF beyond (the grid's window)
+    d = doppler_factor(fit.rv)
+    span = xp.stack([xp.min(spectra.wave) / xp.max(d), xp.max(spectra.wave) / xp.min(d)])
+    rep = instrument_fwhm(span, fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution)
+    widest = float(xp.maximum(xp.max(fwhm_star), xp.max(rep)))
+    wave_t, i0, i1 = _grid_window(grid, span, be, fwhm=widest, fwhm_poly=None, resolution=None)
+    ratio = lsf_ratio(wave_t, fitted_templates(grid.flux, fit)[:, i0:i1], spectra.wave, fit.rv, fwhm_star,
+                      fwhm=fwhm, fwhm_poly=fwhm_poly, resolution=resolution, template_fwhm=grid.resolution_fwhm)
     return divide_ratio(spectra, ratio)
 
 
