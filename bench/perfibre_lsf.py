@@ -26,7 +26,8 @@ parameter errors, the combined vector's RMS and the fit's cost of
   (R_i = 1; the vectors still on each star's own LSF);
 * ``nodes``: the node refinement on each star's own LSF (``fit="nodes"``);
 
-the cost as CPU time of this process (the run with the least of ``REPEAT``):
+and, on four frames with noise (S/N 50), the RMS and largest error over
+their standards; the cost as CPU time of this process (the run with the least of ``REPEAT``):
 the whole calibration, the fit's passes and the two ratios (the 2-core VM is
 shared: compare within a run; the fit stage's wall time is noted too). Run it
 with one BLAS thread: on a loaded machine spinning BLAS threads inflate both
@@ -75,13 +76,14 @@ def _shape_rms(cal, mask):
     return float(np.std(cal[mask] / np.median(cal[mask])))
 
 
-def _frame(seed, tmp):
-    sim = simulate_frame(seed=seed, **SIM)
-    path = tmp / f"f{seed}.fits"
+def _frame(seed, tmp, **extra):
+    sim = simulate_frame(seed=seed, **{**SIM, **extra})
+    stem = f"f{seed}" + ("_noisy" if extra.get("noise") else "")
+    path = tmp / f"{stem}.fits"
     write_frame(path, sim.flux, sim.var, sim.wave, sim.fibres)
     with fits.open(path, mode="append") as h:
         h.append(fits.ImageHDU(sim.truth["fwhm_fibre"], name="LSF"))
-    cat = write_catalogue_csv(sim.catalogue, tmp / f"f{seed}.csv")
+    cat = write_catalogue_csv(sim.catalogue, tmp / f"{stem}.csv")
     return sim, read_frame(path), cat
 
 
@@ -148,17 +150,25 @@ def _run_fit_mode(mode, frame, cat, grid):
     return res, res.summary["timing_s"]["fit"], ratio.total, passes.total, total
 
 
+FIT_MODES = ("continuous", "continuous_rep", "nodes")
+
+
+def _errors(sim, res):
+    """(n_star, 3) fitted − true (Teff, logg, [M/H])."""
+    truth = sim.truth["params"][[int(str(n)[3:]) - 1 for n in res.per_star["NAME"]]]
+    got = np.stack([np.asarray(res.per_star[k], float) for k in ("TEFF", "LOGG", "MH")], axis=1)
+    return got - truth[:, :3]
+
+
 def _fit_seed(seed, grid, tmp):
     sim, frame, cat = _frame(seed, tmp)
     std = frame.standards
     thr = sim.truth["throughput"]
     row = {"seed": seed, "fwhm_at_5000": frame.lsf_fwhm[std][:, 0].round(3).tolist()}
-    for mode in ("continuous", "continuous_rep", "nodes"):
+    for mode in FIT_MODES:
         runs = [_run_fit_mode(mode, frame, cat, grid) for _ in range(REPEAT)]
         res = runs[0][0]
-        truth = sim.truth["params"][[int(str(n)[3:]) - 1 for n in res.per_star["NAME"]]]
-        got = np.stack([np.asarray(res.per_star[k], float) for k in ("TEFF", "LOGG", "MH")], axis=1)
-        err = got - truth[:, :3]
+        err = _errors(sim, res)
         r = res.cal[res.measured] * thr[res.measured]
         best = min(runs, key=lambda x: x[4])
         row[mode] = {"teff_err": err[:, 0].round(1).tolist(), "logg_err": err[:, 1].round(4).tolist(),
@@ -166,6 +176,26 @@ def _fit_seed(seed, grid, tmp):
                      "fit_stage_wall_s": round(best[1], 3), "ratio_cpu_s": round(best[2], 3),
                      "fit_passes_cpu_s": round(best[3], 3), "calibration_cpu_s": round(best[4], 3)}
     return row
+
+
+def _noisy(grid, tmp, snr=50.0, seeds=(3, 13, 23, 33)):
+    """The three fit modes on frames with noise (S/N ``snr``): RMS and max |error| over every standard."""
+    errs, rms = {m: [] for m in FIT_MODES}, {m: [] for m in FIT_MODES}
+    for seed in seeds:
+        sim, frame, cat = _frame(seed, tmp, noise=True, snr=snr)
+        thr = sim.truth["throughput"]
+        for mode in FIT_MODES:
+            res = _run_fit_mode(mode, frame, cat, grid)[0]
+            errs[mode].append(_errors(sim, res))
+            r = res.cal[res.measured] * thr[res.measured]
+            rms[mode].append(float(np.sqrt(np.mean((r - 1.0) ** 2))))
+    out = {"snr": snr, "noise_seeds": list(seeds)}
+    for mode in FIT_MODES:
+        e = np.concatenate(errs[mode])
+        out[mode] = {"rms_err_teff_logg_mh": np.sqrt(np.mean(e * e, axis=0)).round(4).tolist(),
+                     "max_abs_err_teff_logg_mh": np.abs(e).max(axis=0).round(4).tolist(),
+                     "combined_rms": [round(x, 5) for x in rms[mode]]}
+    return out
 
 
 def _write(name, rows, extra=None):
@@ -182,7 +212,8 @@ def main(argv=()):
         if "--fit" in argv:
             rows = [_fit_seed(seed, grid, Path(d)) for seed in (2, 3, 4)]
             threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-            return _write("perfibre_lsf_fit_vm.json", rows, {"repeat": REPEAT, "threads": threads})
+            return _write("perfibre_lsf_fit_vm.json", rows, {"repeat": REPEAT, "threads": threads,
+                                                             "noisy": _noisy(grid, Path(d))})
         rows = [_one_seed(seed, grid, Path(d)) for seed in (2, 3, 4)]
     out = {"machine": "2-core VM, shared", "sim": {k: v for k, v in SIM.items() if k != "params"}, "seeds": rows}
     dest = Path(__file__).resolve().parent / "results" / "perfibre_lsf_vm.json"
