@@ -16,6 +16,14 @@ order in θ − θ_i: the line depths the star's own LSF gives no longer trade
 against gravity and metallicity. Two template rows are convolved per star
 (its own LSF and the representative one), never the grid.
 
+Where R is taken (the pipeline, ``_fit``): at the node refinement's answer
+(already on each star's own LSF) before the first pass, and again at the first
+pass's before the second. Measured on the ±40 % frame of
+tests/test_perfibre.py (seed 3, the fibre 34 % under the median): R only after
+a first pass on the representative LSF leaves logg 0.039 dex and Teff 36 K
+off (a third pass: 0.008, 13 K); R first at the node
+refinement, with no extra pass: 0.003, 5 K (bench/perfibre_lsf.py --fit).
+
 Shapes: template_flux (n_star, n_w) on wave_t (n_w,) Å, log-uniform;
 wave_obs (n_pix,) or (n_star, n_pix) Å; rv (n_star,) km/s; fwhm_star
 (n_star, n_pix) Å at each star's pixels; ratio (n_star, n_pix), 1 where it is
