@@ -59,6 +59,7 @@ from .fitting import (
     divide_shape,
     fit_forward,
     fitted_templates,
+    on_own_lsf,
     with_node_fallback,
     fwhm_from_resolution,
     gather_templates,
@@ -274,17 +275,15 @@ def _write(out, frame, output, history, overwrite):
     output.out_path = str(out)
 
 
-def _fit_mode(fit, fwhm_star, frame):
-    """``fit``, except with a per-fibre LSF: the fit runs on one LSF, the node refinement on each star's own.
+def _own_lsf_counts(spectra, grid, at, fwhm_star, lsf):
+    """Per-fibre LSF: the counts over each star's template on its own LSF / on ``lsf``, at ``at``'s (θ, v).
 
-    Measured (tests/test_perfibre.py): on a fibre whose LSF is 40 % off the median, the continuous
-    fit on the representative LSF misses logg by 0.13 dex where the refinement on the star's own
-    LSF is within 0.01, so such frames keep the node path until the fit takes per-star LSFs (issue 14).
+    Measured (bench/perfibre_lsf.py, fibre LSFs ±40 %): the continuous fit on the one LSF alone
+    misses logg by up to 0.13 dex and Teff by 160 K on the fibre farthest from the median; with
+    these counts it is within 0.01 dex and 5 K, as the node refinement on each star's own LSF is.
+    Without a per-fibre LSF (``fwhm_star`` None): ``spectra``.
     """
-    if fit == "continuous" and fwhm_star is not None:
-        logger.info("%s: per-fibre LSF: the node refinement on each star's own LSF (no continuous fit)", frame.path)
-        return "nodes"
-    return fit
+    return spectra if fwhm_star is None else on_own_lsf(spectra, grid, at, fwhm_star, **lsf)
 
 
 #: Passes of the common throughput shape after the first continuous fit, and LM iterations in each.
@@ -296,18 +295,25 @@ SHAPE_PASSES = 4
 SHAPE_ITER = 4
 
 
-def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_weight=1.0):
-    """The continuous forward-model fit from the scan's answer (``fit="continuous"``), else the scan's."""
+def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_weight=1.0, fwhm_star=None):
+    """The continuous forward-model fit from the scan's answer (``fit="continuous"``), else the scan's.
+
+    ``fwhm_star`` (n_star, n_pix) Å, a per-fibre LSF: the fit's grid has the one LSF ``lsf``; each
+    pass fits the counts divided by the ratio of the star's template on its own LSF to that on
+    ``lsf`` (:mod:`gpucal.fitting.lsfratio`), at the node refinement's answer, then at the first pass's.
+    """
     if fit == "nodes":
         return match
     fine = cached_fit_grid(grid, spectra.wave, **lsf)  # once per grid and instrument setting
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
     cells = cell_grid(fine.params)  # the grid's complete cells, built once for every pass
-    cur = fit_forward(spectra, fine, match, photometry=term, good_regions=mask_regions, cells=cells)
+    cur = fit_forward(_own_lsf_counts(spectra, grid, match, fwhm_star, lsf), fine, match, photometry=term,
+                      good_regions=mask_regions, cells=cells)
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice
+    own = _own_lsf_counts(spectra, grid, cur, fwhm_star, lsf)
     for _ in range(SHAPE_PASSES):
-        flat = divide_shape(spectra, common_shape(spectra, cur, stars=distinct))
+        flat = divide_shape(own, common_shape(own, cur, stars=distinct))
         cur = fit_forward(flat, fine, cur, photometry=term, good_regions=mask_regions, n_starts=1,
                           n_iter=SHAPE_ITER, cells=cells, pixels=cur.meta["obs_pixels"])
     # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
@@ -584,7 +590,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
                             prior=prior[2], fast=fast, metric=metric)
     match = _own_lsf(grid, prepared, spectra, match, fwhm_star, mask_regions)
     clock.lap("scan")
-    match = _fit(_fit_mode(fit, fwhm_star, frame), grid, spectra, match, phot, ebv_star, mask_regions, lsf, be)
+    match = _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be,
+                 fwhm_star=fwhm_star)
     clock.lap("fit")
     gwave, model = _models(grid, match, ebv_star, be)
     sc = scale_template_to_photometry(gwave, shift_to_observed(gwave, model, match.rv), phot)

@@ -20,7 +20,9 @@ Modules (the order data flows through them):
   pixels, one Gauss–Newton step in the grid parameters, the blended template;
 * :mod:`~gpucal.fitting.cells` / :mod:`~gpucal.fitting.forward` — the continuous
   forward-model fit after the scan: counts = P(λ)·S(θ, v), θ interpolated in the
-  grid's complete cells, P a Legendre series solved inside, photometry in χ².
+  grid's complete cells, P a Legendre series solved inside, photometry in χ²;
+* :mod:`~gpucal.fitting.lsfratio` — a per-fibre LSF in that fit: each star's
+  counts over its template on its own LSF / on the fit's one, between passes.
 
 Other rooms import from here (``from ..fitting import match_templates``),
 not from the modules, so the modules may be cut differently later.
@@ -64,6 +66,7 @@ from .forward import (
     with_node_fallback,
     poly_on_pixels,
 )
+from .lsfratio import divide_ratio, lsf_ratio, on_own_lsf
 from .tellurics import TELLURIC_BANDS, TELLURIC_DEFAULT
 
 __all__ = [
@@ -114,4 +117,7 @@ __all__ = [
     "fitted_templates",
     "with_node_fallback",
     "poly_on_pixels",
+    "lsf_ratio",
+    "divide_ratio",
+    "on_own_lsf",
 ]
