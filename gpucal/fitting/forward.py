@@ -74,11 +74,19 @@ __all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "PhotometricTerm", "fit_wave", "fit_g
            "common_shape", "divide_shape", "fitted_templates", "with_node_fallback",
            "poly_on_pixels"]
 
-#: Default Legendre degree of P(λ): the middle of the 15-25 the issue's exploration found to work. On 40
-#: on-node standards at S/N 50 (smooth throughput with a 1 % ripple of 700 Å period) degree 40 took
-#: χ²/dof from 1.09 to 1.00 and the [M/H] bias from 0.008 to 0.006 dex at four times the cost; a
-#: structure P cannot follow is handled by the common shape (:func:`common_shape`) instead.
-FIT_DEGREE = 20
+#: Default Legendre degree of P(λ), established on off-node frames (bench/forward_accuracy.py, 240-node
+#: grid, S/N 50, seed 0 unless said, four common-shape passes; combined-vector RMS outside the telluric
+#: bands, mean ΔTeff):
+#:
+#:   degree                      10              15              20              25              30
+#:   structured, 20 std     0.163 % +8 K    0.161 % +4 K    0.177 % +8 K    0.177 % +8 K    0.178 % +8 K
+#:   smooth, 20 std         0.165 % +1 K    0.163 % +1 K    0.167 % +0 K    0.166 % -0 K    0.168 % -0 K
+#:   structured, 20, seed 1                 0.173 % +2 K    0.180 % +2 K
+#:   structured, 6 std                      0.242 % +7 K    0.273 % +12 K
+#:
+#: flat between 10 and 30 once the common shape takes the structure P cannot follow; 15 is the best
+#: of these and the cheaper (the normal matrices grow as the degree squared).
+FIT_DEGREE = 15
 #: The fit's working grid samples the frame this many times finer than its median pixel: linear
 #: interpolation of the grid at the shifted pixels is then accurate to ~1/16 of its error at one
 #: sample per pixel (which biased logg and [M/H] by 0.02 dex at S/N 50, tests/test_forward.py).
