@@ -125,7 +125,7 @@ def _scanned_standards(n=120, seed=0):
     """One simulated frame of ``n`` standards at one grid node and random RVs, scanned on a small grid."""
     from gpucal.backends import get_backend
     from gpucal.containers import SpectraBatch
-    from gpucal.fitting import fit_forward, fit_grid, match_templates, prepare_grid
+    from gpucal.fitting import match_templates, prepare_grid
     from gpucal.simulate import simulate_frame
     from gpucal.templates.demo import demo_grid
 
@@ -142,8 +142,7 @@ def _scanned_standards(n=120, seed=0):
                         fibre_ids=rows + 1, names=tuple(str(r) for r in rows))
     res = match_templates(spec, prepare_grid(grid, spec.wave, fwhm=float(sim.truth["fwhm"])),
                           vrange=(-200.0, 200.0, 5.0))
-    fit = fit_forward(spec, fit_grid(grid, spec.wave, fwhm=float(sim.truth["fwhm"])), res, n_starts=1)
-    return res, np.asarray(sim.truth["rv"])[idx], np.asarray(sim.truth["params"])[idx], fit
+    return res, np.asarray(sim.truth["rv"])[idx], np.asarray(sim.truth["params"])[idx]
 
 
 @pytest.fixture(scope="module")
@@ -160,22 +159,94 @@ def test_rv_error_pulls(scanned):
     assert abs(float(np.mean(pull))) < 0.35, float(np.mean(pull))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14's continuous fit halves the bias (pull means +0.2, -0.5, +1.2 from "
-                   "+1.3, -4.2, +6.3) but its pulls are 0.79-0.88 wide: these stars sit ON a node, where the "
-                   "multilinear interpolant has a kink and the estimate sticks to the node (errors from the "
-                   "curvature of one cell overstate the scatter there)")
-def test_parameter_error_pulls(scanned):
-    """params_err of the continuous fit (issue 14): unit pulls of Teff, logg, [M/H] over 120 standards."""
-    _, _, p_true, fit = scanned
+def test_scan_parameter_errors_describe_its_spread_at_a_node(scanned):
+    """params_err of the node refinement: the spread of its estimates, where its bias is common.
+
+    At a node every star's refinement carries the same interpolation bias (the pull means
+    are +1.3, -4.2, +6.3: issue 14, the continuous fit's reason to be), so the spread
+    alone tests the curvature errors; measured 1.06, 1.25, 1.25 over these 120 stars (off
+    the nodes the bias varies within a cell and the widths are 1.5-6). A doubled or
+    halved error is far outside the bounds.
+    """
+    res, _, p_true = scanned
+    pull = (to_numpy(res.params) - p_true)[:, :3] / to_numpy(res.params_err)[:, :3]
+    width = np.std(pull, axis=0)
+    assert np.all((width > 0.8) & (width < 1.5)), width
+
+
+# The continuous fit (issue 14). Its stars are NOT on grid nodes: at a node the multilinear
+# interpolant has a kink, the curvature (hence the error) is that of whichever cell the estimate
+# falls in (Teff 16.6 K on the cool side, 8.6 K on the hot side of 6000 K at S/N 50) and the two
+# cells' derivatives are not parallel, so the estimates scatter less than either (pulls 0.79-0.88
+# over 120 on-node stars; besides, the simulator's spectra are not the grid's: noiseless χ²/dof 0.11,
+# so the errors are inflated ×1.05 and [M/H] is biased +1.2 σ). The stars are the fit's own model (the multilinear interpolant of its
+# grid rows, shifted by linear interpolation on its working grid) times a smooth throughput, so
+# the truth is representable and the pulls test the error formula alone; with a cubic-spline
+# shift the means move by the model's interpolation error (-0.11, -0.28, +0.36 σ at S/N 100:
+# test_forward.py's subject) and the widths stay within 0.05 of 1.
+
+FIT_AXES = ((5500.0, 5750.0, 6000.0, 6250.0, 6500.0), (4.0, 4.5, 5.0), (-0.5, 0.0, 0.5))
+
+
+def _fitted_off_node(n=600, seed=1, snr=100.0, n_pix=1000, read_noise=3.0, fwhm=2.0):
+    """``n`` standards at random θ inside the cells of ``FIT_AXES`` (0.2-0.8 of each step from a node:
+    1-2.5 σ from a face in Teff, over 3 σ in logg and [M/H]), random RVs, S/N ``snr``, fitted by
+    :func:`fit_forward` from the scan's answer."""
+    from gpucal.backends import get_backend
+    from gpucal.containers import SpectraBatch
+    from gpucal.fitting import fit_forward, fit_grid, match_templates, prepare_grid
+    from gpucal.simulate import cell_corners
+    from gpucal.templates.demo import demo_grid
+    from gpucal.units import doppler_factor
+
+    be = get_backend("numpy")
+    rng = np.random.default_rng(seed)
+    # one more Teff node each side: the hottest stars' errors (~45 K) would reach the hull from 0.2 of a step
+    grid = demo_grid(teff=(5250.0,) + FIT_AXES[0] + (6750.0,), logg=FIT_AXES[1], mh=FIT_AXES[2],
+                     wave_range=(4700.0, 6500.0))
+    wave = np.linspace(4900.0, 6300.0, n_pix)
+    fine = fit_grid(grid, be.asarray(wave), fwhm=fwhm)
+    wq, rows = np.asarray(fine.wave), np.asarray(fine.norm_flux, dtype=float)
+    node = {tuple(r): i for i, r in enumerate(np.asarray(grid.params).tolist())}
+    theta = np.zeros((n, 4))
+    for j, a in enumerate(FIT_AXES):
+        theta[:, j] = np.asarray(a)[rng.integers(0, len(a) - 1, n)] + rng.uniform(0.2, 0.8, n) * (a[1] - a[0])
+    rv = rng.uniform(-150.0, 150.0, n)
+    x = np.log(wave / 6000.0) / 0.3
+    model = np.empty((n, n_pix))
+    for k in range(n):  # the test's own loop over realisations; the fit is batched
+        s = sum(w * rows[node[(*c, 0.0)]] for c, w in cell_corners(theta[k], FIT_AXES))
+        model[k] = np.exp(-0.5 * x * x) * np.interp(wave / doppler_factor(rv[k]), wq, s)
+    level = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))  # c/√(c + rn²) = snr
+    counts = model * (level / np.median(model))
+    var = counts + read_noise**2
+    flux = counts + rng.standard_normal(counts.shape) * np.sqrt(var)
+    spec = SpectraBatch(wave=be.asarray(wave), flux=be.asarray(flux), var=be.asarray(var),
+                        mask=be.asarray(np.ones(flux.shape, dtype=bool)), fibre_ids=np.arange(n) + 1,
+                        names=tuple(f"s{k}" for k in range(n)))
+    res = match_templates(spec, prepare_grid(grid, spec.wave, fwhm=fwhm), vrange=(-200.0, 200.0, 5.0))
+    return fit_forward(spec, fine, res, n_starts=1), theta, rv
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fitted_off_node()
+
+
+def test_parameter_error_pulls(fitted):
+    """params_err of the continuous fit (issue 14, 20): unit pulls of Teff, logg, [M/H] over 600 standards."""
+    fit, p_true, _ = fitted
+    assert bool(np.all(to_numpy(fit.meta["converged"]))) and not bool(np.any(to_numpy(fit.meta["on_hull"])))
     pull = (to_numpy(fit.params) - p_true)[:, :3] / to_numpy(fit.params_err)[:, :3]
-    assert np.all(np.abs(np.std(pull, axis=0) - 1.0) < 0.15) and np.all(np.abs(np.mean(pull, axis=0)) < 0.35)
+    # 600 pulls: the width's sampling error is ~0.03, so issue 20's 10 % is over three of them (seeds
+    # 1-4: widths 0.96-1.01, RV 0.965-1.007, means within 0.07)
+    for j in range(3):
+        assert_unit_pulls(pull[:, j], width_tol=0.10)
 
 
-def test_rv_error_pulls_of_the_continuous_fit(scanned):
-    """rv_err of the continuous fit: unit pulls, RMS below 1 km/s at S/N 50."""
-    _, rv_true, _, fit = scanned
+def test_rv_error_pulls_of_the_continuous_fit(fitted):
+    """rv_err of the continuous fit: unit pulls, RMS below 1 km/s at S/N 100."""
+    fit, _, rv_true = fitted
     d = to_numpy(fit.rv) - rv_true
-    pull = d / to_numpy(fit.rv_err)
     assert float(np.sqrt(np.mean(d * d))) < 1.0
-    assert abs(float(np.std(pull)) - 1.0) < 0.15, float(np.std(pull))
-    assert abs(float(np.mean(pull))) < 0.35, float(np.mean(pull))
+    assert_unit_pulls(d / to_numpy(fit.rv_err), width_tol=0.10)
