@@ -370,9 +370,9 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
     accepted = xp.ones(v.shape, dtype=xp.bool, device=_device(v))
     earlier = st["total"]
     for it in range(n_iter):
-        if it == n_iter - 3:
-            earlier = st["total"]
-        if it in clip_at:  # pixels far off the current model are outliers of that star
+        # no cut in the last iterations: what they gain (``recent_gain``, the convergence test at a
+        # cell face) must be the fit's, not pixels leaving χ²
+        if it in clip_at and it <= n_iter - 3:  # pixels far off the current model are outliers of that star
             z = xp.abs(st["r"]) * xp.sqrt(st["w"])
             # in units of the star's own residual scale when that exceeds 1 (a variance that is too
             # small must keep its honest χ², not lose every pixel it fits badly)
@@ -380,6 +380,8 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
             scale = xp.where(xp.isfinite(scale) & (scale > 1.0), scale, 1.0)
             good = good & ~(z > clip_nsigma * scale[:, None])
             st = _evaluate(pb, theta, v, good)
+        if it == n_iter - 3:
+            earlier = st["total"]
         dp, _, _ = _active_set_step(pb, st, lam, theta)
         th_c, _, _ = locate(pb.cg, theta + dp[:, :4])
         v_c = xp.clip(v + dp[:, 4], vlim[0], vlim[1])
@@ -451,7 +453,7 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     st = {key: xp.take(a, pick, axis=0) for key, a in st.items()}
     out = _result(pb, match, xp.take(theta, pick, axis=0), xp.take(v, pick, axis=0), st,
                   xp.take(accepted, pick, axis=0), degree, tol)
-    out.meta["obs_pixels"] = good
+    out.meta["obs_pixels"] = xp.take(good_r, pick, axis=0)  # with the pixels cut as outliers
     return out
 
 
