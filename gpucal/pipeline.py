@@ -332,8 +332,8 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
         if k == 0 and rescan is not None and bool(xp.any(bad)):  # one host check per frame
             again = fit_forward(flat, fine, rescan(flat), photometry=term, good_regions=mask_regions, cells=cells)
             cur = _better_fit(cur, again, 0.0 if term is None else term.weight)
-    # a star whose fit does not converge (e.g. beside a missing node) keeps the node path's answer
-    out = with_node_fallback(cur, match)
+    # a star whose fit did not converge on the hull (e.g. beside a missing node) keeps the node path's answer
+    out = with_node_fallback(cur, match, ~cur.meta["converged"] & cur.meta["on_hull"])
     return dataclasses.replace(out, meta=dict(out.meta, rv_at_edge=_rv_at_edge(out, match)))
 
 

@@ -96,6 +96,36 @@ def test_a_missing_node_is_never_interpolated_across(backend):
     np.testing.assert_allclose(w.sum(axis=1), 1.0)
 
 
+def test_on_hull_face_against_a_brute_force_search(backend):
+    """on_hull_face: θ on a face of its cell with no complete cell beyond (the grid's edge or the missing
+    node's cells), by brute force: nudge θ outward along each axis and ask whether a complete cell holds it."""
+    from gpucal.fitting.cells import on_hull_face
+
+    gone = (6000.0, 4.5, 0.5, 0.0)
+    p = _params(missing=(gone,))
+    cg = cell_grid(backend.asarray(p))
+    boxes = []  # the complete cells as (lo, hi) boxes
+    for k in itertools.product(range(2), range(1), range(2)):
+        corners = [(AXES[0][k[0] + a], AXES[1][k[1] + b], AXES[2][k[2] + c], 0.0)
+                   for a, b, c in itertools.product((0, 1), repeat=3)]
+        if gone not in corners:
+            boxes.append(([AXES[0][k[0]], AXES[1][k[1]], AXES[2][k[2]]], [AXES[0][k[0] + 1], AXES[1][k[1] + 1], AXES[2][k[2] + 1]]))
+
+    def inside(t):
+        return any(all(lo[j] - 1e-9 <= t[j] <= hi[j] + 1e-9 for j in range(3)) for lo, hi in boxes)
+
+    rng = np.random.default_rng(3)
+    theta = np.stack([rng.choice([5000.0, 5200.0, 5500.0, 5800.0, 6000.0], 200), rng.choice([4.0, 4.2, 4.5], 200),
+                      rng.choice([-0.5, -0.1, 0.0, 0.3, 0.5], 200), np.zeros(200)], axis=1)
+    th, cell, _ = locate(cg, backend.asarray(theta))
+    got = to_numpy(on_hull_face(cg, th, cell))
+    th = to_numpy(th)
+    steps = (10.0, 0.01, 0.01)
+    want = [any(not inside(t[:3] + s * np.eye(3)[j] * steps[j]) for j in range(3) for s in (-1, 1)) for t in th]
+    np.testing.assert_array_equal(got, want)
+    assert 20 < got.sum() < 200
+
+
 def test_cell_grid_without_a_complete_cell_is_an_error(backend):
     p = np.array([[5000.0, 4.0, 0.0, 0.0], [5500.0, 4.5, 0.0, 0.0]])
     with pytest.raises(InputError, match="no complete cell"):

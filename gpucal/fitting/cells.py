@@ -35,7 +35,7 @@ from array_api_compat import device as _device
 from ..backends import array_namespace, to_numpy
 from ..errors import InputError
 
-__all__ = ["CellGrid", "cell_grid", "locate", "corner_weights"]
+__all__ = ["CellGrid", "cell_grid", "locate", "corner_weights", "on_hull_face"]
 
 
 @dataclass(frozen=True)
@@ -195,3 +195,39 @@ def corner_weights(cg: CellGrid, theta, cell):
             grads.append(g)
         dw.append(xp.stack(grads, axis=1))
     return xp.stack(idx, axis=1), xp.stack(w, axis=1), xp.stack(dw, axis=1)
+
+
+def on_hull_face(cg: CellGrid, theta, cell):
+    """(n,) bool: θ (in ``cell``, as :func:`locate` returns them) on the boundary of the complete cells'
+    union — some direction ±e_j along an active axis leads out of every complete cell (the grid's
+    edge, or the cells of a missing node): where the fit is held.
+
+    A θ on a face of its cell is also on the faces of the cells beside it along the axes where it
+    sits at a node value; the step across face j stays in the hull if any of those cells' neighbours
+    across j is complete (host loops over the few axes, batched over θ).
+    """
+    xp = array_namespace(theta)
+    cell_sizes = [max(len(a) - 1, 1) for a in cg.axes]
+    cstr = _strides(cell_sizes)
+    faces = {}
+    for j in cg.active:
+        faces[j] = (theta[:, j] <= _axis_value(cg, j, cell[:, j]), theta[:, j] >= _axis_value(cg, j, cell[:, j] + 1))
+    out = xp.zeros(theta.shape[:1], dtype=xp.bool, device=_device(theta))
+    for j in cg.active:
+        others = [i for i in cg.active if i != j]
+        for sj in (-1, 1):
+            beyond = xp.zeros_like(out)
+            for shifts in itertools.product((0, -1, 1), repeat=len(others)):
+                ok = (cell[:, j] + sj >= 0) & (cell[:, j] + sj < cell_sizes[j])
+                flat = (cell[:, j] + sj) * cstr[j]
+                for i in range(theta.shape[1]):
+                    if i == j:
+                        continue
+                    t = shifts[others.index(i)] if i in others else 0
+                    if t:
+                        ok = ok & faces[i][0 if t < 0 else 1] & (cell[:, i] + t >= 0) & (cell[:, i] + t < cell_sizes[i])
+                    flat = flat + (cell[:, i] + t) * cstr[i]
+                k = xp.where(ok, flat, 0)
+                beyond = beyond | (ok & (xp.take(cg.target, k, axis=0) == k))
+            out = out | (faces[j][0 if sj < 0 else 1] & ~beyond)
+    return out
