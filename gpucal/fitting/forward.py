@@ -419,7 +419,8 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     errors from the curvature; ``chi2`` χ²_spec, ``dof``; ``meta`` the scan's (blend keys
     dropped) plus ``fit`` "continuous", ``chi2_phot``, ``corner_index`` / ``corner_weight``
     (n_star, n_c) for :func:`fitted_templates`, ``poly_coef`` (n_star, degree + 1),
-    ``on_hull``, ``converged``, ``covariance`` (n_star, 5, 5), ``scan_params``, ``scan_rv``.
+    ``on_hull``, ``converged``, ``covariance`` (n_star, 5, 5), ``start_params``, ``start_rv`` (where
+    this fit started: the scan's answer, or an earlier pass's).
     """
     if degree < 0 or n_iter < 0 or n_starts not in (1, 2):
         raise InputError(f"forward fit needs degree >= 0, n_iter >= 1 and n_starts 1 or 2, "
@@ -499,7 +500,7 @@ def _result(pb, match, theta, v, st, accepted, degree, tol):
     meta = {key: val for key, val in match.meta.items() if key not in ("blend_index", "blend_frac")}
     meta.update(fit="continuous", chi2_phot=st["chi2p"], fit_mask=st["use"], model_counts=st["model"], corner_index=st["idx"], corner_weight=st["wc"],
                 poly_coef=st["coef"], poly_degree=degree, on_hull=on_hull, converged=converged, covariance=cov,
-                scan_params=match.params, scan_rv=match.rv)
+                start_params=match.params, start_rv=match.rv)
     return MatchResult(index=match.index, params=theta, params_err=err4, rv=v, rv_err=err[:, 4],
                        chi2=st["chi2s"], dof=dof, meta=meta)
 
