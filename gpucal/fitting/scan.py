@@ -414,7 +414,8 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
                                  4 if dtype == xp.float32 else 8, budget, per_row=spectra.wave.ndim == 2)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
-    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
+    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial,
+                                cols=_prior_columns(prior))
     if prior is not None:
         chi2_t = _apply_prior(chi2_t, prior)
     if fast or metric == "huber":
@@ -459,26 +460,62 @@ def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget, per_row=False) -
     return max(1, min(n_t, int((budget - fixed) // per_template)))
 
 
-def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int):
+def _prior_columns(prior):
+    """Templates that some star's ``prior`` (n_star, n_t) allows, (n_c,) indices; None where the scan needs them all.
+
+    Every other node is +inf for every star after :func:`_apply_prior`, so
+    leaving it out of the GEMMs changes no answer. A star whose prior allows
+    nothing is scanned unrestricted: then every template is needed. One
+    host decision per frame (the size of the template subset), not per block.
+    """
+    if prior is None:
+        return None
+    xp = array_namespace(prior)
+    keep = xp.any(prior, axis=0)
+    if not bool(xp.all(xp.any(prior, axis=1))) or bool(xp.all(keep)):
+        return None
+    return xp.nonzero(keep)[0]
+
+
+def _scatter_columns(cols, n_t, val, v, fill_v):
+    """Rows ``cols`` (sorted) of an (n_t, n_star) table from the (n_c, n_star) ``val`` and ``v``: +inf and ``fill_v`` elsewhere."""
+    xp = array_namespace(val)
+    at = xp.arange(n_t, dtype=cols.dtype, device=_device(val))
+    pos = xp.clip(xp.searchsorted(cols, at), 0, cols.shape[0] - 1)  # where template t sits in ``cols``
+    keep = (xp.take(cols, pos, axis=0) == at)[:, None]
+    out_val = xp.where(keep, xp.take(val, pos, axis=0), xp.inf)
+    return out_val, (None if v is None else xp.where(keep, xp.take(v, pos, axis=0), fill_v))
+
+
+def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int, cols=None):
     """χ² of every template for every star, minimised over velocity, and at which velocity index: (n_t, n_star) each.
 
     Exhaustive: every (template, velocity). ``fast``: each star's velocity
     from ``n_fiducial`` templates spread over the grid, then the whole grid
     at that one velocity (one column per star); the velocity indices are then None.
+    ``cols`` (:func:`_prior_columns`): only those templates are scanned, the
+    others are +inf (velocity index that of an all-inf column, the first trial).
     """
     xp = be.xp
     n_t = int(prepared.norm_flux.shape[0])
-    get_block = template_blocks(prepared.norm_flux, be)
+    if cols is None:
+        get_block, n_scan = template_blocks(prepared.norm_flux, be), n_t
+    else:
+        n_scan = int(cols.shape[0])
+
+        def get_block(b0, b1):
+            return gather_templates(prepared.norm_flux, be, cols[b0:b1])
     if not fast:
-        return _scan_exhaustive(get_block, n_t, sh, block_size)
+        val, v = _scan_exhaustive(get_block, n_scan, sh, block_size)
+        return (val, v) if cols is None else _scatter_columns(cols, n_t, val, v, sh.vidx[0, 0])
     fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
     fid_m = gather_templates(prepared.norm_flux, be,
                              xp.asarray(sorted(set(fid)), dtype=xp.int64, device=_device(sh.d)))
     cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
     tf = xp.argmin(cf, axis=0)[None, :]
     kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
-    chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
-    return chi2_t, None
+    chi2_t, _ = _scan_exhaustive(get_block, n_scan, _at_velocity(sh, kfb), block_size)
+    return (chi2_t, None) if cols is None else (_scatter_columns(cols, n_t, chi2_t, None, None)[0], None)
 
 
 def _apply_prior(chi2_t, prior):
