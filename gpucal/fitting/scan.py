@@ -167,12 +167,13 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
         start = xp.asarray([p * length + (a - a0) for a, p in zip(lag, phase)], dtype=xp.int64, device=dev)
     shape = (n_star, n_ph, length)
 
-    def shift(a):
-        return xp.reshape(_to_rest(xq, wave_obs, xp.astype(a, dtype)), shape)
-
-    d = shift(dn)
+    rows = [xp.astype(a, dtype) for a in (dn, good, wn)]
+    if wave_obs.ndim == 1:  # one interpolation of the three stacked: the positions are found once
+        d, g, w = (xp.reshape(a, shape) for a in xp.unstack(_to_rest(xq, wave_obs, xp.stack(rows)), axis=0))
+    else:
+        d, g, w = (xp.reshape(_to_rest(xq, wave_obs, a), shape) for a in rows)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
-    w = xp.where(shift(good) > 0.999, shift(wn), 0.0)
+    w = xp.where(g > 0.999, w, 0.0)
     wd = w * d
     # Σ W D² over every window [r, r + n_q): the row's sum less what lies before
     # and after it, both running sums over the R pixels at the ends (float64).
@@ -431,7 +432,8 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     red = chi2_pix / xp.astype(xp.maximum(dof, 1), xp.float64)
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
     params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
-    meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
+    # observed_good: the usable pixels of normalise_observed, (n_star, n_pix) bool, for the fit to reuse
+    meta = {"rv_at_edge": ~interior, "observed_good": good, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
             "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
