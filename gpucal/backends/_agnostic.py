@@ -10,6 +10,8 @@ Arguments are validated by the public wrappers in ``_ops``; these functions
 assume shapes that satisfy the contracts documented there.
 """
 
+import math
+
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
@@ -68,9 +70,15 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
             f0 = xp.reshape(xp.take(rows, lo, axis=1), fp.shape[:-1] + x.shape)
             f1 = xp.reshape(xp.take(rows, hi, axis=1), fp.shape[:-1] + x.shape)
         else:
-            fpb = xp.broadcast_to(fp, lead + (n,))
-            f0 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(lo, x.shape), lead + (m,)), axis=-1)
-            f1 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(hi, x.shape), lead + (m,)), axis=-1)
+            # Positions per row: one flat take on fp's own rows (row offset + column), never a
+            # broadcast copy of fp nor broadcast index arrays; hi is always lo + 1.
+            f_lead = (1,) * (len(lead) - (fp.ndim - 1)) + tuple(fp.shape[:-1])
+            n_rows = math.prod(f_lead)
+            row = xp.reshape(xp.arange(n_rows, dtype=lo.dtype, device=_device(fp)) * n, f_lead)
+            at = xp.reshape(xp.broadcast_to(row[..., None], lead + (1,)) + xp.reshape(lo, x.shape), (-1,))
+            flat = xp.reshape(fp, (-1,))
+            f0 = xp.reshape(xp.take(flat, at), lead + (m,))
+            f1 = xp.reshape(xp.take(flat, at + 1), lead + (m,))
         f1 = f1 - f0
         f1 = f1 * t
         out = xp.reshape(f0 + f1, lead + (m,))
