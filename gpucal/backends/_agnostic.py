@@ -125,6 +125,29 @@ def _hankel(xp, moments, K):
     return xp.stack(rows, axis=-2)
 
 
+def _savgol_interpolating(xp, y_m, good, window, axis):
+    """``savgol_filter`` with polyorder = window − 1: the polynomial passes through every point of a
+    full window, so a pixel is its own value where its whole window is good (the fitted value is
+    the data, up to the rounding of the solve it skips) and unchanged, not good, elsewhere."""
+    n = y_m.shape[-1]
+    h = window // 2
+    w = xp.astype(good, xp.int64)
+    if h:
+        pad = xp.zeros(w.shape[:-1] + (h,), dtype=xp.int64, device=_device(w))
+        wp = xp.concat([pad, w, pad], axis=-1)
+        count = wp[..., :n]
+        for d in range(1, window):
+            count = count + wp[..., d:d + n]
+        # the first and last h pixels belong to the first / last full window, as in the general case
+        first = xp.broadcast_to(xp.sum(w[..., :window], axis=-1)[..., None], w.shape[:-1] + (h,))
+        last = xp.broadcast_to(xp.sum(w[..., n - window:], axis=-1)[..., None], w.shape[:-1] + (h,))
+        count = xp.concat([first, count[..., h:n - h], last], axis=-1)
+    else:
+        count = w
+    mask_out = good & (count >= window)
+    return xp.moveaxis(y_m, -1, axis), xp.moveaxis(mask_out, -1, axis)
+
+
 def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     """Masked Savitzky–Golay filter by local moment sums over offsets (see ``_ops.savgol_filter``)."""
     xp = array_namespace(y, mask)
@@ -137,6 +160,8 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     n = y_m.shape[-1]
     h = window // 2
     K = polyorder + 1
+    if K == window:
+        return _savgol_interpolating(xp, y_m, good, window, axis)
     w = xp.astype(good, work)
     wy = xp.where(good, xp.astype(y_m, work), 0.0)
 
