@@ -388,6 +388,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         star's ``top_k`` candidates.
     prior : (n_star, n_t) bool, nodes allowed per star (e.g. a colour Teff
         prior); a star whose prior allows nothing is scanned unrestricted.
+        Only the nodes some star may take go through the GEMMs.
     block_size : templates per GEMM block; default from ``max_memory``
         (bytes, or ``$GPUCAL_MAX_MEMORY``, default 1 GiB), counting every
         array the scan holds.
@@ -395,7 +396,9 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     Returns
     -------
     MatchResult: best node, refined parameters and velocity with errors, χ²
-    and degrees of freedom on the frame's pixels.
+    and degrees of freedom on the frame's pixels; ``meta["observed_good"]``
+    (n_star, n_pix) bool, the usable pixels of
+    :func:`~gpucal.fitting.prepare.normalise_observed`, for the fit to reuse.
     """
     if metric not in ("chi2", "huber"):
         raise InputError(f"unknown metric {metric!r}; use chi2 or huber")
@@ -433,8 +436,8 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
     params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
     # observed_good: the usable pixels of normalise_observed, (n_star, n_pix) bool, for the fit to reuse
-    meta = {"rv_at_edge": ~interior, "observed_good": good, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
-            "block_size": block_size, "metric": metric, "fast": fast, **blend}
+    meta = {"rv_at_edge": ~interior, "observed_good": good, "n_velocities": n_vel, "velocity_step": dv,
+            "n_templates": n_t, "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
 
@@ -480,7 +483,10 @@ def _prior_columns(prior):
 
 
 def _scatter_columns(cols, n_t, val, v, fill_v):
-    """Rows ``cols`` (sorted) of an (n_t, n_star) table from the (n_c, n_star) ``val`` and ``v``: +inf and ``fill_v`` elsewhere."""
+    """An (n_t, n_star) table whose rows ``cols`` (sorted) are the (n_c, n_star) ``val`` and ``v``.
+
+    Elsewhere +inf and ``fill_v``.
+    """
     xp = array_namespace(val)
     at = xp.arange(n_t, dtype=cols.dtype, device=_device(val))
     pos = xp.clip(xp.searchsorted(cols, at), 0, cols.shape[0] - 1)  # where template t sits in ``cols``
