@@ -323,8 +323,9 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
     fine = cached_fit_grid(grid, spectra.wave, **lsf)  # once per grid and instrument setting
     term = _photometric_term(grid, phot, ebv_star, match, be, phot_weight)
     cells = cell_grid(fine.params)  # the grid's complete cells, built once for every pass
+    seen = match.meta.get("observed_good") if spectra.wave.ndim == 1 else None  # the scan's outlier pixels
     cur = fit_forward(_own_lsf_counts(spectra, grid, match, fwhm_star, lsf), fine, match, photometry=term,
-                      good_regions=mask_regions, cells=cells)
+                      good_regions=mask_regions, cells=cells, pixels=seen)
     bad = ~cur.meta["converged"] | (cur.chi2 > RESCAN_CHI2_DOF * xp.astype(xp.maximum(cur.dof, 1), xp.float64))
     # the throughput's structure that P cannot follow, common to every fibre, out of the counts; then again
     distinct = duplicate_of(spectra.flux, spectra.var) < 0  # a copied fibre must not count twice

@@ -10,7 +10,7 @@ from gpucal.backends import get_backend, to_numpy
 from gpucal.containers import PreparedGrid, SpectraBatch
 from gpucal.errors import InputError
 from gpucal.fitting import grid_neighbours, match_templates, normalise_observed, prepare_grid, velocity_grid
-from gpucal.fitting.scan import _phase_plan, _scan_exhaustive, _shifted_phases
+from gpucal.fitting.scan import _apply_prior, _phase_plan, _prior_columns, _scan_exhaustive, _scan_grid, _shifted_phases
 from gpucal.simulate import simulate_frame
 from gpucal.templates.demo import demo_grid
 
@@ -93,6 +93,37 @@ def test_scan_chi2_matches_a_loop(backend, sim, vrange):
                 expect[t, s, k] = np.sum(wt * d * d) - a * a / b
     assert_close(best, expect.min(axis=2), rtol=1e-8, backend=backend)
     np.testing.assert_array_equal(to_numpy(lag), expect.argmin(axis=2))
+
+
+def test_prior_scans_only_the_templates_some_star_may_take(backend, sim):
+    """With a colour prior only the union of the stars' allowed nodes is scanned (issue 17); the χ²
+    table after the prior, and every velocity index that can win, equal the whole grid's."""
+    grid = demo_grid()
+    sub = type(grid)(params=grid.params[::20], wave=grid.wave, flux=grid.flux[::20], medium=grid.medium)
+    wave = backend.asarray(sim.wave)
+    prep = prepare_grid(sub, wave, fwhm=FWHM, dtype=backend.xp.float64)
+    spec = _standards(sim, backend)
+    dn, wn, good = normalise_observed(spec)
+    vel = velocity_grid(-60.0, 75.0, 5.0, like=wave)
+    sh = _shifted_phases(prep.wave, wave, dn, wn, good, vel, backend.xp.float64, _phase_plan(prep.wave, vel))
+    n_star, n_t = dn.shape[0], prep.norm_flux.shape[0]
+    allowed = np.zeros((n_star, n_t), dtype=bool)
+    for s in range(n_star):  # each star a window of 3 nodes, none of them allowing the last 2 nodes
+        allowed[s, (2 * s) % (n_t - 4): (2 * s) % (n_t - 4) + 3] = True
+    prior = backend.asarray(allowed)
+    cols = _prior_columns(prior)
+    np.testing.assert_array_equal(to_numpy(cols), np.flatnonzero(allowed.any(axis=0)))
+    for fast in (False, True):
+        full, full_v = _scan_grid(prep, backend, sh, 3, fast=fast, n_fiducial=4)
+        part, part_v = _scan_grid(prep, backend, sh, 3, fast=fast, n_fiducial=4, cols=cols)
+        want = np.where(allowed.T, to_numpy(full), np.inf)
+        np.testing.assert_array_equal(to_numpy(_apply_prior(part, prior)), want)
+        if not fast:
+            np.testing.assert_array_equal(to_numpy(part_v)[allowed.T], to_numpy(full_v)[allowed.T])
+    # a star that the prior allows nothing is scanned unrestricted, so every template is needed
+    allowed[0] = False
+    assert _prior_columns(backend.asarray(allowed)) is None
+    assert _prior_columns(backend.asarray(np.ones((n_star, n_t), dtype=bool))) is None
 
 
 def test_float32_ranks_like_float64(sim):

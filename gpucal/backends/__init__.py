@@ -10,7 +10,7 @@ numerical code that names numpy, cupy, scipy or cupyx:
   native library (numpy on NumPy, cupy on CuPy) where it has the operation
   and agrees, with a portable fallback written in the standard (``_agnostic``);
 * the device at run time (``_runtime``): synchronisation, memory-pool size,
-  device name, for code that times or sizes work.
+  device name, cache-sized blocks, for code that times or sizes work.
 
 It lives at ``gpucal.backends`` rather than a top-level ``backends`` package,
 which would collide with an unrelated PyPI distribution.
@@ -34,7 +34,7 @@ from ._ops import (
     savgol_filter,
     sigma_clip,
 )
-from ._runtime import device_name, memory_pool_bytes, synchronize
+from ._runtime import cache_columns, device_name, memory_pool_bytes, synchronize
 
 __all__ = [
     "BACKEND_NAMES",
@@ -54,4 +54,5 @@ __all__ = [
     "synchronize",
     "memory_pool_bytes",
     "device_name",
+    "cache_columns",
 ]

@@ -10,6 +10,8 @@ Arguments are validated by the public wrappers in ``_ops``; these functions
 assume shapes that satisfy the contracts documented there.
 """
 
+import math
+
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
@@ -68,9 +70,15 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
             f0 = xp.reshape(xp.take(rows, lo, axis=1), fp.shape[:-1] + x.shape)
             f1 = xp.reshape(xp.take(rows, hi, axis=1), fp.shape[:-1] + x.shape)
         else:
-            fpb = xp.broadcast_to(fp, lead + (n,))
-            f0 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(lo, x.shape), lead + (m,)), axis=-1)
-            f1 = xp.take_along_axis(fpb, xp.broadcast_to(xp.reshape(hi, x.shape), lead + (m,)), axis=-1)
+            # Positions per row: one flat take on fp's own rows (row offset + column), never a
+            # broadcast copy of fp nor broadcast index arrays; hi is always lo + 1.
+            f_lead = (1,) * (len(lead) - (fp.ndim - 1)) + tuple(fp.shape[:-1])
+            n_rows = math.prod(f_lead)
+            row = xp.reshape(xp.arange(n_rows, dtype=lo.dtype, device=_device(fp)) * n, f_lead)
+            at = xp.reshape(xp.broadcast_to(row[..., None], lead + (1,)) + xp.reshape(lo, x.shape), (-1,))
+            flat = xp.reshape(fp, (-1,))
+            f0 = xp.reshape(xp.take(flat, at), lead + (m,))
+            f1 = xp.reshape(xp.take(flat, at + 1), lead + (m,))
         f1 = f1 - f0
         f1 = f1 * t
         out = xp.reshape(f0 + f1, lead + (m,))
@@ -117,6 +125,29 @@ def _hankel(xp, moments, K):
     return xp.stack(rows, axis=-2)
 
 
+def _savgol_interpolating(xp, y_m, good, window, axis):
+    """``savgol_filter`` with polyorder = window − 1: the polynomial passes through every point of a
+    full window, so a pixel is its own value where its whole window is good (the fitted value is
+    the data, up to the rounding of the solve it skips) and unchanged, not good, elsewhere."""
+    n = y_m.shape[-1]
+    h = window // 2
+    w = xp.astype(good, xp.int64)
+    if h:
+        pad = xp.zeros(w.shape[:-1] + (h,), dtype=xp.int64, device=_device(w))
+        wp = xp.concat([pad, w, pad], axis=-1)
+        count = wp[..., :n]
+        for d in range(1, window):
+            count = count + wp[..., d:d + n]
+        # the first and last h pixels belong to the first / last full window, as in the general case
+        first = xp.broadcast_to(xp.sum(w[..., :window], axis=-1)[..., None], w.shape[:-1] + (h,))
+        last = xp.broadcast_to(xp.sum(w[..., n - window:], axis=-1)[..., None], w.shape[:-1] + (h,))
+        count = xp.concat([first, count[..., h:n - h], last], axis=-1)
+    else:
+        count = w
+    mask_out = good & (count >= window)
+    return xp.moveaxis(y_m, -1, axis), xp.moveaxis(mask_out, -1, axis)
+
+
 def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     """Masked Savitzky–Golay filter by local moment sums over offsets (see ``_ops.savgol_filter``)."""
     xp = array_namespace(y, mask)
@@ -129,6 +160,8 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     n = y_m.shape[-1]
     h = window // 2
     K = polyorder + 1
+    if K == window:
+        return _savgol_interpolating(xp, y_m, good, window, axis)
     w = xp.astype(good, work)
     wy = xp.where(good, xp.astype(y_m, work), 0.0)
 

@@ -1,4 +1,4 @@
-"""The device at run time: waiting for it, its memory pool, its name.
+"""The device at run time: waiting for it, its memory pool, its name, how to block work for it.
 
 Host-side helpers for code that times or sizes work (``gpucal bench``), so
 that it names no CuPy API itself. Each takes a :class:`Backend` or an array
@@ -14,11 +14,14 @@ import os
 import platform
 
 from array_api_compat import device as _device
-from array_api_compat import is_cupy_namespace
+from array_api_compat import is_array_api_strict_namespace, is_cupy_namespace, is_numpy_namespace
 
 from ._select import Backend, array_namespace
 
-__all__ = ["synchronize", "memory_pool_bytes", "device_name"]
+__all__ = ["synchronize", "memory_pool_bytes", "device_name", "cache_columns"]
+
+#: float64 elements per block that keep a streaming loop's working set within a CPU core's L2 cache.
+HOST_BLOCK_ELEMENTS = 1 << 16
 
 
 def _namespace_and_device(backend_or_array):
@@ -72,3 +75,17 @@ def device_name(backend_or_array) -> str:
         name = cupy.cuda.runtime.getDeviceProperties(_cuda_device(dev).id)["name"]
         return name.decode() if isinstance(name, bytes) else str(name)
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def cache_columns(x, rows: int) -> int | None:
+    """Columns per block for a loop that streams many passes over a (rows, n) array, or None: no blocking.
+
+    On the host (NumPy, array-api-strict) each pass over a whole large array
+    goes to memory; blocks of about :data:`HOST_BLOCK_ELEMENTS` elements stay
+    in the cache, at the price of one Python step per block. A GPU (CuPy,
+    and any other namespace) gets the whole row: there a block is a kernel launch.
+    """
+    xp = array_namespace(x)
+    if not (is_numpy_namespace(xp) or is_array_api_strict_namespace(xp)):
+        return None
+    return max(256, HOST_BLOCK_ELEMENTS // max(int(rows), 1))

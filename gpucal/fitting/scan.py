@@ -167,12 +167,13 @@ def _shifted_phases(wq, wave_obs, dn, wn, good, velocities, dtype, plan) -> _Shi
         start = xp.asarray([p * length + (a - a0) for a, p in zip(lag, phase)], dtype=xp.int64, device=dev)
     shape = (n_star, n_ph, length)
 
-    def shift(a):
-        return xp.reshape(_to_rest(xq, wave_obs, xp.astype(a, dtype)), shape)
-
-    d = shift(dn)
+    rows = [xp.astype(a, dtype) for a in (dn, good, wn)]
+    if wave_obs.ndim == 1:  # one interpolation of the three stacked: the positions are found once
+        d, g, w = (xp.reshape(a, shape) for a in xp.unstack(_to_rest(xq, wave_obs, xp.stack(rows)), axis=0))
+    else:
+        d, g, w = (xp.reshape(_to_rest(xq, wave_obs, a), shape) for a in rows)
     # A working pixel next to a bad pixel borrows from it: drop it instead.
-    w = xp.where(shift(good) > 0.999, shift(wn), 0.0)
+    w = xp.where(g > 0.999, w, 0.0)
     wd = w * d
     # Σ W D² over every window [r, r + n_q): the row's sum less what lies before
     # and after it, both running sums over the R pixels at the ends (float64).
@@ -387,6 +388,7 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         star's ``top_k`` candidates.
     prior : (n_star, n_t) bool, nodes allowed per star (e.g. a colour Teff
         prior); a star whose prior allows nothing is scanned unrestricted.
+        Only the nodes some star may take go through the GEMMs.
     block_size : templates per GEMM block; default from ``max_memory``
         (bytes, or ``$GPUCAL_MAX_MEMORY``, default 1 GiB), counting every
         array the scan holds.
@@ -394,7 +396,9 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     Returns
     -------
     MatchResult: best node, refined parameters and velocity with errors, χ²
-    and degrees of freedom on the frame's pixels.
+    and degrees of freedom on the frame's pixels; ``meta["observed_good"]``
+    (n_star, n_pix) bool, the usable pixels of
+    :func:`~gpucal.fitting.prepare.normalise_observed`, for the fit to reuse.
     """
     if metric not in ("chi2", "huber"):
         raise InputError(f"unknown metric {metric!r}; use chi2 or huber")
@@ -414,7 +418,8 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
         block_size = _block_size(dn.shape[0], n_t, n_vel, int(prepared.wave.shape[0]), plan,
                                  4 if dtype == xp.float32 else 8, budget, per_row=spectra.wave.ndim == 2)
     sh = _shifted_phases(prepared.wave, spectra.wave, dn, wn, good, velocities, dtype, plan)
-    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial)
+    chi2_t, vidx_t = _scan_grid(prepared, be, sh, block_size, fast=fast, n_fiducial=n_fiducial,
+                                cols=_prior_columns(prior))
     if prior is not None:
         chi2_t = _apply_prior(chi2_t, prior)
     if fast or metric == "huber":
@@ -430,9 +435,10 @@ def match_templates(spectra: SpectraBatch, prepared: PreparedGrid, *, velocities
     red = chi2_pix / xp.astype(xp.maximum(dof, 1), xp.float64)
     rv_err = rv_err * xp.sqrt(xp.maximum(red, 1.0))
     params, params_err, blend = node_parameters(*observed, prepared, tbest, rv, red, refine=refine)
-    meta = {"rv_at_edge": ~interior, "n_velocities": n_vel, "velocity_step": dv, "n_templates": n_t,
+    # observed_good: the usable pixels of normalise_observed, (n_star, n_pix) bool, for the fit to reuse
+    meta = {"rv_at_edge": ~interior, "observed_good": good, "n_velocities": n_vel, "velocity_step": dv,
             "vrange_min": float(velocities[0]), "vrange_max": float(velocities[n_vel - 1]),
-            "block_size": block_size, "metric": metric, "fast": fast, **blend}
+            "n_templates": n_t, "block_size": block_size, "metric": metric, "fast": fast, **blend}
     return MatchResult(index=tbest, params=params, params_err=params_err, rv=rv, rv_err=rv_err,
                        chi2=chi2_pix, dof=dof, meta=meta)
 
@@ -460,26 +466,65 @@ def _block_size(n_star, n_t, n_vel, nq, plan, itemsize, budget, per_row=False) -
     return max(1, min(n_t, int((budget - fixed) // per_template)))
 
 
-def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int):
+def _prior_columns(prior):
+    """Templates that some star's ``prior`` (n_star, n_t) allows, (n_c,) indices; None where the scan needs them all.
+
+    Every other node is +inf for every star after :func:`_apply_prior`, so
+    leaving it out of the GEMMs changes no answer. A star whose prior allows
+    nothing is scanned unrestricted: then every template is needed. One
+    host decision per frame (the size of the template subset), not per block.
+    """
+    if prior is None:
+        return None
+    xp = array_namespace(prior)
+    keep = xp.any(prior, axis=0)
+    if not bool(xp.all(xp.any(prior, axis=1))) or bool(xp.all(keep)):
+        return None
+    return xp.nonzero(keep)[0]
+
+
+def _scatter_columns(cols, n_t, val, v, fill_v):
+    """An (n_t, n_star) table whose rows ``cols`` (sorted) are the (n_c, n_star) ``val`` and ``v``.
+
+    Elsewhere +inf and ``fill_v``.
+    """
+    xp = array_namespace(val)
+    at = xp.arange(n_t, dtype=cols.dtype, device=_device(val))
+    pos = xp.clip(xp.searchsorted(cols, at), 0, cols.shape[0] - 1)  # where template t sits in ``cols``
+    keep = (xp.take(cols, pos, axis=0) == at)[:, None]
+    out_val = xp.where(keep, xp.take(val, pos, axis=0), xp.inf)
+    return out_val, (None if v is None else xp.where(keep, xp.take(v, pos, axis=0), fill_v))
+
+
+def _scan_grid(prepared: PreparedGrid, be, sh: _Shifted, block_size, *, fast: bool, n_fiducial: int, cols=None):
     """χ² of every template for every star, minimised over velocity, and at which velocity index: (n_t, n_star) each.
 
     Exhaustive: every (template, velocity). ``fast``: each star's velocity
     from ``n_fiducial`` templates spread over the grid, then the whole grid
     at that one velocity (one column per star); the velocity indices are then None.
+    ``cols`` (:func:`_prior_columns`): only those templates are scanned, the
+    others are +inf (velocity index that of an all-inf column, the first trial).
     """
     xp = be.xp
     n_t = int(prepared.norm_flux.shape[0])
-    get_block = template_blocks(prepared.norm_flux, be)
+    if cols is None:
+        get_block, n_scan = template_blocks(prepared.norm_flux, be), n_t
+    else:
+        n_scan = int(cols.shape[0])
+
+        def get_block(b0, b1):
+            return gather_templates(prepared.norm_flux, be, cols[b0:b1])
     if not fast:
-        return _scan_exhaustive(get_block, n_t, sh, block_size)
+        val, v = _scan_exhaustive(get_block, n_scan, sh, block_size)
+        return (val, v) if cols is None else _scatter_columns(cols, n_t, val, v, sh.vidx[0, 0])
     fid = [round(i * (n_t - 1) / max(n_fiducial - 1, 1)) for i in range(min(n_fiducial, n_t))]
     fid_m = gather_templates(prepared.norm_flux, be,
                              xp.asarray(sorted(set(fid)), dtype=xp.int64, device=_device(sh.d)))
     cf, kf = _scan_exhaustive(lambda a, b: fid_m[a:b, :], fid_m.shape[0], sh, block_size)
     tf = xp.argmin(cf, axis=0)[None, :]
     kfb = xp.take_along_axis(kf, tf, axis=0)[0, :]
-    chi2_t, _ = _scan_exhaustive(get_block, n_t, _at_velocity(sh, kfb), block_size)
-    return chi2_t, None
+    chi2_t, _ = _scan_exhaustive(get_block, n_scan, _at_velocity(sh, kfb), block_size)
+    return (chi2_t, None) if cols is None else (_scatter_columns(cols, n_t, chi2_t, None, None)[0], None)
 
 
 def _apply_prior(chi2_t, prior):
