@@ -504,7 +504,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     requires); out, overwrite : the output FITS; backend : name or Backend (default
     ``GPUCAL_BACKEND`` / auto).
 
-    combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
+    combine : ``"weighted_mean"``, ``"floored_mean"`` (each star's variance with its model-error
+    floor, :mod:`gpucal.calibration.combine`) or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
     metric : ``"chi2"`` or ``"huber"``; vrange : (vmin, vmax, step) km/s; mask_regions : (lo, hi) Å
     bands left out of the fit and the vectors; bands : catalogue bands to use (default every
     Refcat2 band present; one the grid does not cover is reported and left out); match_radius :
