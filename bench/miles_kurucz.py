@@ -7,7 +7,9 @@ smooth throughput (a Gaussian in ln λ, no ripple) and given Gaussian noise at S
 Its g and r (speclite, Pan-STARRS) are the catalogue. The frame is calibrated by
 gpucal.pipeline.calibrate_frame(fit="continuous") and, per star, the script prints and writes the
 catalogue Teff/logg/[Fe/H], the fitted values ± errors and the fit's flags (match.meta: converged,
-on_hull, fit_fallback), then the summary statistics. The grid spans logg 4.0-4.5 and [Fe/H] -2..0
+on_hull, fit_fallback), then the summary statistics. A star that fell back to the node path is
+reported with the node path's parameters (those the pipeline uses) and, under ``fit_own``, the
+continuous fit's own. The grid spans logg 4.0-4.5 and [Fe/H] -2..0
 only: a star outside those is fitted (it is inside in Teff) and marked ``logg_outside`` /
 ``feh_outside``; its hull flag is expected.
 
@@ -69,12 +71,14 @@ def write_miles_frame(stars, directory, *, snr=50.0, seed=5, wave_range=(3700.0,
             wave = h[0].header["CRVAL1"] + h[0].header["CDELT1"] * np.arange(f.size)
             sig = np.sqrt(FWHM**2 - h[0].header.get("FWHM", 2.5) ** 2) / 2.3548200450309493 / h[0].header["CDELT1"]
         flux.append(gaussian_filter1d(f, sig))
-    sel = (wave > wave_range[0]) & (wave < wave_range[1])
+    sel = (wave > 3700.0) & (wave < 7300.0)  # the photometry on the whole spectrum, the frame on wave_range
     wave, flux = wave[sel], np.array(flux)[:, sel]
     filt = speclite.filters.load_filters("panstarrs-g", "panstarrs-r")
     r = np.asarray(filt.get_ab_magnitudes(flux * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA)["panstarrs-r"])
     flux = flux * 10 ** (-0.4 * (15.0 - r))[:, None] / 1e-13  # r = 15, in units of 1e-13 erg/s/cm²/Å
     mags = filt.get_ab_magnitudes(flux * 1e-13 * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA)
+    sel = (wave > wave_range[0]) & (wave < wave_range[1])
+    wave, flux = wave[sel], flux[:, sel]
     counts = flux * throughput(wave)
     var = (counts / snr) ** 2
     counts = counts + np.random.default_rng(seed).standard_normal(counts.shape) * np.sqrt(var)
@@ -106,12 +110,18 @@ def calibrate_with_flags(frame, cat, **kw):
         seen["params_err"] = to_numpy(m.params_err)
         return m
 
-    pl._fit = spy
+    own = pl.with_node_fallback
+
+    def spy_fallback(fit, node):  # the fit's own answer, before a star that did not converge takes the node's
+        seen["fit_params"], seen["fit_err"] = to_numpy(fit.params), to_numpy(fit.params_err)
+        return own(fit, node)
+
+    pl._fit, pl.with_node_fallback = spy, spy_fallback
     try:
         res = pl.calibrate_frame(frame, templates=KURUCZ, photometry=cat, fwhm=FWHM, fit="continuous",
                                  backend="numpy", **kw)
     finally:
-        pl._fit = inner
+        pl._fit, pl.with_node_fallback = inner, own
     return res, seen
 
 
@@ -127,6 +137,8 @@ def star_rows(stars, res, flags):
             row[f"{key}_fit"] = float(tab[col][i])
             row[f"{key}_err"] = float(flags["params_err"][k, j])
         row.update({f: bool(flags[f][k]) if f in flags else None for f in ("converged", "on_hull", "fit_fallback")})
+        if row["fit_fallback"] and "fit_params" in flags:  # the table holds the node's; the fit's own too
+            row.update(fit_own={key: float(flags["fit_params"][k, j]) for j, key in enumerate(("teff", "logg", "feh"))})
         row.update(used=bool(tab["USED"][i]), dteff=row["teff_fit"] - s["teff"], dlogg=row["logg_fit"] - s["logg"],
                    dfeh=row["feh_fit"] - s["feh"],
                    logg_outside=not GRID_LOGG[0] <= s["logg"] <= GRID_LOGG[1],
@@ -174,7 +186,9 @@ def main(argv=None):
               f"{r['logg_fit']:5.2f} ± {r['logg_err'] or 0:.2f} {r['feh_cat']:10.2f} {r['feh_fit']:6.2f} ± "
               f"{r['feh_err'] or 0:.2f}  {r['converged']!s:>4} {r['on_hull']!s:>4} {r['fit_fallback']!s:>4} "
               f"{r['used']!s:>4}{'  logg outside grid' if r['logg_outside'] else ''}"
-              f"{'  [Fe/H] outside grid' if r['feh_outside'] else ''}")
+              f"{'  [Fe/H] outside grid' if r['feh_outside'] else ''}"
+              + (f"  fit's own: {r['fit_own']['teff']:.0f} {r['fit_own']['logg']:.2f} {r['fit_own']['feh']:.2f}"
+                 if r.get("fit_own") else ""))
     stats = summary(rows)
     print(json.dumps(stats, indent=1))
     if args.out:
