@@ -57,22 +57,25 @@ def test_a_tilted_star_with_a_tiny_variance_cannot_drag_the_combination(backend)
     assert np.all(to_numpy(floored.summary["floor"]) >= 0)
 
 
-def _floor_oracle(cal, mask, ref, window):
-    """f per star: RMS over its good pixels of the running linear fit (numpy.polyfit) to cal / ref − 1
-    (scipy's savgol mode="interp" at the ends)."""
+def _floor_oracle(cal, var, mask, ref, window):
+    """f per star: the precision-weighted mean square of the running linear fit (numpy.polyfit) to
+    cal / ref − 1 (scipy's savgol mode="interp" at the ends), less its photon part v / window."""
     h = window // 2
     out = np.zeros(cal.shape[0])
     for i in range(cal.shape[0]):
         r = cal[i] / ref - 1.0
-        sm = []
+        num = den = 0.0
         for p in range(cal.shape[1]):
             if not mask[i, p]:
                 continue
             lo = min(max(p - h, 0), cal.shape[1] - window)  # the ends: the first/last full window, off centre
             j = np.arange(lo, lo + window)
             j = j[mask[i, j]]
-            sm.append(np.polyval(np.polyfit(j - p, r[j], 1), 0.0))
-        out[i] = np.sqrt(np.mean(np.square(sm)))
+            s = np.polyval(np.polyfit(j - p, r[j], 1), 0.0)
+            v = var[i, p] / ref[p] ** 2
+            num += (s * s - v / window) / v
+            den += 1.0 / v
+        out[i] = np.sqrt(max(num / den, 0.0))
     return out
 
 
@@ -83,7 +86,7 @@ def test_floored_weights_match_a_brute_force_oracle(backend):
                                       floor_window=window, floor_iter=n_iter)
     ref = np.array([np.median(cal[mask[:, p], p]) for p in range(N_PIX)])  # the oracle, pixel by pixel
     for _ in range(n_iter):
-        f = _floor_oracle(cal, mask, ref, window)
+        f = _floor_oracle(cal, var, mask, ref, window)
         fvar = var + (f[:, None] * ref[None, :]) ** 2
         w = np.where(mask, 1.0 / fvar, 0.0)
         ref = np.sum(w * cal, axis=0) / np.sum(w, axis=0)
@@ -94,12 +97,16 @@ def test_floored_weights_match_a_brute_force_oracle(backend):
     assert_close(res.summary["weight_share"][4:], [share], rtol=1e-9, backend=backend)
 
 
-def test_model_floor_of_a_star_equal_to_the_reference_is_zero(xp):
+def test_model_floor_of_a_noiseless_star_equal_to_the_reference_is_zero(xp):
+    x = np.linspace(-1.0, 1.0, 50)
     cal = np.tile(np.linspace(1.0, 2.0, 50), (2, 1))
-    cal[1] *= 1.0 + 0.02 * np.linspace(-1.0, 1.0, 50)
-    f = model_floor(xp.asarray(cal), xp.asarray(np.ones(cal.shape, bool)), xp.asarray(cal[0]), window=11)
-    np.testing.assert_allclose(to_numpy(f), [0.0, 0.02 * np.sqrt(np.mean(np.linspace(-1, 1, 50) ** 2))],
-                               atol=1e-12)
+    cal[1] *= 1.0 + 0.02 * x
+    ivar = np.full(cal.shape, 1e12)  # no photon part left to subtract
+    f = model_floor(xp.asarray(cal), xp.asarray(ivar), xp.asarray(np.ones(cal.shape, bool)), xp.asarray(cal[0]),
+                    window=11)
+    u = cal[0] ** 2
+    expect = 0.02 * np.sqrt(np.sum(u * x**2) / np.sum(u))
+    np.testing.assert_allclose(to_numpy(f), [0.0, expect], rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_method_is_refused(backend):

@@ -15,12 +15,14 @@ template would hold most of the inverse-variance weight and drag the mean. Each
 star's variance gets + (f_i · c)², c the combined vector, f_i the star's model
 error: the RMS over its pixels of its fractional residual about c, cal_i / c − 1,
 smoothed over ``floor_window`` pixels (a running linear fit, which averages the
-photon noise away — σ/√window — and keeps the smooth part a template error
-makes). c starts as the per-pixel median of the stars (one wild star cannot set
+photon noise down to σ/√window and keeps the smooth part a template error
+makes), each pixel weighted by its precision and that photon part subtracted
+(so a star's noisy blue end does not set its floor). c starts as the per-pixel median of the stars (one wild star cannot set
 it) and is then the floored weighted mean itself, ``floor_iter`` times. A star
 that agrees with the others keeps a floor at the photon level of its smoothed
 residual; a star tilted by a fraction a gets f ≈ a/√3 and its weight at most
-~1/f² of c², whatever its photon variance. ``summary["floor"]`` holds f
+~1/(f c)², whatever its photon variance. The combined variance is then
+1/Σ of the floored inverse variances: it carries the model errors too. ``summary["floor"]`` holds f
 (n_star,), ``summary["weight_share"]`` each star's median share of the per-pixel
 weight (NaN for the median, which has no weights).
 
@@ -174,23 +176,29 @@ def _reject_discrepant(cal, mask, usable, reject_nsigma, reject_floor):
     return level, discrepant, usable & has_level & ~discrepant
 
 
-def model_floor(cal, mask, ref, *, window: int = 51):
+def model_floor(cal, ivar, mask, ref, *, window: int = 51):
     """Each star's model-error floor f (n_star,): the RMS of its smoothed fractional residual about ``ref``.
 
-    cal, mask : (n_star, n_pix); ref : (n_pix,) the combined vector (NaN or <= 0 where unknown).
-    The residual cal / ref − 1 over the star's good pixels is smoothed by a running linear fit
-    over ``window`` pixels (masked pixels have no weight), and f is the RMS of the smoothed
-    residual over the pixels it covers; 0 for a star with none.
+    cal, ivar, mask : (n_star, n_pix); ref : (n_pix,) the combined vector (NaN or <= 0 where unknown).
+    The residual r = cal / ref − 1 over the star's good pixels is smoothed by a running linear fit
+    over ``window`` pixels (s; masked pixels have no weight). Its mean square is weighted by the
+    pixels' precision, u = 1 / v with v = 1 / (ivar ref²) the relative variance, so the pixels
+    the star measures well set f and its noisy ends (a blue cut-off) do not, and the photon
+    noise left in s (≈ v / window) is subtracted:
+    f² = max(Σ u (s² − v / window) / Σ u, 0). 0 for a star with no pixel.
     """
     xp = array_namespace(cal)
     ok = xp.isfinite(ref) & (ref > 0)
-    good = mask & ok[None, :]
-    r = xp.where(good, cal / xp.where(ok, ref, 1.0)[None, :] - 1.0, 0.0)
+    good = mask & ok[None, :] & (ivar > 0)
+    refs = xp.where(ok, ref, 1.0)[None, :]
+    r = xp.where(good, cal / refs - 1.0, 0.0)
     sm, sm_good = savgol_filter(r, good, window=int(window) | 1, polyorder=1)
     sm_good = sm_good & good
+    u = xp.where(sm_good, ivar * refs * refs, 0.0)  # 1 / v
     n = xp.sum(xp.astype(sm_good, cal.dtype), axis=1)
-    ss = xp.sum(xp.where(sm_good, sm * sm, 0.0), axis=1)
-    return xp.sqrt(ss / xp.where(n > 0, n, 1.0))
+    usum = xp.sum(u, axis=1)
+    ms = xp.sum(xp.where(sm_good, u * sm * sm, 0.0), axis=1) - n / float(int(window) | 1)
+    return xp.sqrt(xp.maximum(ms / xp.where(usum > 0, usum, 1.0), 0.0))
 
 
 def _floored_ivar(cal, ivar, mask, nsigma, maxiter, window, n_iter):
@@ -199,7 +207,7 @@ def _floored_ivar(cal, ivar, mask, nsigma, maxiter, window, n_iter):
     ref = masked_median(cal, mask, axis=0)
     floored, f = ivar, xp.zeros(cal.shape[:1], dtype=cal.dtype, device=_device(cal))
     for _ in range(max(int(n_iter), 1)):  # a fixed count of passes: no host round trip
-        f = model_floor(cal, mask, ref, window=window)
+        f = model_floor(cal, ivar, mask, ref, window=window)
         ok = xp.isfinite(ref) & (ref > 0)
         extra = (f[:, None] * xp.where(ok, ref, 0.0)[None, :]) ** 2
         pos = mask & (ivar > 0)
