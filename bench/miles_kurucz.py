@@ -14,6 +14,7 @@ only: a star outside those is fitted (it is inside in Teff) and marked ``logg_ou
 ``feh_outside``; its hull flag is expected.
 
 Usage: PYTHONPATH=$PWD python3 bench/miles_kurucz.py --out bench/results/miles_kurucz_vm.json
+(also writes the note's table, bench/results/miles_kurucz_vm.md)
 """
 
 from __future__ import annotations
@@ -163,6 +164,30 @@ def summary(rows):
     return dict(all=stats(rows), inside_grid=stats(inside))
 
 
+def markdown(rows, skipped, stats):
+    """The note's table: one line per star, then the skipped stars and the summary."""
+    out = ["| star | Teff cat | Teff fit | logg cat | logg fit | [Fe/H] cat | [Fe/H] fit | conv | hull | fallback | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = ", ".join(n for n, on in (("logg outside grid", r["logg_outside"]),
+                                         ("[Fe/H] outside grid", r["feh_outside"])) if on)
+        if r.get("fit_own"):
+            note += (", " if note else "") + "fit's own: {teff:.0f} / {logg:.2f} / {feh:.2f}".format(**r["fit_own"])
+        out.append(f"| M{r['id']} | {r['teff_cat']:.0f} | {r['teff_fit']:.0f} ± {r['teff_err']:.0f} | {r['logg_cat']:.2f} | "
+                   f"{r['logg_fit']:.2f} ± {r['logg_err']:.2f} | {r['feh_cat']:+.2f} | {r['feh_fit']:+.2f} ± "
+                   f"{r['feh_err']:.2f} | {'yes' if r['converged'] else 'NO'} | {'yes' if r['on_hull'] else ''} | "
+                   f"{'yes' if r['fit_fallback'] else ''} | {note} |")
+    out.append("")
+    out.append("Skipped: " + "; ".join(f"M{s['id']} ({s['why']})" for s in skipped))
+    for key, st in stats.items():
+        if st:
+            out.append(f"{key}: n {st['n']}, converged {st['n_converged']}, on hull {st['n_on_hull']}, fell back "
+                       f"{st['n_fallback']}; median |ΔTeff| {st['median_abs_dteff']:.0f} K, mean ΔTeff "
+                       f"{st['mean_dteff']:+.0f} K, median |Δlogg| {st['median_abs_dlogg']:.2f}, median |Δ[Fe/H]| "
+                       f"{st['median_abs_dfeh']:.2f}")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snr", type=float, default=50.0)
@@ -192,6 +217,8 @@ def main(argv=None):
     stats = summary(rows)
     print(json.dumps(stats, indent=1))
     if args.out:
+        with open(args.out.rsplit(".", 1)[0] + ".md", "w", encoding="utf-8") as fh:
+            fh.write(markdown(rows, skipped, stats))
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"machine": args.machine, "snr": args.snr, "seed": args.seed, "fwhm": FWHM, "wall_s": wall,
                        "timing_s": res.summary.get("timing_s"), "skipped": skipped, "stars": rows, "summary": stats},
