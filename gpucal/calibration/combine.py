@@ -185,19 +185,24 @@ def model_floor(cal, ivar, mask, ref, *, window: int = 51):
     pixels' precision, u = 1 / v with v = 1 / (ivar ref²) the relative variance, so the pixels
     the star measures well set f and its noisy ends (a blue cut-off) do not, and the photon
     noise left in s (≈ v / window) is subtracted:
-    f² = max(Σ u (s² − v / window) / Σ u, 0). 0 for a star with no pixel.
+    f² = max(Σ u (s² − v / window) / Σ u, 0). 0 for a star with no pixel. A vector shorter than
+    ``window`` is smoothed over its whole length (0 below 3 pixels).
     """
     xp = array_namespace(cal)
+    n_pix = cal.shape[-1]
+    window = min(int(window) | 1, n_pix if n_pix % 2 else n_pix - 1)  # a short vector: its whole length
+    if window < 3:
+        return xp.zeros(cal.shape[:1], dtype=cal.dtype, device=_device(cal))
     ok = xp.isfinite(ref) & (ref > 0)
     good = mask & ok[None, :] & (ivar > 0)
     refs = xp.where(ok, ref, 1.0)[None, :]
     r = xp.where(good, cal / refs - 1.0, 0.0)
-    sm, sm_good = savgol_filter(r, good, window=int(window) | 1, polyorder=1)
+    sm, sm_good = savgol_filter(r, good, window=window, polyorder=1)
     sm_good = sm_good & good
     u = xp.where(sm_good, ivar * refs * refs, 0.0)  # 1 / v
     n = xp.sum(xp.astype(sm_good, cal.dtype), axis=1)
     usum = xp.sum(u, axis=1)
-    ms = xp.sum(xp.where(sm_good, u * sm * sm, 0.0), axis=1) - n / float(int(window) | 1)
+    ms = xp.sum(xp.where(sm_good, u * sm * sm, 0.0), axis=1) - n / float(window)
     return xp.sqrt(xp.maximum(ms / xp.where(usum > 0, usum, 1.0), 0.0))
 
 
