@@ -188,7 +188,9 @@ def _add_scan_options(p):
 
 def _add_calibration_options(p):
     """The calibrate_frame options ``demo`` and ``calibrate`` share (dest = the parameter's name)."""
-    p.add_argument("--combine", choices=("weighted_mean", "median"), default="weighted_mean")
+    p.add_argument("--combine", choices=("weighted_mean", "floored_mean", "median"), default="floored_mean",
+                   help="combination of the standards' vectors: inverse-variance mean, the same with each "
+                        "star's model-error floor, or median (gpucal.calibration.combine)")
     p.add_argument("--smooth", type=int, default=0, metavar="N",
                    help="Savitzky-Golay window in pixels for the combined vector (0 = none)")
     p.add_argument("--metric", choices=("chi2", "huber"), default="chi2",

@@ -558,7 +558,7 @@ class _Clock:
 
 def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm_poly=None,
                     resolution=None, out=None, overwrite=False, backend=None,
-                    combine="weighted_mean", smooth=0, metric="chi2", vrange=(-500.0, 500.0, 5.0),
+                    combine="floored_mean", smooth=0, metric="chi2", vrange=(-500.0, 500.0, 5.0),
                     mask_regions=TELLURIC_DEFAULT, bands=None, match_radius=1.0, min_stars=1,
                     max_chi2_dof=None, max_memory=None, dtype="float32", ebv=None, teff_prior=True,
                     max_phot_dev=0.3, fast=False, max_frame_chi2_dof=MAX_FRAME_CHI2_DOF,
@@ -573,7 +573,8 @@ def calibrate_frame(frame, *, templates="demo", photometry=None, fwhm=None, fwhm
     requires); out, overwrite : the output FITS; backend : name or Backend (default
     ``GPUCAL_BACKEND`` / auto).
 
-    combine : ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
+    combine : ``"floored_mean"`` (default: the inverse-variance mean, each star's variance with its
+    model-error floor, :mod:`gpucal.calibration.combine`), ``"weighted_mean"`` or ``"median"``; smooth : Savitzky–Golay window (px, 0 = none);
     metric : ``"chi2"`` or ``"huber"``; vrange : (vmin, vmax, step) km/s; mask_regions : (lo, hi) Å
     bands left out of the fit and the vectors; bands : catalogue bands to use (default every
     Refcat2 band present; one the grid does not cover is reported and left out); match_radius :

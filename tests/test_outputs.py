@@ -204,7 +204,7 @@ def test_provenance_names_the_inputs_and_their_hashes(calibrated):
 
     params = set(inspect.signature(calibrate_frame).parameters) - {"command_line"}
     assert {k[len("option."):] for k in prov if k.startswith("option.")} == params
-    assert prov["option.combine"] == "weighted_mean" and prov["option.fwhm"] == "2.0"
+    assert prov["option.combine"] == "floored_mean" and prov["option.fwhm"] == "2.0"
     # the scatter in per cent, rounded, beside the fraction
     rms = c["res"].summary["rms_scatter"]
     assert hdr["FCALRMSP"] == round(100 * rms, 3) and c["res"].summary["rms_scatter_percent"] == round(100 * rms, 3)

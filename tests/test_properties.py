@@ -146,7 +146,7 @@ def _take(vec, idx):
 
 
 @FAST
-@given(vec=star_vectors(), method=st.sampled_from(["weighted_mean", "median"]), data=st.data())
+@given(vec=star_vectors(), method=st.sampled_from(["weighted_mean", "floored_mean", "median"]), data=st.data())
 def test_combination_does_not_depend_on_the_order_of_the_stars(vec, method, data):
     perm = np.asarray(data.draw(st.permutations(list(range(vec.cal.shape[0])))))
     a = combine_calibration_vectors(vec, method=method)
@@ -161,7 +161,7 @@ def test_combination_does_not_depend_on_the_order_of_the_stars(vec, method, data
 
 
 @FAST
-@given(vec=star_vectors(), method=st.sampled_from(["weighted_mean", "median"]))
+@given(vec=star_vectors(), method=st.sampled_from(["weighted_mean", "floored_mean", "median"]))
 def test_duplicating_every_star_leaves_the_combined_vector(vec, method):
     n = vec.cal.shape[0]
     a = combine_calibration_vectors(vec, method=method)

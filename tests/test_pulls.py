@@ -41,7 +41,7 @@ def _vectors(backend, cal, var):
                               mask=backend.asarray(np.ones(cal.shape, dtype=bool)))
 
 
-@pytest.mark.parametrize("method, n_star", [("weighted_mean", 7), ("median", 41)])
+@pytest.mark.parametrize("method, n_star", [("weighted_mean", 7), ("floored_mean", 7), ("median", 41)])
 def test_combined_vector_pulls(backend, method, n_star):
     """The combined vector's variance: 1/Σ ivar for the mean, (π/2)/Σ ivar for the median."""
     rng = np.random.default_rng(7)

@@ -8,6 +8,24 @@ median, variance (π/2)/Σ ivar), optional Savitzky–Golay smoothing that never
 un-masks, and bridges pixels no star measured (telluric bands, gaps) from the
 throughput on either side (:func:`fill_masked`), flagged as not measured.
 
+Model-error floor (``method="floored_mean"``, :func:`model_floor`): photon noise
+is not a star's only error; a template mismatch tilts or bends its whole vector
+by a smooth fraction its variance does not know, so a bright star with a wrong
+template would hold most of the inverse-variance weight and drag the mean. Each
+star's variance gets + (f_i · c)², c the combined vector, f_i the star's model
+error: the RMS over its pixels of its fractional residual about c, cal_i / c − 1,
+smoothed over ``floor_window`` pixels (a running linear fit, which averages the
+photon noise down to σ/√window and keeps the smooth part a template error
+makes), each pixel weighted by its precision and that photon part subtracted
+(so a star's noisy blue end does not set its floor). c starts as the per-pixel median of the stars (one wild star cannot set
+it) and is then the floored weighted mean itself, ``floor_iter`` times. A star
+that agrees with the others keeps a floor at the photon level of its smoothed
+residual; a star tilted by a fraction a gets f ≈ a/√3 and its weight at most
+~1/(f c)², whatever its photon variance. The combined variance is then
+1/Σ of the floored inverse variances: it carries the model errors too. ``summary["floor"]`` holds f
+(n_star,), ``summary["weight_share"]`` each star's median share of the per-pixel
+weight (NaN for the median, which has no weights).
+
 Shapes: vectors (n_star, n_pix) -> combined (n_pix,). Units of Cal
 (erg/s/cm²/Å per count).
 """
@@ -23,7 +41,10 @@ from ..containers import CalibrationVectors, FluxCalibrationResult
 from ..errors import InputError
 from ..fitting import cap_local_weights, local_outliers
 
-__all__ = ["star_outliers", "combine_calibration_vectors", "fill_masked"]
+__all__ = ["METHODS", "star_outliers", "model_floor", "combine_calibration_vectors", "fill_masked"]
+
+#: The combination methods (module docstring).
+METHODS = ("weighted_mean", "floored_mean", "median")
 
 
 def _weighted_mean(cal, ivar, keep):
@@ -58,7 +79,8 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
                                 nsigma: float = 3.0, maxiter: int = 5, reject_nsigma: float = 5.0,
                                 reject_floor: float = 0.05, smooth: int = 0, polyorder: int = 3,
                                 fill_window: int = 51, outlier_nsigma: float = 8.0,
-                                telluric: dict | None = None) -> FluxCalibrationResult:
+                                telluric: dict | None = None, floor_window: int = 51,
+                                floor_iter: int = 2) -> FluxCalibrationResult:
     """Combine per-star vectors into one calibration, rejecting discrepant stars.
 
     Parameters
@@ -67,8 +89,12 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
     usable : (n_star,) bool, stars allowed into the combination (others,
         e.g. without photometry, are carried as excluded). Default: all.
     method : ``"weighted_mean"`` (inverse variance, per-pixel iterative
-        ``nsigma`` clipping) or ``"median"`` (masked median; variance
-        (π/2) / Σ ivar, the median's efficiency for Gaussian noise).
+        ``nsigma`` clipping), ``"floored_mean"`` (the same, each star's
+        variance with its model-error floor, :func:`model_floor`) or
+        ``"median"`` (masked median; variance (π/2) / Σ ivar, the median's
+        efficiency for Gaussian noise).
+    floor_window, floor_iter : the floor's smoothing window (pixels) and its
+        number of passes (``floored_mean`` only).
     reject_nsigma, reject_floor : a star whose median log ratio to the
         median of all stars departs from the stars' median by more than
         max(reject_nsigma · 1.4826 MAD, reject_floor) is rejected. The MAD
@@ -87,8 +113,8 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
     FluxCalibrationResult; per-star exclusion reasons are filled by the caller
     for stars it marked unusable, and here with "discrepant" for rejected ones.
     """
-    if method not in ("weighted_mean", "median"):
-        raise InputError(f"unknown combination method {method!r}; use weighted_mean or median")
+    if method not in METHODS:
+        raise InputError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
     xp = array_namespace(vectors.cal)
     dev = _device(vectors.cal)
     n_star = vectors.cal.shape[0]
@@ -102,6 +128,9 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
 
     level, discrepant, used = _reject_discrepant(cal, mask, usable, reject_nsigma, reject_floor)
     mask = mask & used[:, None]
+    floor = xp.zeros((n_star,), dtype=cal.dtype, device=dev)
+    if method == "floored_mean":
+        ivar, floor = _floored_ivar(cal, ivar, mask, nsigma, maxiter, floor_window, floor_iter)
     comb, comb_var, measured, keep = _combine_pixels(cal, ivar, mask, method, nsigma, maxiter)
     if smooth:
         comb, measured = _smooth(comb, measured, smooth, polyorder)
@@ -111,7 +140,8 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
 
     tell = None
     if vectors.resp is not None:  # the telluric part, measured by the stars
-        tell = telluric_part(vectors, mask, filled, filled_var, method=method, **(telluric or {}))
+        tell = telluric_part(vectors, mask, filled, filled_var, method="median" if method == "median" else
+                             "weighted_mean", **(telluric or {}))
         filled, filled_var = tell.cal, tell.var
     resid, rms = _scatter(vectors, comb, measured, mask)
     return FluxCalibrationResult(
@@ -120,6 +150,7 @@ def combine_calibration_vectors(vectors: CalibrationVectors, *, usable=None, met
         summary={"method": method, "level": level, "discrepant": discrepant, "rms_scatter": rms,
                  "n_outlier_pixels": xp.sum(xp.astype(outlier, xp.int64), axis=1),
                  "n_contributing": xp.sum(xp.astype(keep, xp.int64), axis=0), "smooth": smooth,
+                 "floor": floor, "weight_share": _weight_share(ivar, keep, method),
                  **telluric_summary(tell),
                  # each star's pixels left out as its own outliers or clipped across stars (the MASK's OUTLIER)
                  "outlier_mask": outlier | (mask & ~keep)},
@@ -145,9 +176,65 @@ def _reject_discrepant(cal, mask, usable, reject_nsigma, reject_floor):
     return level, discrepant, usable & has_level & ~discrepant
 
 
+def model_floor(cal, ivar, mask, ref, *, window: int = 51):
+    """Each star's model-error floor f (n_star,): the RMS of its smoothed fractional residual about ``ref``.
+
+    cal, ivar, mask : (n_star, n_pix); ref : (n_pix,) the combined vector (NaN or <= 0 where unknown).
+    The residual r = cal / ref − 1 over the star's good pixels is smoothed by a running linear fit
+    over ``window`` pixels (s; masked pixels have no weight). Its mean square is weighted by the
+    pixels' precision, u = 1 / v with v = 1 / (ivar ref²) the relative variance, so the pixels
+    the star measures well set f and its noisy ends (a blue cut-off) do not, and the photon
+    noise left in s (≈ v / window) is subtracted:
+    f² = max(Σ u (s² − v / window) / Σ u, 0). 0 for a star with no pixel. A vector shorter than
+    ``window`` is smoothed over its whole length (0 below 3 pixels).
+    """
+    xp = array_namespace(cal)
+    n_pix = cal.shape[-1]
+    window = min(int(window) | 1, n_pix if n_pix % 2 else n_pix - 1)  # a short vector: its whole length
+    if window < 3:
+        return xp.zeros(cal.shape[:1], dtype=cal.dtype, device=_device(cal))
+    ok = xp.isfinite(ref) & (ref > 0)
+    good = mask & ok[None, :] & (ivar > 0)
+    refs = xp.where(ok, ref, 1.0)[None, :]
+    r = xp.where(good, cal / refs - 1.0, 0.0)
+    sm, sm_good = savgol_filter(r, good, window=window, polyorder=1)
+    sm_good = sm_good & good
+    u = xp.where(sm_good, ivar * refs * refs, 0.0)  # 1 / v
+    n = xp.sum(xp.astype(sm_good, cal.dtype), axis=1)
+    usum = xp.sum(u, axis=1)
+    ms = xp.sum(xp.where(sm_good, u * sm * sm, 0.0), axis=1) - n / float(window)
+    return xp.sqrt(xp.maximum(ms / xp.where(usum > 0, usum, 1.0), 0.0))
+
+
+def _floored_ivar(cal, ivar, mask, nsigma, maxiter, window, n_iter):
+    """The inverse variances with each star's model-error floor, 1 / (1/ivar + (f c)²), and f (n_star,)."""
+    xp = array_namespace(cal)
+    ref = masked_median(cal, mask, axis=0)
+    floored, f = ivar, xp.zeros(cal.shape[:1], dtype=cal.dtype, device=_device(cal))
+    for _ in range(max(int(n_iter), 1)):  # a fixed count of passes: no host round trip
+        f = model_floor(cal, ivar, mask, ref, window=window)
+        ok = xp.isfinite(ref) & (ref > 0)
+        extra = (f[:, None] * xp.where(ok, ref, 0.0)[None, :]) ** 2
+        pos = mask & (ivar > 0)
+        floored = xp.where(pos, 1.0 / (1.0 / xp.where(pos, ivar, 1.0) + extra), 0.0)
+        keep = sigma_clip(cal, weights=floored, mask=mask, nsigma=nsigma, maxiter=maxiter, axis=0)
+        ref, _, _ = _weighted_mean(cal, floored, keep)
+    return floored, f
+
+
+def _weight_share(ivar, keep, method):
+    """Each star's median (over the pixels it contributes to) share of the per-pixel weight; NaN for the median."""
+    xp = array_namespace(ivar)
+    w = xp.where(keep, ivar, 0.0)
+    wsum = xp.sum(w, axis=0)
+    share = w / xp.where(wsum > 0, wsum, 1.0)[None, :]
+    med = masked_median(share, keep & (wsum > 0)[None, :], axis=1)
+    return xp.full_like(med, xp.nan) if method == "median" else med
+
+
 def _combine_pixels(cal, ivar, mask, method, nsigma, maxiter):
     """Per-pixel combination of the used stars: (value, variance, measured, pixels kept)."""
-    if method == "weighted_mean":
+    if method in ("weighted_mean", "floored_mean"):
         keep = sigma_clip(cal, weights=ivar, mask=mask, nsigma=nsigma, maxiter=maxiter, axis=0)
         comb, comb_var, measured = _weighted_mean(cal, ivar, keep)
         return comb, comb_var, measured, keep
