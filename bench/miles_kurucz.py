@@ -113,9 +113,9 @@ def calibrate_with_flags(frame, cat, **kw):
 
     own = pl.with_node_fallback
 
-    def spy_fallback(fit, node):  # the fit's own answer, before a star that did not converge takes the node's
+    def spy_fallback(fit, node, back=None):  # the fit's own answer, before a star that did not converge takes the node's
         seen["fit_params"], seen["fit_err"] = to_numpy(fit.params), to_numpy(fit.params_err)
-        return own(fit, node)
+        return own(fit, node, back)
 
     pl._fit, pl.with_node_fallback = spy, spy_fallback
     try:
