@@ -41,6 +41,7 @@ from .calibration import (
 from .calibration.telluric import TELLURIC_MIN_STARS
 from .calibration import MASK_BITS, binned_residuals, mask_bits, mask_counts, zeropoint_ab
 from .calibration.verdicts import (
+    LIKELY_CAUSES,
     MAX_FRAME_CHI2_DOF,
     MAX_SCATTER,
     MIN_GOOD_FRACTION,
@@ -339,9 +340,29 @@ def _fit(fit, grid, spectra, match, phot, ebv_star, mask_regions, lsf, be, phot_
             cur = _better_fit(cur, again, 0.0 if term is None else term.weight)
         elif float(xp.mean(xp.abs(cur.params[:, 0] - cur.meta["start_params"][:, 0]))) < SHAPE_TOL_TEFF:
             break  # one host check a pass: this pass moved Teff by little, the shape has converged
-    # a star whose fit did not converge on the hull (e.g. beside a missing node) keeps the node path's answer
-    out = with_node_fallback(cur, match, ~cur.meta["converged"] & cur.meta["on_hull"])
+    out = with_node_fallback(cur, match, _node_answer_kept(cur, match, flat, fine, term, mask_regions, cells))
     return dataclasses.replace(out, meta=dict(out.meta, rv_at_edge=_rv_at_edge(out, match)))
+
+
+def _node_answer_kept(fit, match, flat, fine, term, mask_regions, cells):
+    """(n_star,) bool: the stars whose fit did not converge and that keep the scan's refined answer.
+
+    On the hull (held at a face beyond which no complete cell lies, e.g. beside a missing node)
+    the scan's answer is kept; inside it, whichever of the two fits the same counts better (the
+    forward model's χ² at the scan's answer, no iteration): a fit that oscillates across a node
+    (a star at or near a node) is as good as converged — a 7710 K star of bench/forward_accuracy.py's
+    structured frame of model spectra: the fit +36 K, the scan's node +287 K. Neither is excluded
+    for it; both are reported, and the χ²/dof and photometric verdicts still apply.
+    """
+    xp = array_namespace(fit.rv)
+    lost = ~fit.meta["converged"]
+    if not bool(xp.any(lost & ~fit.meta["on_hull"])):  # one host check per frame
+        return lost
+    at_scan = fit_forward(flat, fine, match, photometry=term, good_regions=mask_regions, n_starts=1, n_iter=0,
+                          cells=cells, pixels=fit.meta["obs_pixels"])
+    wt = 0.0 if term is None else term.weight
+    scan_better = at_scan.chi2 + wt * at_scan.meta["chi2_phot"] < fit.chi2 + wt * fit.meta["chi2_phot"]
+    return lost & (fit.meta["on_hull"] | scan_better)
 
 
 def _better_fit(a, b, phot_weight):
@@ -378,13 +399,24 @@ def _fallback(match):
     return back if back is not None else _not_converged(match) & False
 
 
-def _not_converged(match):
-    """Stars whose continuous fit did not converge and that kept no node answer instead (none, after the fallback)."""
+def _fit_kept(match):
+    """(n_star,) bool: the stars whose continuous fit did not converge and kept its own end (reported)."""
     xp = array_namespace(match.rv)
     conv, back = match.meta.get("converged"), match.meta.get("fit_fallback")
-    if conv is None:
+    if conv is None or back is None:
         return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv))
-    return ~conv & ~back if back is not None else ~conv
+    return ~conv & ~back
+
+
+def _not_converged(match):
+    """Stars whose continuous fit did not converge and that kept no answer (none: :func:`_node_answer_kept`
+    gives every such star the better of its fit and the scan's answer; a fit without that choice, e.g.
+    a caller's own, is judged here)."""
+    xp = array_namespace(match.rv)
+    conv, back = match.meta.get("converged"), match.meta.get("fit_fallback")
+    if conv is None or back is not None:
+        return xp.zeros(match.rv.shape, dtype=xp.bool, device=_device(match.rv))
+    return ~conv
 
 
 def _verdicts(spectra, vec, match, sc, phot, max_phot_dev, max_chi2_dof):
@@ -485,7 +517,8 @@ def _to_host(spectra, match, sc, vec, res, verdicts, dup_of, cal_flux, cal_var, 
         n_good=xp.sum(xp.astype(vec.mask, xp.int64), axis=1), level=res.summary["level"],
         n_outlier=res.summary["n_outlier_pixels"], rms=res.summary["rms_scatter"], cal=res.cal,
         cal_var=res.var, measured=res.measured, flux=cal_flux, var=cal_var, star_cal=vec.cal,
-        star_mask=vec.mask, bad=bad, fit_fallback=_fallback(match), **_telluric_arrays(res),
+        star_mask=vec.mask, bad=bad, fit_fallback=_fallback(match), fit_kept=_fit_kept(match),
+        **_telluric_arrays(res),
     ).items()}
 
 
@@ -517,6 +550,9 @@ def _warn(names, fibres, reasons, prior, h):
         warnings += [m for m in msgs if m]
     warnings += [f"standard {names[i]} (fibre {fibres[i]}): the continuous fit did not converge; "
                  "the scan's refined node is used" for i in np.flatnonzero(h["fit_fallback"])]
+    if h.get("fit_kept") is not None:
+        warnings += [f"standard {names[i]} (fibre {fibres[i]}): the continuous fit did not converge; its end "
+                     "fits the counts better than the scan's answer and is used" for i in np.flatnonzero(h["fit_kept"])]
     for m in warnings:
         logger.warning("%s", m)
     for i, r in enumerate(reasons):
@@ -528,8 +564,10 @@ def _warn(names, fibres, reasons, prior, h):
 def _require_stars(frame, names, output, min_stars):
     n_used = output.summary["n_stars_used"]
     if n_used < min_stars:
+        # every standard of a frame rejected at once says more about the frame than about its stars
+        cause = f"; no standard is usable: {LIKELY_CAUSES}" if n_used == 0 and len(names) >= min_stars else ""
         raise CalibrationError(
-            f"{frame.path}: {n_used} usable standard(s), fewer than --min-stars {min_stars}; "
+            f"{frame.path}: {n_used} usable standard(s), fewer than --min-stars {min_stars}{cause}; "
             + "; ".join(f"{names[i]}: {s['reason']}" for i, s in enumerate(output.summary["stars"]) if s["reason"])
         )
 

@@ -107,6 +107,12 @@ def test_scaling_the_counts_by_k_divides_the_calibration_by_k(files, base, k):
 # --------------------------------------------------------------------------- permutations
 
 
+#: Rows in another order or another batch round differently in the batched products (the fit's normal
+#: matrices of every star are one GEMM; BLAS blocks by the batch's shape): 1e-12 relative was exceeded by
+#: 1.1e-12 and 2.4e-12. Far below any physical effect, far above a changed result.
+RTOL_BATCH = 1e-10
+
+
 def _permuted(frame, perm):
     out = copy.copy(frame)
     out.flux, out.var = frame.flux[perm], frame.var[perm]
@@ -119,11 +125,11 @@ def _permuted(frame, perm):
 def test_permuting_the_fibres_changes_nothing(files, base, perm):
     perm = np.asarray(perm)
     res = _calibrate(_permuted(read_frame(files["frame"]), perm), files)
-    assert _rel(res.cal, base.cal) < 1e-12
-    assert _rel(res.cal_var, base.cal_var) < 1e-12
-    assert _rel(res.flux, base.flux[perm]) < 1e-12
+    assert _rel(res.cal, base.cal) < RTOL_BATCH
+    assert _rel(res.cal_var, base.cal_var) < RTOL_BATCH
+    assert _rel(res.flux, base.flux[perm]) < RTOL_BATCH
     for col in ("USED", "RV", "TEFF", "SCALE"):
-        assert _by_name(res, col) == pytest.approx(_by_name(base, col), rel=1e-12)
+        assert _by_name(res, col) == pytest.approx(_by_name(base, col), rel=RTOL_BATCH)
 
 
 @st.composite
@@ -191,8 +197,8 @@ def test_duplicating_the_only_standard_changes_nothing(files):
     one = _calibrate(frame, files)
     two = _calibrate(_with_duplicate(frame, keep), files)
     assert one.summary["n_standards"] == 1 and two.summary["n_standards"] == 2
-    assert _rel(two.cal, one.cal) < 1e-12
-    assert _rel(two.flux[:frame.n_fibre], one.flux) < 1e-12
+    assert _rel(two.cal, one.cal) < RTOL_BATCH
+    assert _rel(two.flux[:frame.n_fibre], one.flux) < RTOL_BATCH
 
 
 def test_adding_a_standard_identical_to_another_changes_nothing(files, base):
