@@ -163,6 +163,35 @@ MUTATIONS = (
         (("    m = m | _flag(~measured, INTERP, xp)[None, :]\n", "    m = m | _flag(measured & ~measured, INTERP, xp)[None, :]\n"),),
         ("tests/test_outputs.py",),
         "the MASK's INTERP bit (pixels where the vector was interpolated)"),
+    # this session's code (issues 14, 15, 17)
+    Mutation(
+        "model_floor_zero", "gpucal/calibration/combine.py",
+        (("    return xp.sqrt(xp.maximum(ms / xp.where(usum > 0, usum, 1.0), 0.0))",
+          "    return 0.0 * xp.sqrt(xp.maximum(ms / xp.where(usum > 0, usum, 1.0), 0.0))"),),
+        ("tests/test_combine_floor.py",),
+        "floored_mean's per-star model-error floor (a tilted star with a tiny variance holds the weight)"),
+    Mutation(
+        "hull_face_never", "gpucal/fitting/cells.py",
+        (("            out = out | (faces[j][0 if sj < 0 else 1] & ~beyond)",
+          "            out = out | (faces[j][0 if sj < 0 else 1] & ~beyond & False)"),),
+        ("tests/test_forward.py", "tests/test_fitsgrid.py"),
+        "on_hull_face: a θ held at a face beyond which no complete cell lies (missing node, grid edge)"),
+    Mutation(
+        "lsf_ratio_one", "gpucal/fitting/lsfratio.py",
+        (("    return divide_ratio(spectra, ratio)", "    return divide_ratio(spectra, ratio * 0.0 + 1.0)"),),
+        ("tests/test_perfibre.py",),
+        "the per-fibre LSF ratio in the continuous fit"),
+    Mutation(
+        "fit_slope_dropped", "gpucal/fitting/forward.py",
+        (("    dlnx = (wc[:, None, :] @ slope)[:, 0, :] / pb.dln", "    dlnx = 0.0 * (wc[:, None, :] @ slope)[:, 0, :] / pb.dln"),),
+        ("tests/test_forward.py", "tests/test_pulls.py"),
+        "the continuous fit's ∂S/∂v (the interpolant's slope): the RV and its error"),
+    Mutation(
+        "fit_grid_key_no_lsf", "gpucal/workcache.py",
+        (('    settings = {"kind": "fit grid", "grid": grid_fingerprint(grid), "lsf": lsf,',
+          '    settings = {"kind": "fit grid", "grid": grid_fingerprint(grid), "lsf": None,'),),
+        ("tests/test_workcache.py",),
+        "the fit grid's cache key: a changed LSF must make a new entry"),
 )
 
 
