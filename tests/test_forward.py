@@ -236,9 +236,7 @@ def test_photometric_term_is_reported_apart_and_pulls_toward_the_colours(backend
                            err=backend.asarray(np.full(cat.shape, 0.01)), valid=backend.asarray(np.ones(cat.shape, bool)))
     res = fit_forward(spec, fg, start, degree=4, good_regions=(), n_starts=1, photometry=term)
     np.testing.assert_allclose(to_numpy(res.meta["chi2_phot"]), 0.0, atol=1e-3)
-    # the same θ: to 0.1 K and 1e-3 dex (the float32 model's rounding ends the iterations a hair apart)
-    np.testing.assert_allclose(to_numpy(res.params)[:, 0], to_numpy(res0.params)[:, 0], atol=0.1)
-    np.testing.assert_allclose(to_numpy(res.params)[:, 1:], to_numpy(res0.params)[:, 1:], atol=1e-3)
+    np.testing.assert_allclose(to_numpy(res.params), to_numpy(res0.params), atol=1e-2)
     # the colours 0.05 mag redder: χ²_phot > 0 and Teff moves cooler than the spectra alone put it
     term.mag = backend.asarray(cat + np.array([0.0, 0.05, 0.1]))
     term.weight = 1e3
