@@ -101,10 +101,7 @@ MUTATIONS = (
         "--ebv: the templates reddened by E(B−V)"),
     Mutation(
         "teff_prior_ignored", "gpucal/pipeline.py",
-        (("                            prior=prior[2], fast=fast, metric=metric)\n",
-          "                            prior=None, fast=fast, metric=metric)\n"),
-         ("max_memory=max_memory, prior=prior[2], fast=fast, metric=metric))",
-          "max_memory=max_memory, prior=None, fast=fast, metric=metric))")),
+        (("prior=prior[2], fast=fast, metric=metric)", "prior=None, fast=fast, metric=metric)"),),
         ("tests/test_options.py::test_no_teff_prior_lets_the_spectrum_decide_where_the_prior_binds",),
         "the colour Teff prior (on by default, off with --no-teff-prior)"),
     Mutation(

@@ -246,16 +246,14 @@ def _model_rows(pb: _Problem, theta, v, good):
     inside = (u >= 0.0) & (u <= pb.nq - 1)
     i0 = xp.astype(xp.clip(xp.floor(u), 0.0, pb.nq - 2.0), xp.int64)
     frac = xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0)
-    at = xp.reshape(idx[:, :, None] * pb.nq + i0[:, None, :], (-1,))  # (n · nc · n_pix,)
-    # the corners in the working grid's own precision (float32: 1e-7 of the signal, far below the
-    # noise; half the memory traffic of the heaviest step), S and its derivatives in float64
-    ft = pb.flat_flux.dtype
-    t0 = xp.reshape(xp.take(pb.flat_flux, at), (n, nc, -1))
-    slope = xp.reshape(xp.take(pb.flat_flux, at + 1), (n, nc, -1)) - t0
-    tv = t0 + xp.astype(frac, ft)[:, None, :] * slope
-    weights = xp.astype(xp.concat([wc[:, None, :], _mt(dwc)], axis=1), ft)
-    rows = xp.astype(weights @ tv, xp.float64)  # (n, 5, n_pix): S, ∂S/∂θ
-    dlnx = xp.astype(weights[:, :1, :] @ slope, xp.float64)[:, 0, :] / pb.dln
+    at = idx[:, :, None] * pb.nq + i0[:, None, :]  # (n, nc, n_pix)
+    t0 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at, (-1,))), xp.float64)
+    t1 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at + 1, (-1,))), xp.float64)
+    t0, t1 = xp.reshape(t0, at.shape), xp.reshape(t1, at.shape)
+    slope = t1 - t0
+    tv = t0 + frac[:, None, :] * slope
+    rows = xp.concat([wc[:, None, :], _mt(dwc)], axis=1) @ tv  # (n, 5, n_pix): S, ∂S/∂θ
+    dlnx = (wc[:, None, :] @ slope)[:, 0, :] / pb.dln
     use = good & inside
     beta = v / C_KMS
     dlnd = 1.0 / (C_KMS * (1.0 - beta * beta))  # d ln D / dv
