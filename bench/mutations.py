@@ -183,8 +183,7 @@ MUTATIONS = (
         "the per-fibre LSF ratio in the continuous fit"),
     Mutation(
         "fit_slope_dropped", "gpucal/fitting/forward.py",
-        (("    dlnx = xp.astype(weights[:, :1, :] @ slope, xp.float64)[:, 0, :] / pb.dln",
-          "    dlnx = 0.0 * xp.astype(weights[:, :1, :] @ slope, xp.float64)[:, 0, :] / pb.dln"),),
+        (("    dlnx = (wc[:, None, :] @ slope)[:, 0, :] / pb.dln", "    dlnx = 0.0 * (wc[:, None, :] @ slope)[:, 0, :] / pb.dln"),),
         ("tests/test_forward.py", "tests/test_pulls.py"),
         "the continuous fit's ∂S/∂v (the interpolant's slope): the RV and its error"),
     Mutation(
