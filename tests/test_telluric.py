@@ -183,8 +183,12 @@ def test_vectors_keep_the_bands(backend):
     np.testing.assert_allclose(resp[inside], 1.0 / to_numpy(every.cal)[inside], rtol=1e-12)
     model = flux[1, 185] / resp[1, 185]
     assert resp[1, 185] < 0 and np.isfinite(model) and model > 0
-    np.testing.assert_allclose(to_numpy(kept.resp_var)[inside],
-                               (to_numpy(every.var) / to_numpy(every.cal) ** 4)[inside], rtol=1e-10)
+    # σ²(resp) = σ²_obs / model² + resp² (σ_s/s)², model = Cal × counts (Cal's own σ² comes from the
+    # expected counts, not these, so it is not σ²(resp) · Cal⁴ any more)
+    cal_every = to_numpy(every.cal)
+    frac_s = (np.array([0.02, 0.01, 0.005]) / np.array([2.0, 1.0, 0.5]))[:, None] ** 2
+    want = var / (cal_every * flux) ** 2 + (1.0 / cal_every) ** 2 * frac_s
+    np.testing.assert_allclose(to_numpy(kept.resp_var)[inside], want[inside], rtol=1e-10)
 
 
 def test_fill_masked_bridges_each_row_alike(backend):
