@@ -3,8 +3,9 @@
 * :func:`shift_to_observed` — rest-frame spectra to the observed frame of each
   star's radial velocity (relativistic Doppler factor);
 * :func:`calibration_vectors` — Cal(λ) = scale · (template ⊗ LSF)(λ/(1+z)) /
-  counts, with its variance σ²(Cal) = Cal² (σ²_obs / C²_obs + (σ_s/s)²) and
-  the mask of pixels where it is measured.
+  counts, with its variance σ²(Cal) = C̄al² (σ²_obs / C̄² + (σ_s/s)²) from the
+  expected counts C̄ = model / C̄al (C̄al: Cal's running mean) and the mask of
+  pixels where it is measured.
 
 Shapes: observed (n_star, n_pix) counts on ``wave_obs`` (n_pix,) Å or each on
 its own wavelengths (n_star, n_pix) Å; templates
@@ -67,7 +68,9 @@ def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, sc
     is a bad pixel. template_flux : (n_star, n_w) rest-frame templates on
     ``wave_t``. Pixels are good where the observed pixel is good and
     positive, the model is finite and positive, and outside ``mask_regions``.
-    σ²(Cal) = Cal² (σ²_obs / C_obs² + (σ_s / s)²). ``wave_obs`` may be per star
+    σ²(Cal) = C̄al² (σ²_obs / C̄² + (σ_s / s)²), C̄al the 31-pixel running mean of Cal and
+    C̄ = model / C̄al the expected counts (not the noisy ones, whose Cal² σ²/C² would weigh a
+    pixel that fluctuated high as C⁴ in any weighted combination). ``wave_obs`` may be per star
     (n_star, n_pix); ``fwhm_star`` (n_star, n_pix), each star's LSF FWHM (Å) at
     its pixels, replaces fwhm / fwhm_poly / resolution (each template convolved
     with its own star's LSF, :func:`~gpucal.fitting.lsf.fwhm_on_grid`).
