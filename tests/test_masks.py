@@ -128,3 +128,20 @@ def test_telluric_bands_defined_once():
     assert masks.TELLURIC_DEFAULT is tellurics.TELLURIC_DEFAULT
     assert tellurics.TELLURIC_DEFAULT == tuple((lo, hi) for lo, hi, _ in tellurics.TELLURIC_BANDS)
     assert all(lo < hi and 0 < depth < 1 for lo, hi, depth in tellurics.TELLURIC_BANDS)
+
+
+def test_running_mean_against_a_loop(backend):
+    """masks.running_mean: the mean of the good pixels within window // 2, by brute force; y where none;
+    values spanning six decades keep their precision (no cumulative-sum differences)."""
+    from gpucal.fitting.masks import running_mean
+
+    rng = np.random.default_rng(5)
+    y = rng.random((3, 60)) * 10.0 ** rng.uniform(-3, 3, (3, 60))
+    good = rng.random((3, 60)) > 0.3
+    good[1, 20:35] = False  # a gap wider than the window
+    mean, cnt = running_mean(backend.asarray(y), backend.asarray(good), 7)
+    want = np.array([[np.mean(y[s, max(0, i - 3):i + 4][good[s, max(0, i - 3):i + 4]])
+                      if good[s, max(0, i - 3):i + 4].any() else y[s, i] for i in range(60)] for s in range(3)])
+    np.testing.assert_allclose(to_numpy(mean), want, rtol=1e-13)
+    np.testing.assert_array_equal(to_numpy(cnt), [[good[s, max(0, i - 3):i + 4].sum() for i in range(60)]
+                                                 for s in range(3)])

@@ -14,11 +14,10 @@ its own wavelengths (n_star, n_pix) Å; templates
 
 from __future__ import annotations
 
-from array_api_compat import device as _device
-
 from ..backends import array_namespace, interp
 from ..containers import CalibrationVectors
 from ..fitting import TELLURIC_DEFAULT, convolve_fwhm, convolve_to_instrument, fwhm_on_grid, region_mask
+from ..fitting.masks import running_mean
 from ..units import doppler_factor
 
 __all__ = ["shift_to_observed", "calibration_vectors"]
@@ -38,25 +37,6 @@ def shift_to_observed(wave, flux, rv, *, wave_out=None):
 
 #: Pixels of the running mean of Cal whose expected counts give each pixel's variance.
 VAR_WINDOW = 31
-
-
-def _running_mean(y, good, window):
-    """Mean of ``y`` (n_star, n_pix) over the ``good`` pixels within ``window`` // 2 of each pixel; ``y``
-    itself where the window holds no good pixel. A sum of the window's shifted slices (no cumulative
-    sum: Cal spans decades along a spectrum, and a running sum's differences would lose its red end)."""
-    xp = array_namespace(y)
-    hw = window // 2
-    n = y.shape[1]
-    v = xp.where(good, y, 0.0)
-    g = xp.astype(good, y.dtype)
-    tot, cnt = xp.zeros_like(v), xp.zeros_like(v)
-    for d in range(-hw, hw + 1):  # the window's offsets, not the pixels
-        lo, hi = max(0, d), min(n, n + d)
-        pad = [xp.zeros((y.shape[0], max(0, -d)), dtype=y.dtype, device=_device(y)), None,
-               xp.zeros((y.shape[0], max(0, d)), dtype=y.dtype, device=_device(y))]
-        tot = tot + xp.concat([pad[0], v[:, lo:hi], pad[2]], axis=1)
-        cnt = cnt + xp.concat([pad[0], g[:, lo:hi], pad[2]], axis=1)
-    return xp.where(good & (cnt > 0), tot / xp.where(cnt > 0, cnt, 1.0), y)
 
 
 def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, scale, scale_err, *,
@@ -97,7 +77,7 @@ def calibration_vectors(wave_obs, flux, var, mask, wave_t, template_flux, rv, sc
     # σ² from the expected counts model / Cal_smooth, not the noisy ones: Cal² σ²/C² of the counts
     # themselves grows as C⁻⁴, so a pixel that fluctuates high would weigh more and pull a weighted
     # combination low (−0.1 % at S/N 50, bench/forward_accuracy.py)
-    cal_s = _running_mean(cal, good, VAR_WINDOW)
+    cal_s = xp.where(good, running_mean(cal, good, VAR_WINDOW)[0], cal)
     expected = xp.where(good, model / cal_s, 1.0)
     frac = xp.where(good, var / (expected * expected), xp.nan) + frac_s
     vec = CalibrationVectors(wave=wave_obs, cal=cal, var=cal_s * cal_s * frac, mask=good)

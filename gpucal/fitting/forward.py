@@ -65,7 +65,7 @@ from ..containers import MatchResult, PreparedGrid, SpectraBatch, TemplateGrid
 from ..errors import InputError
 from ..units import C_KMS, doppler_factor
 from .cells import cell_grid, corner_weights, locate, on_hull_face
-from .masks import TELLURIC_DEFAULT, cap_local_weights, region_mask
+from .masks import TELLURIC_DEFAULT, cap_local_weights, region_mask, running_mean
 from .lsf import convolve_to_instrument
 from .prepare import _grid_window, gather_templates, normalise_observed
 from .refine import refined_templates
@@ -578,15 +578,8 @@ def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15, s
     med = masked_median(ratio, ok, axis=0)
     has = xp.any(ok, axis=0) & xp.isfinite(med)
     med = xp.where(has, med, 1.0)
-    hw = max(int(window) // 2, 0)
-    n = med.shape[0]
-    c = xp.cumulative_sum(xp.where(has, med, 0.0), include_initial=True)
-    k = xp.cumulative_sum(xp.astype(has, xp.float64), include_initial=True)
-    i = xp.arange(n, device=_device(med))
-    lo, hi = xp.clip(i - hw, 0, n), xp.clip(i + hw + 1, 0, n)
-    cnt = xp.take(k, hi) - xp.take(k, lo)
-    mean = (xp.take(c, hi) - xp.take(c, lo)) / xp.where(cnt > 0, cnt, 1.0)
-    shape = xp.where(has & (cnt > 0), mean, 1.0)
+    mean, cnt = running_mean(med[None, :], has[None, :], window)
+    shape = xp.where(has & (cnt[0] > 0), mean[0], 1.0)
     centre = masked_median(shape[None, :], has[None, :], axis=1)[0]
     return shape / xp.where(xp.isfinite(centre) & (centre > 0), centre, 1.0)
 

@@ -15,7 +15,8 @@ from ..backends import array_namespace
 from ..errors import InputError
 from .tellurics import TELLURIC_DEFAULT
 
-__all__ = ["TELLURIC_DEFAULT", "parse_regions", "region_mask", "local_outliers", "cap_local_weights"]
+__all__ = ["TELLURIC_DEFAULT", "parse_regions", "region_mask", "local_outliers", "cap_local_weights",
+           "running_mean"]
 
 
 def parse_regions(text: str):
@@ -106,3 +107,26 @@ def cap_local_weights(ivar, mask, *, factor: float = 10.0):
     ref = 0.5 * (s2 + s3)
     capped = xp.where(ref > 0, xp.minimum(ivar, factor * ref), ivar)
     return xp.where(mask, capped, 0.0)
+
+
+def running_mean(y, good, window: int):
+    """Mean of ``y`` (n_spec, n_pix) over the ``good`` pixels within ``window`` // 2 of each pixel, and
+    how many there were: (mean, count), mean = ``y`` where the window holds none.
+
+    A sum of the window's shifted slices (a Python loop over the window's offsets, not the pixels),
+    not a difference of cumulative sums: a calibration vector spans decades along a spectrum, and a
+    running sum's differences would lose its faint end.
+    """
+    xp = array_namespace(y)
+    hw = max(int(window) // 2, 0)
+    n_spec, n = y.shape
+    v = xp.where(good, y, 0.0)
+    g = xp.astype(good, y.dtype)
+    tot, cnt = xp.zeros_like(v), xp.zeros_like(v)
+    for d in range(-hw, hw + 1):
+        lo, hi = max(0, d), min(n, n + d)
+        before = xp.zeros((n_spec, max(0, -d)), dtype=y.dtype, device=_device(y))
+        after = xp.zeros((n_spec, max(0, d)), dtype=y.dtype, device=_device(y))
+        tot = tot + xp.concat([before, v[:, lo:hi], after], axis=1)
+        cnt = cnt + xp.concat([before, g[:, lo:hi], after], axis=1)
+    return xp.where(cnt > 0, tot / xp.where(cnt > 0, cnt, 1.0), y), cnt
