@@ -579,7 +579,7 @@ def common_shape(spectra: SpectraBatch, fit: MatchResult, *, window: int = 15, s
     has = xp.any(ok, axis=0) & xp.isfinite(med)
     med = xp.where(has, med, 1.0)
     mean, cnt = running_mean(med[None, :], has[None, :], window)
-    shape = xp.where(has & (cnt[0] > 0), mean[0], 1.0)
+    shape = xp.where(has & (cnt[0, :] > 0), mean[0, :], 1.0)
     centre = masked_median(shape[None, :], has[None, :], axis=1)[0]
     return shape / xp.where(xp.isfinite(centre) & (centre > 0), centre, 1.0)
 
