@@ -164,7 +164,8 @@ class _Problem:
 
     wave: Any      # (n, n_pix)
     basis: Any     # (K, n_pix), shared by every row
-    pairs: Any     # (K·K, n_pix): basis_j · basis_k, for the normal matrices in one product
+    pairs: Any     # (K(K+1)/2, n_pix): basis_j · basis_k for j <= k, the normal matrices in one product
+    pair_of: Any   # (K·K,) int: the row of ``pairs`` holding (j, k) (the matrices are symmetric)
     y: Any         # (n, n_pix)
     w: Any         # (n, n_pix)
     lnq0: float    # ln of the working grid's first wavelength
@@ -186,6 +187,19 @@ def _legendre(lnw, degree):
     for k in range(1, degree):
         cols.append(((2 * k + 1) * x * cols[k] - k * cols[k - 1]) / (k + 1))
     return xp.stack(cols[: degree + 1], axis=0)
+
+
+def _basis_pairs(basis):
+    """The products of the basis' rows (K, n_pix) two by two, j <= k: (K(K+1)/2, n_pix), and (K·K,) the row of each (j, k)."""
+    xp = array_namespace(basis)
+    k = basis.shape[0]
+    jj = [j for j in range(k) for i in range(j, k)]
+    kk = [i for j in range(k) for i in range(j, k)]
+    row = {(j, i): r for r, (j, i) in enumerate(zip(jj, kk))}
+    dev = _device(basis)
+    pairs = xp.take(basis, xp.asarray(jj, dtype=xp.int64, device=dev), axis=0) * xp.take(basis, xp.asarray(kk, dtype=xp.int64, device=dev), axis=0)
+    of = [row[(min(j, i), max(j, i))] for j in range(k) for i in range(k)]
+    return pairs, xp.asarray(of, dtype=xp.int64, device=dev)
 
 
 def _mean_lnw(wave):
@@ -234,32 +248,32 @@ def _model_rows(pb: _Problem, theta, v, good):
     """S, ∂S/∂p on the frame's pixels for each row: (M (n, n_pix), dM (n, 5, n_pix), usable (n, n_pix), corners).
 
     The shifted pixels' positions on the log-uniform working grid are computed, not searched
-    for; each corner template is gathered at the two samples around every pixel (one ``take``)
-    and the corners blended there: S = Σ_c w_c T_c(x), ∂S/∂θ = Σ_c ∂w_c/∂θ T_c(x), and ∂S/∂ln x
-    the slope of the linear interpolant (its exact derivative).
+    for; each corner template is gathered at the two samples around every pixel and the corners
+    blended there, in the grid's own precision (float32: a convex blend and a difference of
+    neighbouring samples, exact to its rounding): with T_c(x) = a_c + f·b_c (a the sample
+    below, b the step to the next), S = Σ_c w_c a_c + f Σ_c w_c b_c, ∂S/∂θ the same with ∂w_c/∂θ,
+    and ∂S/∂ln x = Σ_c w_c b_c / Δln q, the linear interpolant's exact slope. Only the blended
+    rows (5 per star, not one per corner) are widened to float64. Values outside ``usable`` are
+    finite and carry no weight (the caller zeroes the weights there).
     """
     xp = pb.be.xp
     th, cell, moved = locate(pb.cg, theta)
     idx, wc, dwc = corner_weights(pb.cg, th, cell)
-    n, nc = idx.shape
     u = (xp.log(pb.wave) - xp.log(doppler_factor(v))[:, None] - pb.lnq0) / pb.dln  # (n, n_pix)
     inside = (u >= 0.0) & (u <= pb.nq - 1)
     i0 = xp.astype(xp.clip(xp.floor(u), 0.0, pb.nq - 2.0), xp.int64)
-    frac = xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0)
+    dt = pb.flat_flux.dtype
+    frac = xp.astype(xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0), dt)[:, None, :]
     at = idx[:, :, None] * pb.nq + i0[:, None, :]  # (n, nc, n_pix)
-    t0 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at, (-1,))), xp.float64)
-    t1 = xp.astype(xp.take(pb.flat_flux, xp.reshape(at + 1, (-1,))), xp.float64)
-    t0, t1 = xp.reshape(t0, at.shape), xp.reshape(t1, at.shape)
-    slope = t1 - t0
-    tv = t0 + frac[:, None, :] * slope
-    rows = xp.concat([wc[:, None, :], _mt(dwc)], axis=1) @ tv  # (n, 5, n_pix): S, ∂S/∂θ
-    dlnx = (wc[:, None, :] @ slope)[:, 0, :] / pb.dln
-    use = good & inside
+    a = xp.reshape(xp.take(pb.flat_flux, xp.reshape(at, (-1,))), at.shape)
+    b = xp.reshape(xp.take(pb.flat_flux[1:], xp.reshape(at, (-1,))), at.shape) - a  # the next samples
+    wts = xp.astype(xp.concat([wc[:, None, :], _mt(dwc)], axis=1), dt)  # (n, 5, nc): S, ∂S/∂θ
+    slope = wts @ b
+    rows = xp.astype(wts @ a + frac * slope, xp.float64)
     beta = v / C_KMS
-    dlnd = 1.0 / (C_KMS * (1.0 - beta * beta))  # d ln D / dv
-    dm = xp.concat([rows[:, 1:5, :], (-dlnx * dlnd[:, None])[:, None, :]], axis=1)
-    dm = xp.where(use[:, None, :], dm, 0.0)
-    return xp.where(use, rows[:, 0, :], 0.0), dm, use, (idx, wc, dwc, moved)
+    dlnx_dv = -1.0 / (C_KMS * (1.0 - beta * beta)) / pb.dln  # -(d ln D / dv) / Δln q
+    dv = xp.astype(slope[:, :1, :], xp.float64) * dlnx_dv[:, None, None]
+    return rows[:, 0, :], xp.concat([rows[:, 1:5, :], dv], axis=1), good & inside, (idx, wc, dwc, moved)
 
 
 def _evaluate(pb: _Problem, theta, v, good):
@@ -275,18 +289,17 @@ def _evaluate(pb: _Problem, theta, v, good):
     w = xp.where(use, pb.w, 0.0)
     n, k = m.shape[0], pb.basis.shape[0]
     mw = m * w
-    normal = xp.reshape((mw * m) @ pb.pairs.T, (n, k, k))
+    normal = xp.reshape(xp.take((mw * m) @ pb.pairs.T, pb.pair_of, axis=1), (n, k, k))
     eye = xp.eye(k, dtype=xp.float64, device=_device(m))
     ridge = xp.sum(xp.linalg.diagonal(normal), axis=1) / k
     normal = normal + xp.where(ridge > 0, 1e-12 * ridge, 1.0)[:, None, None] * eye[None, :, :]
     coef = xp.linalg.solve(normal, ((mw * pb.y) @ pb.basis.T)[:, :, None])[:, :, 0]  # (n, K)
     p = coef @ pb.basis
     r = xp.where(use, pb.y - p * m, 0.0)
-    jac = dm * p[:, None, :]  # (n, 5, n_pix)
-    jw = jac * w[:, None, :]
-    jwa = xp.reshape(xp.reshape(jw * m[:, None, :], (n * 5, -1)) @ pb.basis.T, (n, 5, k))
-    curv = jw @ _mt(jac) - jwa @ xp.linalg.solve(normal, _mt(jwa))
-    grad = xp.sum(jw * r[:, None, :], axis=2)
+    pw = p * w  # J = P·∂S/∂p, so JᵀW· = ∂Sᵀ (P·W·): one weighted copy of ∂S per product
+    jwa = xp.reshape(xp.reshape(dm * (pw * m)[:, None, :], (n * 5, -1)) @ pb.basis.T, (n, 5, k))
+    curv = (dm * (pw * p)[:, None, :]) @ _mt(dm) - jwa @ xp.linalg.solve(normal, _mt(jwa))
+    grad = (dm @ (pw * r)[:, :, None])[:, :, 0]
     chi2s = xp.sum(w * r * r, axis=1)
     chi2p = xp.zeros_like(chi2s)
     wt = 0.0 if pb.phot is None else pb.phot["weight"]
@@ -443,7 +456,8 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     inside = (wave_r / doppler_factor(vlim[0])[:, None] <= hi) & (wave_r / doppler_factor(vlim[1])[:, None] >= lo)
     free = xp.asarray([j in cg.active for j in range(4)] + [True], dtype=xp.bool, device=_device(y))
     basis = _legendre(_mean_lnw(spectra.wave), degree)
-    pb = _Problem(wave=wave_r, basis=basis, pairs=xp.reshape(basis[:, None, :] * basis[None, :, :], (-1, basis.shape[1])),
+    pairs, pair_of = _basis_pairs(basis)
+    pb = _Problem(wave=wave_r, basis=basis, pairs=pairs, pair_of=pair_of,
                   y=_rows(y, k), w=_rows(w, k), lnq0=math.log(float(wq[0])),
                   dln=math.log(float(wq[nq - 1]) / float(wq[0])) / (nq - 1), nq=nq,
                   flat_flux=xp.reshape(prepared.norm_flux, (-1,)), be=be, cg=cg,
