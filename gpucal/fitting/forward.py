@@ -249,12 +249,13 @@ def _model_rows(pb: _Problem, theta, v, good):
 
     The shifted pixels' positions on the log-uniform working grid are computed, not searched
     for; each corner template is gathered at the two samples around every pixel and the corners
-    blended there, in the grid's own precision (float32: a convex blend and a difference of
-    neighbouring samples, exact to its rounding): with T_c(x) = a_c + f·b_c (a the sample
-    below, b the step to the next), S = Σ_c w_c a_c + f Σ_c w_c b_c, ∂S/∂θ the same with ∂w_c/∂θ,
-    and ∂S/∂ln x = Σ_c w_c b_c / Δln q, the linear interpolant's exact slope. Only the blended
-    rows (5 per star, not one per corner) are widened to float64. Values outside ``usable`` are
-    finite and carry no weight (the caller zeroes the weights there).
+    blended there: with T_c(x) = a_c + f·b_c (a the sample below, b the step to the next),
+    S = Σ_c w_c a_c + f Σ_c w_c b_c, ∂S/∂θ the same with ∂w_c/∂θ, and ∂S/∂ln x = Σ_c w_c b_c / Δln q,
+    the linear interpolant's exact slope: the blend is a product per star, and only its 5 rows
+    meet the pixels' f. In float64: ∂S/∂θ is a difference of neighbouring nodes' fluxes, and
+    blended in the grid's float32 the fit's end moved by 1e-5 (relative, in the vectors) with the
+    last bit of the grid's copy (in memory or from the template cache: tests/test_options.py).
+    Values outside ``usable`` are finite and carry no weight (the caller zeroes the weights there).
     """
     xp = pb.be.xp
     th, cell, moved = locate(pb.cg, theta)
@@ -262,17 +263,17 @@ def _model_rows(pb: _Problem, theta, v, good):
     u = (xp.log(pb.wave) - xp.log(doppler_factor(v))[:, None] - pb.lnq0) / pb.dln  # (n, n_pix)
     inside = (u >= 0.0) & (u <= pb.nq - 1)
     i0 = xp.astype(xp.clip(xp.floor(u), 0.0, pb.nq - 2.0), xp.int64)
-    dt = pb.flat_flux.dtype
-    frac = xp.astype(xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0), dt)[:, None, :]
-    at = idx[:, :, None] * pb.nq + i0[:, None, :]  # (n, nc, n_pix)
-    a = xp.reshape(xp.take(pb.flat_flux, xp.reshape(at, (-1,))), at.shape)
-    b = xp.reshape(xp.take(pb.flat_flux[1:], xp.reshape(at, (-1,))), at.shape) - a  # the next samples
-    wts = xp.astype(xp.concat([wc[:, None, :], _mt(dwc)], axis=1), dt)  # (n, 5, nc): S, ∂S/∂θ
+    frac = xp.clip(u - xp.astype(i0, xp.float64), 0.0, 1.0)[:, None, :]
+    at = xp.reshape(idx[:, :, None] * pb.nq + i0[:, None, :], (-1,))  # (n · nc · n_pix,)
+    shape = idx.shape + (i0.shape[1],)
+    a = xp.reshape(xp.astype(xp.take(pb.flat_flux, at), xp.float64), shape)
+    b = xp.reshape(xp.astype(xp.take(pb.flat_flux[1:], at), xp.float64), shape) - a  # the next samples
+    wts = xp.concat([wc[:, None, :], _mt(dwc)], axis=1)  # (n, 5, nc): S, ∂S/∂θ
     slope = wts @ b
-    rows = xp.astype(wts @ a + frac * slope, xp.float64)
+    rows = wts @ a + frac * slope
     beta = v / C_KMS
     dlnx_dv = -1.0 / (C_KMS * (1.0 - beta * beta)) / pb.dln  # -(d ln D / dv) / Δln q
-    dv = xp.astype(slope[:, :1, :], xp.float64) * dlnx_dv[:, None, None]
+    dv = slope[:, :1, :] * dlnx_dv[:, None, None]
     return rows[:, 0, :], xp.concat([rows[:, 1:5, :], dv], axis=1), good & inside, (idx, wc, dwc, moved)
 
 
