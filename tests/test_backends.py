@@ -196,6 +196,21 @@ def test_savgol_interpolating_window_is_the_data_where_the_window_is_good(backen
         assert_close(out, np.where(ref_ok, ref, y), rtol=RTOL[dtype], atol=100 * RTOL[dtype], backend=backend)
 
 
+def test_savgol_long_rows_keep_float64_precision(backend):
+    """The moments are prefix sums restarted per block: no precision lost with the row length
+    (n ~ 1e5, a far-from-zero level, polyorder 3, n not a multiple of the window)."""
+    n = 100_003
+    rng = np.random.default_rng(10)
+    x = np.linspace(0.0, 1.0, n)
+    y = 1e3 * (1 + 0.3 * x + np.sin(40 * x))[None] + rng.normal(size=(2, n))
+    for window, polyorder in ((51, 3), (31, 1)):
+        good = put(backend, np.ones(y.shape, bool))
+        out, mask_out = savgol_filter(put(backend, y), good, window=window, polyorder=polyorder)
+        ref = scipy.signal.savgol_filter(y, window, polyorder, mode="interp")
+        assert to_numpy(mask_out).all()
+        assert_close(out, ref, rtol=1e-12, atol=1e-9, backend=backend)
+
+
 def test_savgol_axis0_and_errors(backend):
     rng = np.random.default_rng(8)
     y = rng.normal(size=(40, 3))

@@ -148,6 +148,76 @@ def _savgol_interpolating(xp, y_m, good, window, axis):
     return xp.moveaxis(y_m, -1, axis), xp.moveaxis(mask_out, -1, axis)
 
 
+def _prefix_sum(xp, x):
+    """Inclusive prefix sums along the last axis: ``xp.cumulative_sum`` where the namespace has it
+    (array API 2023.12), else a product with a triangle of ones."""
+    if hasattr(xp, "cumulative_sum"):
+        return xp.cumulative_sum(x, axis=-1)
+    idx = xp.arange(x.shape[-1], device=_device(x))
+    return x @ xp.astype(idx[:, None] <= idx[None, :], x.dtype)  # tri[l, m] = l <= m
+
+
+def _window_moments(xp, w, wy, h, K):
+    """Centred-window moments along the last axis, shapes ``(..., n, 2K-1)`` and ``(..., n, K)``:
+
+        moments[..., i, q] = Σ_{|d|<=h} w[i+d] u^q,   rhs[..., i, q] = Σ_{|d|<=h} wy[i+d] u^q,   u = d/h,
+
+    w and wy counting as zero outside [0, n); h >= 1.
+
+    Prefix sums instead of a loop over the 2h+1 offsets. One global prefix sum in the absolute
+    index j would cancel badly (a window's sum is a difference of two running totals that grow like
+    n^(q+1), then re-centred through (j − i)^q: ~(n/h)^q lost), so the axis is cut into blocks of
+    B = 2h+1 pixels with the prefix sums restarted in each block and taken in a coordinate
+    τ = (l − h)/h centred on the block (|τ| <= 1). A window spans its own block and at most one
+    neighbour, so its sums are one or two in-block running sums or their differences (plain
+    slices), and u = τ − σ, with σ the pixel's offset from the centre of that block (|σ| < 2),
+    is expanded binomially. The rounding is then a few ulps of the window's Σ|terms| times at most 3^q,
+    independent of n, like the offset loop. One component at a time, so the memory stays ~that of
+    the outputs."""
+    dev = _device(w)
+    dt = w.dtype
+    n = w.shape[-1]
+    lead = w.shape[:-1]
+    B = 2 * h + 1
+    nb = -(-n // B)
+    M = 2 * K - 1
+    # one zero block before and after the nb blocks that hold the n pixels (and zeros to fill the last)
+    zl = xp.zeros(lead + (B,), dtype=dt, device=dev)
+    zr = xp.zeros(lead + ((nb + 1) * B - n,), dtype=dt, device=dev)
+    blocks = [xp.reshape(xp.concat([zl, a, zr], axis=-1), lead + (nb + 2, B)) for a in (w, wy)]
+    tau = (xp.arange(B, dtype=dt, device=dev) - h) / h
+    # pixel p of a block: its own block holds window entries max(0, p-h) .. min(B-1, p+h); the rest
+    # lie in the previous block (p < h: entries p+h+1 .. B-1) or the next (p > h: entries 0 .. p+h-B)
+    p = xp.arange(B, dtype=dt, device=dev)
+    sig_own = (p - h) / h
+    sig_oth = xp.where(p < h, (p - h + B) / h, xp.where(p > h, (p - h - B) / h, 0.0))
+    pow_own = [None] + [(-sig_own) ** e for e in range(1, M)]
+    pow_oth = [None] + [(-sig_oth) ** e for e in range(1, M)]
+    zero1 = xp.zeros(lead + (nb, 1), dtype=dt, device=dev)
+    out = []
+    for a, n_q in ((blocks[0], M), (blocks[1], K)):
+        acc = [None] * n_q
+        t_r = tau
+        for r in range(n_q):
+            if r > 1:
+                t_r = t_r * tau
+            # Q[..., k, l]: in-block running sums of a τ^r over entries 0 .. l of block k
+            Q = _prefix_sum(xp, a * t_r if r else a)  # (..., nb + 2, B)
+            own, prev, nxt = Q[..., 1 : nb + 1, :], Q[..., 0:nb, :], Q[..., 2 : nb + 2, :]
+            end_own, end_prev = own[..., B - 1 : B], prev[..., B - 1 : B]
+            s_own = xp.concat([own[..., h : 2 * h], end_own, end_own - own[..., :h]], axis=-1)
+            s_oth = xp.concat([end_prev - prev[..., h : 2 * h], zero1, nxt[..., :h]], axis=-1)
+            for q in range(r, n_q):
+                if q == r:
+                    term = s_own + s_oth
+                else:
+                    c = math.comb(q, r)
+                    term = (c * pow_own[q - r]) * s_own + (c * pow_oth[q - r]) * s_oth
+                acc[q] = term if acc[q] is None else acc[q] + term
+        out.append(xp.reshape(xp.stack(acc, axis=-1), lead + (nb * B, n_q))[..., :n, :])
+    return out[0], out[1]
+
+
 def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     """Masked Savitzky–Golay filter by local moment sums over offsets (see ``_ops.savgol_filter``)."""
     xp = array_namespace(y, mask)
@@ -165,26 +235,11 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     w = xp.astype(good, work)
     wy = xp.where(good, xp.astype(y_m, work), 0.0)
 
-    # centred windows: moments Σ_d w[i+d] u^q and Σ_d w[i+d] y[i+d] u^q with u = d/h
-    pad = xp.zeros(w.shape[:-1] + (h,), dtype=work, device=dev)
-    wp = xp.concat([pad, w, pad], axis=-1)
-    wyp = xp.concat([pad, wy, pad], axis=-1)
-    mom = [xp.zeros(w.shape, dtype=work, device=dev) for _ in range(2 * K - 1)]
-    rhs = [xp.zeros(w.shape, dtype=work, device=dev) for _ in range(K)]
-    for d in range(-h, h + 1):
-        u = d / h if h else 0.0
-        ws = wp[..., h + d : h + d + n]
-        wys = wyp[..., h + d : h + d + n]
-        for q in range(2 * K - 1):
-            c = u**q
-            if c != 0.0:
-                mom[q] = mom[q] + c * ws
-                if q < K:
-                    rhs[q] = rhs[q] + c * wys
-    count = mom[0]
-    moments = xp.stack(mom, axis=-1)
+    # centred windows: moments Σ_d w[i+d] u^q and Σ_d w[i+d] y[i+d] u^q with u = d/h, by prefix sums
+    moments, rhs = _window_moments(xp, w, wy, h, K)
+    count = moments[..., 0]
     ok = count > K - 0.5
-    value = _solve_small(xp, _hankel(xp, moments, K), xp.stack(rhs, axis=-1), ok)[..., 0]
+    value = _solve_small(xp, _hankel(xp, moments, K), rhs, ok)[..., 0]
 
     if h > 0:
         # the first and last h pixels take the fit over the first/last full window,
