@@ -193,9 +193,10 @@ def savgol_filter(y, mask, *, window, polyorder, axis=-1):
     ``window // 2`` pixels use the first/last full window, evaluated off
     centre, so with an all-True mask the result equals
     ``scipy.signal.savgol_filter(y, window, polyorder, mode="interp")``
-    everywhere. The local moment sums are accumulated by a loop over the
-    window offsets (vectorised over all pixels), with positions scaled to
-    [-1, 1] and in float64 whatever the input dtype; the small
+    everywhere. The local moment sums are prefix sums restarted in blocks of
+    one window (vectorised over all pixels; a window's rounding does not grow
+    with the row's length), with positions scaled to [-1, 1] and in float64
+    whatever the input dtype; the small
     ``(polyorder+1)²`` systems are solved in one batched ``linalg.solve``.
     scipy has no masked Savitzky–Golay filter, so every backend runs this.
     """
