@@ -827,6 +827,9 @@ def _command_line(argv):
 
 
 def main(argv=None):
+    from .heap import keep_heap
+
+    keep_heap()  # the frame's temporaries stay in the heap (gpucal/heap.py); GPUCAL_MALLOC=system: not
     parser = build_parser()
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _configure_logging(args.debug)

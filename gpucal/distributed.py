@@ -290,7 +290,8 @@ def _local_cluster(distributed, workers, backend):
 
 def _worker_environ() -> dict:
     """The environment each LocalCluster worker process is spawned with: dask's own, the thread pools
-    pinned to one thread, and without dask's ``MALLOC_TRIM_THRESHOLD_=65536``.
+    pinned to one thread, and the allocator settings of :mod:`gpucal.heap` instead of dask's
+    ``MALLOC_TRIM_THRESHOLD_=65536`` (none under ``GPUCAL_MALLOC=system``).
 
     That setting fixes glibc's mmap threshold at its 128 KiB default, so every temporary of a frame's
     (n_star, n_pix) arrays (640 KB at 20 x 4000) is a fresh mmap, zeroed page by page: measured on the
@@ -300,9 +301,12 @@ def _worker_environ() -> dict:
     """
     import dask
 
+    from .heap import MALLOC_ENV
+
     env = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}).items()
            if k != "MALLOC_TRIM_THRESHOLD_"}
-    return {**env, **_ONE_THREAD_ENV}
+    system = os.environ.get("GPUCAL_MALLOC", "").strip().lower() == "system"
+    return {**env, **_ONE_THREAD_ENV, **({} if system else MALLOC_ENV)}
 
 
 @contextlib.contextmanager
