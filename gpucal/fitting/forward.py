@@ -25,8 +25,9 @@ each evaluation (variable projection; the Jacobian is the derivative of
 P·S(θ, v) projected off the span of the L_k·S columns, Kaufman's form). All
 stars and all starting points run batched; a fixed number of iterations with
 per-row accept/reject by ``xp.where`` — no host synchronisation inside the
-loop. Rows start from the scan's refined parameters and its best node; the
-better end per star is kept. Pixel outliers: the scan's per-star logic
+loop. Rows start from the scan's refined parameters and its best node; from
+iteration ``KEEP_BEST_AT`` only the better of the two (lower χ²) goes on, chosen on
+the device (a ``take``, no host check). Pixel outliers: the scan's per-star logic
 (:func:`~gpucal.fitting.prepare.normalise_observed`: hot pixels, capped
 weights) on a common wavelength grid, and pixels beyond ``clip_nsigma`` σ of
 the current model cut twice during the iterations.
@@ -70,7 +71,7 @@ from .lsf import convolve_to_instrument
 from .prepare import _grid_window, gather_templates, normalise_observed
 from .refine import refined_templates
 
-__all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
+__all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "KEEP_BEST_AT", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
            "common_shape", "divide_shape", "fitted_templates", "with_node_fallback",
            "poly_on_pixels"]
 
@@ -91,6 +92,12 @@ FIT_DEGREE = 15
 #: interpolation of the grid at the shifted pixels is then accurate to ~1/16 of its error at one
 #: sample per pixel (which biased logg and [M/H] by 0.02 dex at S/N 50, tests/test_forward.py).
 FIT_OVERSAMPLE = 4
+#: With two starts per star, only the better one (lower χ²) is iterated from this iteration on
+#: (None: both to the end). Measured on bench/forward_accuracy.py's 16 frames (2-core VM): 5 gives
+#: the same or better vectors and parameters on every frame than None (the bad 6-standard frame
+#: 0.759 -> 0.695 %), 3 moved one frame's RV RMS 0.95 -> 1.05 km/s; the first fit's evaluations of
+#: 40 rows (20 stars) drop from 13 to 8, the frame's fit by 8-15 % (bench frames' inputs).
+KEEP_BEST_AT = 5
 _LN10_25 = 2.5 / math.log(10.0)
 
 
@@ -375,8 +382,26 @@ def _merge(accept, new, old):
     return out
 
 
-def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
-    """Levenberg–Marquardt over every row at once, a fixed number of iterations (no host check)."""
+def _take_rows(pb: _Problem, pick) -> _Problem:
+    """The problem restricted to the rows ``pick`` (int (m,))."""
+    import dataclasses
+
+    xp = pb.be.xp
+    phot = None if pb.phot is None else {
+        key: (xp.take(val, pick, axis=0) if key in ("mag", "wb", "valid", "offset") else val)
+        for key, val in pb.phot.items()}
+    return dataclasses.replace(pb, wave=xp.take(pb.wave, pick, axis=0), y=xp.take(pb.y, pick, axis=0),
+                               w=xp.take(pb.w, pick, axis=0), phot=phot)
+
+
+def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma, starts=1, keep_best_at=None):
+    """Levenberg–Marquardt over every row at once, a fixed number of iterations (no host check).
+
+    Rows are star-major, ``starts`` per star; at iteration ``keep_best_at`` only each star's row of
+    lowest χ² goes on (the others would cost every later evaluation; the returned rows are then one
+    per star). Returns θ, v, the evaluation, the last step's acceptance, the usable pixels and the
+    rows per star left.
+    """
     xp = pb.be.xp
     theta, _, _ = locate(pb.cg, theta)
     st = _evaluate(pb, theta, v, good)
@@ -384,6 +409,16 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
     accepted = xp.ones(v.shape, dtype=xp.bool, device=_device(v))
     earlier, th_e, v_e = st["total"], theta, v
     for it in range(n_iter):
+        if it == keep_best_at and starts > 1:
+            n_star = v.shape[0] // starts
+            best = xp.argmin(xp.reshape(st["total"], (n_star, starts)), axis=1)
+            pick = xp.arange(n_star, dtype=xp.int64, device=_device(v)) * starts + best
+            pb = _take_rows(pb, pick)
+            theta, v, lam, accepted, good, earlier, th_e, v_e = (
+                xp.take(a, pick, axis=0) for a in (theta, v, lam, accepted, good, earlier, th_e, v_e))
+            vlim = tuple(xp.take(a, pick, axis=0) for a in vlim)
+            st = {key: xp.take(a, pick, axis=0) for key, a in st.items()}
+            starts = 1
         # no cut in the last iterations: what they gain (``recent_gain``, the convergence test at a
         # cell face) must be the fit's, not pixels leaving χ²
         if it in clip_at and it <= n_iter - 3:  # pixels far off the current model are outliers of that star
@@ -407,13 +442,13 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma):
         lam = xp.clip(xp.where(accepted, lam * 0.3, lam * 10.0), 1e-7, 1e7)
     st["recent_gain"] = earlier - st["total"]  # what the last three iterations still gained
     st["recent_step"] = xp.concat([theta - th_e, (v - v_e)[:, None]], axis=1)  # and how far they moved
-    return theta, v, st, accepted, good
+    return theta, v, st, accepted, good, starts
 
 
 def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResult, *, degree: int = FIT_DEGREE,
                 n_iter: int = 10, n_starts: int = 2, photometry: PhotometricTerm | None = None,
                 good_regions=TELLURIC_DEFAULT, clip_nsigma: float = 5.0, vmargin: float = 400.0,
-                tol: float = 0.1, cells=None, pixels=None) -> MatchResult:
+                tol: float = 0.1, cells=None, pixels=None, keep_best_at: int | None = KEEP_BEST_AT) -> MatchResult:
     """Continuous fit of every standard's (θ, v) from the scan's answer ``match`` (module docstring).
 
     spectra : the standards (counts, variance; wave (n_pix,) or (n_star, n_pix));
@@ -427,7 +462,9 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     structured frame, seed 1) and the fit of the counts walks back from there; tol : χ² gain below which a
     star counts as converged; cells : :func:`~gpucal.fitting.cells.cell_grid` of the
     grid (built from ``prepared.params`` when None); pixels : (n_star, n_pix) bool, the usable
-    pixels of an earlier pass (``meta['obs_pixels']``) instead of finding the outliers again.
+    pixels of an earlier pass (``meta['obs_pixels']``) instead of finding the outliers again;
+    keep_best_at : the iteration from which only each star's better start goes on
+    (:data:`KEEP_BEST_AT`; None: both starts to the end).
 
     Returns a MatchResult: ``index`` the scan's node; ``params``, ``rv`` the fit's, with
     errors from the curvature; ``chi2`` χ²_spec, ``dof``; ``meta`` the scan's (blend keys
@@ -463,8 +500,9 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
                   dln=math.log(float(wq[nq - 1]) / float(wq[0])) / (nq - 1), nq=nq,
                   flat_flux=xp.reshape(prepared.norm_flux, (-1,)), be=be, cg=cg,
                   phot=_phot_rows(photometry, k, be), free=free)
-    theta, v, st, accepted, good_r = _iterate(pb, theta0, v0, vlim, _rows(good, k) & inside, n_iter=n_iter,
-                                              clip_at=(1, 3), clip_nsigma=clip_nsigma)
+    theta, v, st, accepted, good_r, k = _iterate(pb, theta0, v0, vlim, _rows(good, k) & inside, n_iter=n_iter,
+                                                 clip_at=(1, 3), clip_nsigma=clip_nsigma, starts=k,
+                                                 keep_best_at=keep_best_at)
     best = xp.argmin(xp.reshape(st["total"], (n_star, k)), axis=1)
     pick = xp.arange(n_star, dtype=xp.int64, device=_device(y)) * k + best
     st = {key: xp.take(a, pick, axis=0) for key, a in st.items()}
