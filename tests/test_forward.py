@@ -245,6 +245,31 @@ def test_photometric_term_is_reported_apart_and_pulls_toward_the_colours(backend
     assert np.all(to_numpy(res2.params)[:, 0] < to_numpy(res0.params)[:, 0] - 5.0)
 
 
+def test_keeping_the_better_start_is_the_fit_from_that_start_alone(backend, small):
+    """keep_best_at=0 with two starts, one far (every star at the grid's first node) and the scan's
+    node: each star's lower-χ² start (the node) goes on alone, so the fit is, to rounding, the
+    one-start fit from the node, photometric rows included; with both kept to the end it ends no
+    worse."""
+    grid, wave = small
+    spec, _ = _frame(backend, grid, wave)
+    fg = fit_grid(grid, backend.asarray(wave), fwhm=FWHM)
+    params = np.asarray(grid.params)
+    node, xp = _start(backend, params)
+    far = dataclasses.replace(node, params=backend.asarray(np.repeat(params[:1], 3, axis=0)))
+    node_mag = np.stack([2.0 - params[:, 0] / 5000.0, 1.5 - params[:, 0] / 4000.0], axis=1)
+    term = PhotometricTerm(node_mag=backend.asarray(node_mag), mag=backend.asarray(np.zeros((3, 2))),
+                           err=backend.asarray(np.full((3, 2), 0.05)), valid=backend.asarray(np.ones((3, 2), bool)),
+                           weight=0.0)
+    kw = dict(degree=4, good_regions=(), n_iter=6, photometry=term)
+    alone = fit_forward(spec, fg, node, n_starts=1, **kw)
+    kept = fit_forward(spec, fg, far, n_starts=2, keep_best_at=0, **kw)
+    both = fit_forward(spec, fg, far, n_starts=2, keep_best_at=None, **kw)
+    for a, b in ((kept.params, alone.params), (kept.rv, alone.rv), (kept.chi2, alone.chi2),
+                 (kept.meta["chi2_phot"], alone.meta["chi2_phot"])):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-10, atol=1e-9)
+    assert np.all(to_numpy(both.chi2) <= to_numpy(alone.chi2) * (1 + 1e-9))
+
+
 def test_bad_options_are_input_errors(backend, small):
     grid, wave = small
     spec, _ = _frame(backend, grid, wave)
