@@ -176,6 +176,278 @@ def _convolved_varying(params, rv, waves, fw, fine_step, margin):
     return out
 
 
+# --- simulate_frame's steps, in the order it takes them ----------------------------------------
+
+
+def _checked_grid(n_standards, n_program, n_sky, n_pix, square, snr, wave_range, fwhm):
+    """Validate :func:`simulate_frame`'s sizes and scalars; return n_fibre, the nominal grid (n_pix,) Å and fwhm."""
+    if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
+        raise ValueError("need a non-negative number of each fibre type and at least one fibre")
+    n_fibre = n_standards + n_program + n_sky
+    if square and n_pix != n_fibre:
+        raise ValueError(f"square=True needs n_pix == n_fibre ({n_pix} != {n_fibre})")
+    if n_pix < 2:
+        raise ValueError("n_pix must be at least 2")
+    if not (np.isfinite(snr) and snr > 0):
+        raise ValueError("snr must be finite and positive (use noise=False for a noiseless frame)")
+    w0, w1 = float(wave_range[0]), float(wave_range[1])
+    if not (3000.0 <= w0 < w1 <= 11000.0):
+        raise ValueError("wave_range must lie within the demo model's 3000-11000 Å")
+    fwhm = float(fwhm)
+    if fwhm < 0:
+        raise ValueError("fwhm must be >= 0")
+    return n_fibre, np.linspace(w0, w1, n_pix), fwhm
+
+
+def _draw_standards(rng, n_standards, params, rvs):
+    """The standards' parameters (n_std, 4), RVs (km/s), r magnitudes and catalogue errors (n_std, 4).
+
+    Defaults as :func:`simulate_frame` says. ``rng`` draws, in this order, the RVs beyond the
+    five defaults (even when ``rvs`` is given), r in [14, 16] and the g r i z errors in [0.01, 0.02].
+    """
+    if params is None:
+        std_params = np.array([_DEFAULT_STD_PARAMS[k % len(_DEFAULT_STD_PARAMS)] for k in range(n_standards)], dtype=np.float64)
+    else:
+        std_params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
+        if std_params.shape[0] != n_standards:
+            raise ValueError("params must have one row [Teff, logg, [M/H], [α/M]] per standard")
+    std_params = std_params.reshape(n_standards, 4)
+    extra_rv = rng.uniform(-200.0, 200.0, max(n_standards - len(_DEFAULT_STD_RV), 0))
+    if rvs is None:
+        std_rv = np.concatenate([np.array(_DEFAULT_STD_RV[:n_standards]), extra_rv])
+    else:
+        std_rv = np.asarray(rvs, dtype=np.float64).ravel()
+        if std_rv.size != n_standards:
+            raise ValueError("rvs must have one velocity (km/s) per standard")
+    std_rmag = rng.uniform(14.0, 16.0, n_standards)
+    mag_err = rng.uniform(0.01, 0.02, (n_standards, 4))
+    return std_params, std_rv, std_rmag, mag_err
+
+
+def _draw_program(rng, n_program):
+    """Program stars' parameters (n_prog, 4), RVs (km/s) and r magnitudes, uniform draws from ``rng`` in this order.
+
+    Teff 4500-8000 K, logg 3.5-5.0, [M/H] -1.0..+0.5 ([α/M] 0), RV ±200 km/s, r 16-18.5.
+    """
+    prog_params = np.stack(
+        [
+            rng.uniform(4500.0, 8000.0, n_program),
+            rng.uniform(3.5, 5.0, n_program),
+            rng.uniform(-1.0, 0.5, n_program),
+            np.zeros(n_program),
+        ],
+        axis=1,
+    )
+    prog_rv = rng.uniform(-200.0, 200.0, n_program)
+    prog_rmag = rng.uniform(16.0, 18.5, n_program)
+    return prog_params, prog_rv, prog_rmag
+
+
+def _dilutions_and_mags(model, params, rv, rmag, n_standards):
+    """Each star's dilution to its r magnitude (n_star,) and the first n_standards' exact g r i z (n_std, 4).
+
+    From the full-range (3000-11000 Å) shifted, unconvolved ``model`` spectrum of each star.
+    """
+    full_wave = demo_wave()
+    n_star = params.shape[0]
+    dilution = np.empty(n_star)
+    std_full = np.empty((n_standards, full_wave.size))
+    for k in range(n_star):
+        f = model(params[k : k + 1], full_wave / doppler_factor(rv[k]))[0][0]
+        r0 = _ab_mags(full_wave, f)[0, 1]
+        dilution[k] = 10.0 ** (-0.4 * (rmag[k] - r0))
+        if k < n_standards:
+            std_full[k] = f * dilution[k]
+    std_mags = _ab_mags(full_wave, std_full) if n_standards else np.empty((0, 4))
+    return dilution, std_mags
+
+
+def _star_spectra(params, rv, dilution, wave, src_wave, src_fwhm, fwhm, model, varying):
+    """The stars' diluted, shifted, LSF-convolved flux at their pixels (n_star, n_pix), and the fine (step, margin) Å.
+
+    ``varying``: each star at its own wavelengths ``src_wave`` with its own FWHM ``src_fwhm``
+    (:func:`_convolved_varying`); otherwise on ``wave`` at the constant ``fwhm``. ``model``
+    None is the demo model (the only one ``varying`` supports).
+    """
+    n_star = params.shape[0]
+    fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
+    margin = 10.0 * fwhm + 5.0
+    if model is not None and varying:
+        raise ValueError("a model other than the demo's is simulated on a common wavelength grid only")
+    if varying and n_star:
+        fine_step = min(0.1, float(src_fwhm.min()) / 10.0)
+        margin = 10.0 * float(src_fwhm.max()) + 5.0
+        conv = _convolved_varying(params, rv, src_wave[:n_star], src_fwhm[:n_star], fine_step, margin)
+        conv = conv * dilution[:, None]
+    elif n_star:
+        conv = _convolved_on_frame(params, rv, wave, fwhm, fine_step, margin, model=model) * dilution[:, None]
+    else:
+        conv = np.empty((0, wave.size))
+    return conv, fine_step, margin
+
+
+def _absorbed(conv, telluric, at, varying, params, rv, dilution, wave, fwhm, fine_step, margin, model):
+    """The stars' spectra after telluric absorption: (absorbed, telluric truth, factor applied after the LSF).
+
+    ``telluric`` true: the smooth bands (:func:`telluric_transmission`) at ``at``, multiplied
+    after the LSF; a callable (fine λ -> T): resolved lines absorbed before the LSF, the spectra
+    convolved again with them, and the truth the convolved transmission; false: none.
+    """
+    tell = telluric_transmission(at) if telluric and not callable(telluric) else np.ones(at.shape)
+    absorbed, after_lsf = conv, tell
+    if callable(telluric):
+        if varying:
+            raise ValueError("resolved telluric lines are simulated on a common wavelength grid only")
+        rows = _convolved_on_frame(params, rv, wave, fwhm, fine_step, margin, telluric, model=model)
+        absorbed, tell, after_lsf = rows[:-1] * dilution[:, None], rows[-1], np.ones(wave.size)
+    return absorbed, tell, after_lsf
+
+
+def _frame_throughput(throughput, conv, n_standards, at, tell, varying, snr, read_noise, n_pix):
+    """The throughput (counts per erg/s/cm²/Å, (n_pix,) or per source) and the scale of its shape (None if given).
+
+    None: :func:`_throughput_shape` at ``at`` scaled so that the median S/N of the standards'
+    pixels (the program stars' without standards) is ``snr``; otherwise ``throughput`` checked.
+    """
+    if throughput is None:
+        shape = _throughput_shape(at)
+        n_star = conv.shape[0]
+        ref = conv[:n_standards] if n_standards else conv[n_standards:]
+        if ref.size:
+            sel = slice(0, n_standards) if n_standards else slice(n_standards, n_star)
+            m = float(np.median(ref * (shape[sel] if varying else shape) * (tell[sel] if varying else tell)))
+        else:  # only sky fibres: any positive scale will do
+            m = float(np.median(shape)) * 1e-15
+        c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))  # counts with c/√(c+rn²) = snr
+        return shape * (c / m), c / m
+    if varying:
+        raise ValueError("a given throughput cannot be combined with per-fibre wavelengths or LSF")
+    thr = np.asarray(throughput, dtype=np.float64).ravel()
+    if thr.shape != (n_pix,) or not np.all(np.isfinite(thr)) or np.any(thr <= 0):
+        raise ValueError("throughput must be (n_pix,) finite and positive")
+    return thr, None
+
+
+def _source_names(n_standards, n_program, n_sky):
+    """Names STD001…, PRG001…, SKY001… and TYPE 'C', 'P', 'S' of the sources in (std, program, sky) order."""
+    types = np.array(["C"] * n_standards + ["P"] * n_program + ["S"] * n_sky)
+    names = [f"STD{k + 1:03d}" for k in range(n_standards)]
+    names += [f"PRG{k + 1:03d}" for k in range(n_program)]
+    names += [f"SKY{k + 1:03d}" for k in range(n_sky)]
+    return names, types
+
+
+def _fibre_order(rng, n_standards, n_fibre):
+    """The seeded fibre shuffle: perm[row] = index into the (std, program, sky) ordering.
+
+    Redrawn (up to 100 times) while the standards would all come first.
+    """
+    perm = rng.permutation(n_fibre)
+    if 0 < n_standards < n_fibre:
+        for _ in range(100):
+            if not np.all(np.sort(np.argsort(perm)[:n_standards]) == np.arange(n_standards)):
+                break
+            perm = rng.permutation(n_fibre)
+    return perm
+
+
+def _observed(absorbed, n_sky, thr, after_lsf, perm, read_noise, noise, rng):
+    """Counts in frame row order: (counts_true, var = counts_true + read_noise², flux).
+
+    flux = counts_true + N(0, √var) from ``rng`` if ``noise``, else counts_true exactly.
+    Sky fibres carry no signal (sky-subtracted).
+    """
+    n_pix = absorbed.shape[1]
+    counts_src = np.concatenate([absorbed, np.zeros((n_sky, n_pix))]) * thr * after_lsf  # (n_pix,) or per source
+    counts_true = counts_src[perm]
+    var = counts_true + read_noise**2
+    if noise:
+        flux = counts_true + rng.standard_normal(counts_true.shape) * np.sqrt(var)
+    else:
+        flux = counts_true.copy()
+    return counts_true, var, flux
+
+
+def _fibre_table(names, types, perm, ra, dec):
+    """The frame's fibre table FIBRE (1-based), NAME, TYPE, RA, DEC in frame row order."""
+    from astropy.table import Table
+
+    return Table(
+        {
+            "FIBRE": np.arange(1, perm.size + 1, dtype=np.int32),
+            "NAME": np.array(names)[perm] if perm.size else np.array([], dtype="U6"),
+            "TYPE": types[perm],
+            "RA": ra[perm],
+            "DEC": dec[perm],
+        }
+    )
+
+
+def _catalogue(names, ra, dec, std_mags, mag_err, mag_noise, rng):
+    """The standards' catalogue name, ra, dec, g, dg, … z, dz.
+
+    Magnitudes exact unless ``mag_noise``: then each gets N(0, its error) from ``rng``.
+    """
+    from astropy.table import Table
+
+    cat_mags = std_mags.copy()
+    if mag_noise:
+        cat_mags = cat_mags + rng.standard_normal(cat_mags.shape) * mag_err
+    return Table(
+        {
+            "name": np.array(names, dtype="U16"),
+            "ra": ra,
+            "dec": dec,
+            "g": cat_mags[:, 0],
+            "dg": mag_err[:, 0],
+            "r": cat_mags[:, 1],
+            "dr": mag_err[:, 1],
+            "i": cat_mags[:, 2],
+            "di": mag_err[:, 2],
+            "z": cat_mags[:, 3],
+            "dz": mag_err[:, 3],
+        }
+    )
+
+
+def _truth(n_standards, n_program, std, prog, perm, conv, dilution, std_mags, counts_true, thr, tell,
+           fwhm, snr, read_noise):
+    """:func:`simulate_frame`'s truth dict (keys as its docstring); ``std``, ``prog`` = (params, rv)."""
+    row_of = np.argsort(perm)  # frame row of each source
+    return {
+        "throughput": thr,
+        "telluric": tell,
+        "params": std[0],
+        "rv": std[1],
+        "std_fibres": row_of[:n_standards],
+        "program_fibres": row_of[n_standards : n_standards + n_program],
+        "sky_fibres": row_of[n_standards + n_program :],
+        "std_true_flux": conv[:n_standards],
+        "program_true_flux": conv[n_standards:],
+        "program_params": prog[0],
+        "program_rv": prog[1],
+        "dilution": dilution[:n_standards],
+        "program_dilution": dilution[n_standards:],
+        "mags": std_mags,
+        "mag_bands": ("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z"),
+        "counts_true": counts_true,
+        "fwhm": fwhm,
+        "snr": float(snr),
+        "read_noise": float(read_noise),
+    }
+
+
+def _add_per_fibre_truth(truth, perm, src_wave, src_fwhm, wave, scale, telluric):
+    """Per-fibre truth (wave_fibre, throughput_fibre, fwhm_fibre in frame row order) added to ``truth``.
+
+    'throughput' and 'telluric' become the nominal grid's, so that 'throughput' stays the true 1/Cal(λ).
+    """
+    truth.update(wave_fibre=src_wave[perm], throughput_fibre=truth["throughput"][perm], fwhm_fibre=src_fwhm[perm],
+                 throughput=_throughput_shape(wave) * scale,
+                 telluric=telluric_transmission(wave) if telluric else np.ones(wave.size))
+    return truth
+
+
 def simulate_frame(
     *,
     n_standards=5,
@@ -254,197 +526,41 @@ def simulate_frame(
     ``model(params (1, 4), wave) -> (flux (1, n), ...)`` replaces :func:`demo_model` as
     the stars' surface flux (e.g. :func:`grid_interpolated_model`).
     """
-    given_model, model = model is not None, (demo_model if model is None else model)
     n_standards, n_program, n_sky, n_pix = int(n_standards), int(n_program), int(n_sky), int(n_pix)
-    if n_standards < 0 or n_program < 0 or n_sky < 0 or n_standards + n_program + n_sky == 0:
-        raise ValueError("need a non-negative number of each fibre type and at least one fibre")
-    n_fibre = n_standards + n_program + n_sky
-    if square and n_pix != n_fibre:
-        raise ValueError(f"square=True needs n_pix == n_fibre ({n_pix} != {n_fibre})")
-    if n_pix < 2:
-        raise ValueError("n_pix must be at least 2")
-    if not (np.isfinite(snr) and snr > 0):
-        raise ValueError("snr must be finite and positive (use noise=False for a noiseless frame)")
-    w0, w1 = float(wave_range[0]), float(wave_range[1])
-    if not (3000.0 <= w0 < w1 <= 11000.0):
-        raise ValueError("wave_range must lie within the demo model's 3000-11000 Å")
-    fwhm = float(fwhm)
-    if fwhm < 0:
-        raise ValueError("fwhm must be >= 0")
-
+    n_fibre, wave, fwhm = _checked_grid(n_standards, n_program, n_sky, n_pix, square, snr, wave_range, fwhm)
     ss = np.random.SeedSequence(int(seed))
     rng_order, rng_std, rng_prog, rng_noise, rng_pos, rng_cat = (np.random.default_rng(s) for s in ss.spawn(6))
 
-    wave = np.linspace(w0, w1, n_pix)
+    # the stars, in source order (standards, then program stars), and their brightness
+    std_params, std_rv, std_rmag, mag_err = _draw_standards(rng_std, n_standards, params, rvs)
+    prog_params, prog_rv, prog_rmag = _draw_program(rng_prog, n_program)
+    all_params, all_rv = np.concatenate([std_params, prog_params]), np.concatenate([std_rv, prog_rv])
+    dilution, std_mags = _dilutions_and_mags(demo_model if model is None else model, all_params, all_rv,
+                                             np.concatenate([std_rmag, prog_rmag]), n_standards)
 
-    # standards
-    if params is None:
-        std_params = np.array([_DEFAULT_STD_PARAMS[k % len(_DEFAULT_STD_PARAMS)] for k in range(n_standards)], dtype=np.float64)
-    else:
-        std_params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
-        if std_params.shape[0] != n_standards:
-            raise ValueError("params must have one row [Teff, logg, [M/H], [α/M]] per standard")
-    std_params = std_params.reshape(n_standards, 4)
-    extra_rv = rng_std.uniform(-200.0, 200.0, max(n_standards - len(_DEFAULT_STD_RV), 0))
-    if rvs is None:
-        std_rv = np.concatenate([np.array(_DEFAULT_STD_RV[:n_standards]), extra_rv])
-    else:
-        std_rv = np.asarray(rvs, dtype=np.float64).ravel()
-        if std_rv.size != n_standards:
-            raise ValueError("rvs must have one velocity (km/s) per standard")
-    std_rmag = rng_std.uniform(14.0, 16.0, n_standards)
-    mag_err = rng_std.uniform(0.01, 0.02, (n_standards, 4))
-
-    # program stars
-    prog_params = np.stack(
-        [
-            rng_prog.uniform(4500.0, 8000.0, n_program),
-            rng_prog.uniform(3.5, 5.0, n_program),
-            rng_prog.uniform(-1.0, 0.5, n_program),
-            np.zeros(n_program),
-        ],
-        axis=1,
-    )
-    prog_rv = rng_prog.uniform(-200.0, 200.0, n_program)
-    prog_rmag = rng_prog.uniform(16.0, 18.5, n_program)
-
-    # full-range spectra for photometry and dilution
-    full_wave = demo_wave()
-    all_params = np.concatenate([std_params, prog_params])
-    all_rv = np.concatenate([std_rv, prog_rv])
-    all_rmag = np.concatenate([std_rmag, prog_rmag])
-    n_star = all_params.shape[0]
-    dilution = np.empty(n_star)
-    std_full = np.empty((n_standards, full_wave.size))
-    for k in range(n_star):
-        f = model(all_params[k : k + 1], full_wave / doppler_factor(all_rv[k]))[0][0]
-        r0 = _ab_mags(full_wave, f)[0, 1]
-        dilution[k] = 10.0 ** (-0.4 * (all_rmag[k] - r0))
-        if k < n_standards:
-            std_full[k] = f * dilution[k]
-    std_mags = _ab_mags(full_wave, std_full) if n_standards else np.empty((0, 4))
-
-    # convolved spectra at the pixel centres
+    # each source's wavelengths and LSF (std, program, sky), the stars' spectra there, then the atmosphere
     varying = wave_jitter is not None or fwhm_poly is not None or bool(fwhm_scatter)
-    src_wave, _, _ = _fibre_waves(wave, n_fibre, wave_jitter, seed)  # source order: std, program, sky
+    src_wave, _, _ = _fibre_waves(wave, n_fibre, wave_jitter, seed)
     src_fwhm = _fibre_fwhm(src_wave, fwhm, fwhm_poly, fwhm_scatter, seed) if varying else None
-    fine_step = min(0.1, fwhm / 10.0) if fwhm > 0 else 0.1
-    margin = 10.0 * fwhm + 5.0
-    if given_model and varying:
-        raise ValueError("a model other than the demo's is simulated on a common wavelength grid only")
-    if varying and n_star:
-        fine_step = min(0.1, float(src_fwhm.min()) / 10.0)
-        margin = 10.0 * float(src_fwhm.max()) + 5.0
-        conv = _convolved_varying(all_params, all_rv, src_wave[:n_star], src_fwhm[:n_star], fine_step, margin)
-        conv = conv * dilution[:, None]
-    elif n_star:
-        conv = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, model=model) * dilution[:, None]
-    else:
-        conv = np.empty((0, n_pix))
-    std_true, prog_true = conv[:n_standards], conv[n_standards:]
-
+    conv, fine_step, margin = _star_spectra(all_params, all_rv, dilution, wave, src_wave, src_fwhm, fwhm, model,
+                                            varying)
     at = src_wave if varying else wave  # where throughput and telluric are evaluated, per source
-    tell = telluric_transmission(at) if telluric and not callable(telluric) else np.ones(at.shape)
-    absorbed, after_lsf = conv, tell  # the smooth dips multiply after the LSF
-    if callable(telluric):  # resolved lines (gpucal.simulate_tellurics): absorbed before the LSF
-        if varying:
-            raise ValueError("resolved telluric lines are simulated on a common wavelength grid only")
-        rows = _convolved_on_frame(all_params, all_rv, wave, fwhm, fine_step, margin, telluric, model=model)
-        absorbed, tell, after_lsf = rows[:-1] * dilution[:, None], rows[-1], np.ones(n_pix)
-    if throughput is None:
-        shape = _throughput_shape(at)
-        ref = std_true if n_standards else prog_true
-        if ref.size:
-            sel = slice(0, n_standards) if n_standards else slice(n_standards, n_star)
-            m = float(np.median(ref * (shape[sel] if varying else shape) * (tell[sel] if varying else tell)))
-        else:  # only sky fibres: any positive scale will do
-            m = float(np.median(shape)) * 1e-15
-        c = 0.5 * (snr**2 + math.sqrt(snr**4 + 4.0 * snr**2 * read_noise**2))  # counts with c/√(c+rn²) = snr
-        thr = shape * (c / m)
-    elif varying:
-        raise ValueError("a given throughput cannot be combined with per-fibre wavelengths or LSF")
-    else:
-        thr = np.asarray(throughput, dtype=np.float64).ravel()
-        if thr.shape != (n_pix,) or not np.all(np.isfinite(thr)) or np.any(thr <= 0):
-            raise ValueError("throughput must be (n_pix,) finite and positive")
+    absorbed, tell, after_lsf = _absorbed(conv, telluric, at, varying, all_params, all_rv, dilution, wave, fwhm,
+                                          fine_step, margin, model)
+    thr, scale = _frame_throughput(throughput, conv, n_standards, at, tell, varying, snr, read_noise, n_pix)
 
-    # fibre order
-    types = np.array(["C"] * n_standards + ["P"] * n_program + ["S"] * n_sky)
-    names = [f"STD{k + 1:03d}" for k in range(n_standards)]
-    names += [f"PRG{k + 1:03d}" for k in range(n_program)]
-    names += [f"SKY{k + 1:03d}" for k in range(n_sky)]
-    perm = rng_order.permutation(n_fibre)
-    if 0 < n_standards < n_fibre:
-        for _ in range(100):  # standards must not all come first
-            if not np.all(np.sort(np.argsort(perm)[:n_standards]) == np.arange(n_standards)):
-                break
-            perm = rng_order.permutation(n_fibre)
-    # perm[row] = index into the (std, program, sky) ordering
-    row_of = np.argsort(perm)
-
-    counts_src = np.concatenate([absorbed, np.zeros((n_sky, n_pix))]) * thr * after_lsf  # (n_pix,) or per source
-    counts_true = counts_src[perm]
-    var = counts_true + read_noise**2
-    if noise:
-        flux = counts_true + rng_noise.standard_normal(counts_true.shape) * np.sqrt(var)
-    else:
-        flux = counts_true.copy()
-
-    from astropy.table import Table
-
+    # the fibres: shuffled, observed, tabulated
+    names, types = _source_names(n_standards, n_program, n_sky)
+    perm = _fibre_order(rng_order, n_standards, n_fibre)
+    counts_true, var, flux = _observed(absorbed, n_sky, thr, after_lsf, perm, read_noise, noise, rng_noise)
     ra, dec = _positions(rng_pos, n_fibre)
-    fibres = Table(
-        {
-            "FIBRE": np.arange(1, n_fibre + 1, dtype=np.int32),
-            "NAME": np.array(names)[perm] if n_fibre else np.array([], dtype="U6"),
-            "TYPE": types[perm],
-            "RA": ra[perm],
-            "DEC": dec[perm],
-        }
-    )
-    cat_mags = std_mags.copy()
-    if mag_noise:
-        cat_mags = cat_mags + rng_cat.standard_normal(cat_mags.shape) * mag_err
-    catalogue = Table(
-        {
-            "name": np.array(names[:n_standards], dtype="U16"),
-            "ra": ra[:n_standards],
-            "dec": dec[:n_standards],
-            "g": cat_mags[:, 0],
-            "dg": mag_err[:, 0],
-            "r": cat_mags[:, 1],
-            "dr": mag_err[:, 1],
-            "i": cat_mags[:, 2],
-            "di": mag_err[:, 2],
-            "z": cat_mags[:, 3],
-            "dz": mag_err[:, 3],
-        }
-    )
-    truth = {
-        "throughput": thr,
-        "telluric": tell,
-        "params": std_params,
-        "rv": std_rv,
-        "std_fibres": row_of[:n_standards],
-        "program_fibres": row_of[n_standards : n_standards + n_program],
-        "sky_fibres": row_of[n_standards + n_program :],
-        "std_true_flux": std_true,
-        "program_true_flux": prog_true,
-        "program_params": prog_params,
-        "program_rv": prog_rv,
-        "dilution": dilution[:n_standards],
-        "program_dilution": dilution[n_standards:],
-        "mags": std_mags,
-        "mag_bands": ("panstarrs-g", "panstarrs-r", "panstarrs-i", "panstarrs-z"),
-        "counts_true": counts_true,
-        "fwhm": fwhm,
-        "snr": float(snr),
-        "read_noise": float(read_noise),
-    }
-    if varying:  # per source -> frame row order; the nominal grid's throughput stays the true 1/Cal(λ)
-        truth.update(wave_fibre=src_wave[perm], throughput_fibre=thr[perm], fwhm_fibre=src_fwhm[perm],
-                     throughput=_throughput_shape(wave) * (c / m),
-                     telluric=telluric_transmission(wave) if telluric else np.ones(n_pix))
+    fibres = _fibre_table(names, types, perm, ra, dec)
+    catalogue = _catalogue(names[:n_standards], ra[:n_standards], dec[:n_standards], std_mags, mag_err, mag_noise,
+                           rng_cat)
+    truth = _truth(n_standards, n_program, (std_params, std_rv), (prog_params, prog_rv), perm, conv, dilution,
+                   std_mags, counts_true, thr, tell, fwhm, snr, read_noise)
+    if varying:
+        truth = _add_per_fibre_truth(truth, perm, src_wave, src_fwhm, wave, scale, telluric)
         wave = truth["wave_fibre"] if wave_jitter is not None else wave
     return DemoFrame(wave=wave, flux=flux, var=var, fibres=fibres, catalogue=catalogue, truth=truth)
 
