@@ -50,9 +50,14 @@ def keep_heap() -> bool:
     if os.environ.get("GPUCAL_MALLOC", "").strip().lower() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name on Linux: no ldconfig subprocess (find_library)
+    except OSError:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        except OSError:
+            return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = [mallopt(_M_MMAP_THRESHOLD, MMAP_MAX), mallopt(_M_TRIM_THRESHOLD, TRIM), mallopt(_M_TOP_PAD, TOP_PAD)]
