@@ -254,7 +254,7 @@ def test_keeping_the_better_start_is_the_fit_from_that_start_alone(backend, smal
     spec, _ = _frame(backend, grid, wave)
     fg = fit_grid(grid, backend.asarray(wave), fwhm=FWHM)
     params = np.asarray(grid.params)
-    node, xp = _start(backend, params)
+    node, _ = _start(backend, params)
     far = dataclasses.replace(node, params=backend.asarray(np.repeat(params[:1], 3, axis=0)))
     node_mag = np.stack([2.0 - params[:, 0] / 5000.0, 1.5 - params[:, 0] / 4000.0], axis=1)
     term = PhotometricTerm(node_mag=backend.asarray(node_mag), mag=backend.asarray(np.zeros((3, 2))),
