@@ -78,14 +78,26 @@ def interp(x, xp_grid, fp, *, left=None, right=None):
             at = xp.reshape(xp.broadcast_to(row[..., None], lead + (1,)) + xp.reshape(lo, x.shape), (-1,))
             flat = xp.reshape(fp, (-1,))
             f0 = xp.reshape(xp.take(flat, at), lead + (m,))
-            f1 = xp.reshape(xp.take(flat, at + 1), lead + (m,))
+            f1 = xp.reshape(xp.take(flat[1:], at), lead + (m,))  # the next samples, no second index array
         f1 = f1 - f0
         f1 = f1 * t
         out = xp.reshape(f0 + f1, lead + (m,))
+    return _outside(xp, x, grid, out, left, right)
+
+
+def _outside(xp, x, grid, out, left, right):
+    """``out`` with ``left`` / ``right`` where x lies below / above the grid (None: left alone).
+    The same fill on both sides (NaN for NaN, the usual case) is one pass, not two."""
+    n = grid.shape[0]
+    dev = _device(out)
+    same = (isinstance(left, (int, float)) and isinstance(right, (int, float))
+            and (left == right or (math.isnan(left) and math.isnan(right))))
+    if same:
+        return xp.where((x < grid[0]) | (x > grid[n - 1]), xp.asarray(left, dtype=out.dtype, device=dev), out)
     if left is not None:
-        out = xp.where(x < grid[0], xp.asarray(left, dtype=dtype, device=_device(out)), out)
+        out = xp.where(x < grid[0], xp.asarray(left, dtype=out.dtype, device=dev), out)
     if right is not None:
-        out = xp.where(x > grid[n - 1], xp.asarray(right, dtype=dtype, device=_device(out)), out)
+        out = xp.where(x > grid[n - 1], xp.asarray(right, dtype=out.dtype, device=dev), out)
     return out
 
 
