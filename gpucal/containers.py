@@ -411,6 +411,8 @@ class FrameRecord:
     exception's class name; ``traceback`` is kept for exceptions that are not
     GpucalError (a bug rather than bad input). ``worker`` names the process
     that ran it (host, pid, and how many template grids it has loaded).
+    ``finished_unix`` is when the task ended (``time.time()`` on its worker; 0 when not run): a
+    batch's steady rate after each worker's first frame is timed from these.
     """
 
     path: str
@@ -427,6 +429,7 @@ class FrameRecord:
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
     worker: dict = field(default_factory=dict)
+    finished_unix: float = 0.0
 
 
 @dataclass

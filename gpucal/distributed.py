@@ -113,12 +113,14 @@ def _calibrate_one(path: str, out: str, templates, options: dict, qc_dir: str | 
             path=path, ok=False, error=str(exc), error_type=type(exc).__name__,
             traceback=None if isinstance(exc, GpucalError) else traceback.format_exc(),
             elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
+            finished_unix=time.time(),
         )
     return FrameRecord(
         path=path, ok=True, out_path=res.out_path, summary=res.summary,
         wave=np.asarray(res.wave, dtype=np.float64), cal=np.asarray(res.cal, dtype=np.float64),
         cal_var=np.asarray(res.cal_var, dtype=np.float64), measured=np.asarray(res.measured, dtype=bool),
         elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, worker=_worker_info(options),
+        finished_unix=time.time(),
     )
 
 

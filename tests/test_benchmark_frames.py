@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from gpucal.benchmark_frames import STAGES, bench_grid
+from gpucal.benchmark_frames import STAGES, after_first, bench_grid
+from gpucal.containers import FrameRecord
 from gpucal.cli import main
 
 
@@ -16,6 +17,17 @@ def test_bench_grid_cuts_near_the_standards_and_tiles_distinct_nodes():
     assert p.shape == (500, 4) and len({tuple(r) for r in p}) == 500
     np.testing.assert_array_equal(np.asarray(tiled.flux)[240 + 7], np.asarray(tiled.flux)[7])
     np.testing.assert_allclose(p[240 + 7] - p[7], [0.0, 0.0, 0.0, 0.01])
+
+
+def test_after_first_times_from_the_last_workers_first_frame():
+    """Two workers: A ends frames at 3, 4, 5 s, B at 3.5, 4.5; the steady window opens at B's first end (3.5)."""
+    def rec(pid, t):
+        return FrameRecord(path=f"f{t}", ok=True, worker={"host": "h", "pid": pid}, finished_unix=t)
+
+    recs = [rec(1, 3.0), rec(2, 3.5), rec(1, 4.0), rec(2, 4.5), rec(1, 5.0)]
+    k, seconds = after_first(recs)
+    assert k == 3 and abs(seconds - 1.5) < 1e-12
+    assert after_first([rec(1, 2.0)]) == (0, 0.0)
 
 
 def test_cli_bench_frames_serial_writes_a_stage_table(tmp_path, capsys, monkeypatch):
@@ -39,3 +51,5 @@ def test_cli_bench_frames_serial_writes_a_stage_table(tmp_path, capsys, monkeypa
     # the first frame prepares the working grid; the others find it in memory
     assert serial["stages_first_s"]["prepare"] > stages["prepare"]
     assert abs(serial["frames_per_min_steady"] * serial["s_per_frame_steady"] - 60.0) < 1e-6
+    # one process: after its first frame, the same window as the steady rate's (to the frames' ends)
+    assert 0.5 * serial["s_per_frame_steady"] < serial["s_per_frame_after_first"] <= 1.01 * serial["s_per_frame_steady"]
