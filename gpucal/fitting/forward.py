@@ -30,7 +30,7 @@ iteration ``KEEP_BEST_AT`` only the better of the two (lower χ²) goes on, chos
 the device (a ``take``, no host check). Pixel outliers: the scan's per-star logic
 (:func:`~gpucal.fitting.prepare.normalise_observed`: hot pixels, capped
 weights) on a common wavelength grid, and pixels beyond ``clip_nsigma`` σ of
-the current model cut twice during the iterations.
+the current model cut during the iterations (:data:`CLIP_AT`).
 
 Photometry: the catalogue magnitudes as a term of χ², the synthetic
 magnitudes of S(θ) being Σ_c w_c 10^(−0.4 m_c) of the nodes' (exact for the
@@ -71,7 +71,7 @@ from .lsf import convolve_to_instrument
 from .prepare import _grid_window, gather_templates, normalise_observed
 from .refine import refined_templates
 
-__all__ = ["FIT_DEGREE", "FIT_OVERSAMPLE", "KEEP_BEST_AT", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
+__all__ = ["CLIP_AT", "FIT_DEGREE", "FIT_OVERSAMPLE", "KEEP_BEST_AT", "PhotometricTerm", "fit_wave", "fit_grid", "fit_forward",
            "common_shape", "divide_shape", "fitted_templates", "with_node_fallback",
            "poly_on_pixels"]
 
@@ -95,9 +95,16 @@ FIT_OVERSAMPLE = 4
 #: With two starts per star, only the better one (lower χ²) is iterated from this iteration on
 #: (None: both to the end). Measured on bench/forward_accuracy.py's 16 frames (2-core VM): 5 gives
 #: the same or better vectors and parameters on every frame than None (the bad 6-standard frame
-#: 0.759 -> 0.695 %), 3 moved one frame's RV RMS 0.95 -> 1.05 km/s; the first fit's evaluations of
-#: 40 rows (20 stars) drop from 13 to 8, the frame's fit by 8-15 % (bench frames' inputs).
-KEEP_BEST_AT = 5
+#: 0.759 -> 0.695 %); with the outlier cut at iterations 1 and 3, 3 moved one frame's RV RMS
+#: 0.95 -> 1.05 km/s. With one cut (at 1, :data:`CLIP_AT`) 3 and 4 gave the same 16 frames; against
+#: 5 with two cuts, vector RMS: the bad frame 0.695 -> 0.442 %, three others better by 0.010-0.025 %,
+#: one worse by 0.005 % (0.193 -> 0.198), eleven within 0.004 %; RV RMS at most 0.88 km/s, median
+#: |ΔTeff| at most 29 K. The first fit's evaluations of 40 rows (20 stars) drop from 8 to 5.
+KEEP_BEST_AT = 3
+#: The iterations at which the pixels beyond ``clip_nsigma`` of the current model are cut (the
+#: scan's per-star outlier logic runs before; each shape pass cuts again at its iteration 1).
+CLIP_AT = (1,)
+KEEP_BEST_AT = 3
 _LN10_25 = 2.5 / math.log(10.0)
 
 
@@ -448,7 +455,8 @@ def _iterate(pb, theta, v, vlim, good, *, n_iter, clip_at, clip_nsigma, starts=1
 def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResult, *, degree: int = FIT_DEGREE,
                 n_iter: int = 10, n_starts: int = 2, photometry: PhotometricTerm | None = None,
                 good_regions=TELLURIC_DEFAULT, clip_nsigma: float = 5.0, vmargin: float = 400.0,
-                tol: float = 0.1, cells=None, pixels=None, keep_best_at: int | None = KEEP_BEST_AT) -> MatchResult:
+                tol: float = 0.1, cells=None, pixels=None, keep_best_at: int | None = KEEP_BEST_AT,
+                clip_at=CLIP_AT) -> MatchResult:
     """Continuous fit of every standard's (θ, v) from the scan's answer ``match`` (module docstring).
 
     spectra : the standards (counts, variance; wave (n_pix,) or (n_star, n_pix));
@@ -465,6 +473,8 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
     pixels of an earlier pass (``meta['obs_pixels']``) instead of finding the outliers again;
     keep_best_at : the iteration from which only each star's better start goes on
     (:data:`KEEP_BEST_AT`; None: both starts to the end).
+    clip_at : the iterations at which pixels beyond ``clip_nsigma`` of the current model are cut
+    (none in the last three).
 
     Returns a MatchResult: ``index`` the scan's node; ``params``, ``rv`` the fit's, with
     errors from the curvature; ``chi2`` χ²_spec, ``dof``; ``meta`` the scan's (blend keys
@@ -501,7 +511,7 @@ def fit_forward(spectra: SpectraBatch, prepared: PreparedGrid, match: MatchResul
                   flat_flux=xp.reshape(prepared.norm_flux, (-1,)), be=be, cg=cg,
                   phot=_phot_rows(photometry, k, be), free=free)
     theta, v, st, accepted, good_r, k = _iterate(pb, theta0, v0, vlim, _rows(good, k) & inside, n_iter=n_iter,
-                                                 clip_at=(1, 3), clip_nsigma=clip_nsigma, starts=k,
+                                                 clip_at=clip_at, clip_nsigma=clip_nsigma, starts=k,
                                                  keep_best_at=keep_best_at)
     best = xp.argmin(xp.reshape(st["total"], (n_star, k)), axis=1)
     pick = xp.arange(n_star, dtype=xp.int64, device=_device(y)) * k + best
