@@ -176,4 +176,4 @@ def refined_templates(flux, match: MatchResult):
     n_star, n_par = toward.shape
     tn = xp.astype(gather_templates(flux, be, xp.reshape(toward, (-1,))), xp.float64)
     tn = xp.reshape(tn, (n_star, n_par, t0.shape[1]))
-    return t0 + xp.sum(xp.astype(frac, xp.float64)[:, :, None] * (tn - t0[:, None, :]), axis=1)
+    return t0 + (xp.astype(frac, xp.float64)[:, None, :] @ (tn - t0[:, None, :]))[:, 0, :]  # one product per star
